@@ -1,0 +1,40 @@
+"""The Open Inference Protocol v2: types, datatypes, errors and wire codecs.
+
+This package imports nothing from the rest of meshserve.
+"""
+
+from protocol.datatypes import Datatype
+from protocol.errors import (
+    InferenceError,
+    InvalidInput,
+    ModelExecutionError,
+    ModelNotFound,
+    ModelNotReady,
+    PayloadTooLarge,
+)
+from protocol.types import (
+    InferenceRequest,
+    InferenceResponse,
+    ModelMetadata,
+    RequestedOutput,
+    Tensor,
+    TensorMetadata,
+    Uint64,
+)
+
+__all__ = [
+    "Datatype",
+    "InferenceError",
+    "InferenceRequest",
+    "InferenceResponse",
+    "InvalidInput",
+    "ModelExecutionError",
+    "ModelMetadata",
+    "ModelNotFound",
+    "ModelNotReady",
+    "PayloadTooLarge",
+    "RequestedOutput",
+    "Tensor",
+    "TensorMetadata",
+    "Uint64",
+]

@@ -1,0 +1,67 @@
+"""One exception type per failure; each knows its HTTP status and gRPC code.
+
+The gRPC code is kept as the name of a ``grpc.StatusCode`` member so this
+module does not import grpc.
+"""
+
+from __future__ import annotations
+
+
+class InferenceError(Exception):
+    """Base of every error a client can see. The message is sent verbatim."""
+
+    http_status = 500
+    grpc_code = "INTERNAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(InferenceError):
+    """The request is malformed or does not fit the model."""
+
+    http_status = 400
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class ModelNotFound(InferenceError):
+    """No model (or version) of that name is registered."""
+
+    http_status = 404
+    grpc_code = "NOT_FOUND"
+
+
+class ModelNotReady(InferenceError):
+    """The model exists but cannot serve now (loading, unloaded, failed)."""
+
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
+
+
+class ServerNotReady(InferenceError):
+    """The server is starting or draining."""
+
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
+
+
+class PayloadTooLarge(InferenceError):
+    """The request body exceeds the configured limit."""
+
+    http_status = 413
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class ModelExecutionError(InferenceError):
+    """The model itself raised; the only error that maps to 500."""
+
+    http_status = 500
+    grpc_code = "INTERNAL"
+
+
+class ModelLoadError(InferenceError):
+    """Loading the model failed; what was serving before keeps serving."""
+
+    http_status = 500
+    grpc_code = "INTERNAL"

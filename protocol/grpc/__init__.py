@@ -1,0 +1,1 @@
+"""The OIP gRPC service: generated stubs and the proto <-> types codec."""

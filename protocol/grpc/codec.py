@@ -1,0 +1,188 @@
+"""Proto <-> protocol types. Raw contents become ``np.frombuffer`` views."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from protocol.datatypes import (
+    DTYPES,
+    bytes_array,
+    cast_checked,
+    check_shape,
+    decode_bytes_elements,
+    dtype_of,
+    encode_bytes_elements,
+    resolve_shape,
+)
+from protocol.errors import InvalidInput
+from protocol.grpc import grpc_service_pb2 as pb
+from protocol.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor, Uint64
+
+# Which InferTensorContents field carries each datatype (FP16 has none: raw only).
+CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+_INT64_MAX = 2**63 - 1
+
+
+def decode_parameters(params: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, p in params.items():
+        which = p.WhichOneof("parameter_choice")
+        if which is None:
+            continue
+        value = getattr(p, which)
+        out[key] = Uint64(value) if which == "uint64_param" else value
+    return out
+
+
+def encode_parameters(target: Any, params: Mapping[str, Any]) -> None:
+    """Fill a proto parameters map; bools before ints, since bool is an int."""
+    for key, value in params.items():
+        p = target[key]
+        if isinstance(value, bool):
+            p.bool_param = value
+        elif isinstance(value, Uint64) or (isinstance(value, int) and value > _INT64_MAX):
+            p.uint64_param = value
+        elif isinstance(value, int):
+            p.int64_param = value
+        elif isinstance(value, float):
+            p.double_param = value
+        elif isinstance(value, (bytes, bytearray)):
+            p.string_param = bytes(value).decode(errors="replace")
+        else:
+            p.string_param = str(value)
+
+
+def decode_infer_request(msg: pb.ModelInferRequest) -> InferenceRequest:
+    raw = msg.raw_input_contents
+    if not msg.inputs:
+        raise InvalidInput("request must have at least one input")
+    if raw and len(raw) != len(msg.inputs):
+        raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs")
+    inputs: list[Tensor] = []
+    seen: set[str] = set()
+    for i, inp in enumerate(msg.inputs):
+        name = inp.name
+        if not name:
+            raise InvalidInput(f"inputs[{i}]: 'name' must be a non-empty string")
+        if name in seen:
+            raise InvalidInput(f"input {name!r} appears more than once")
+        seen.add(name)
+        datatype = inp.datatype
+        dtype = dtype_of(datatype)
+        shape = check_shape(name, list(inp.shape))
+        if raw:
+            if inp.HasField("contents"):
+                raise InvalidInput(f"input {name!r} has typed contents and raw_input_contents is also set")
+            array = _from_raw(name, datatype, dtype, shape, raw[i])
+        else:
+            array = _from_contents(name, datatype, shape, inp.contents)
+        inputs.append(Tensor(name, datatype, array, decode_parameters(inp.parameters) if inp.parameters else {}))
+    outputs = None
+    if msg.outputs:
+        outputs = [RequestedOutput(o.name, decode_parameters(o.parameters)) for o in msg.outputs]
+    return InferenceRequest(
+        msg.model_name,
+        inputs,
+        model_version=msg.model_version or None,
+        id=msg.id or None,
+        outputs=outputs,
+        parameters=decode_parameters(msg.parameters) if msg.parameters else {},
+    )
+
+
+def _from_raw(name: str, datatype: str, dtype: np.dtype, shape: list[int], buf: bytes) -> np.ndarray:
+    if datatype == "BYTES":
+        items = decode_bytes_elements(name, buf)
+        return bytes_array(items, resolve_shape(name, shape, len(items)))
+    if len(buf) % dtype.itemsize:
+        raise InvalidInput(f"input {name!r}: {len(buf)} raw bytes is not a whole number of {datatype} elements")
+    return np.frombuffer(buf, dtype=dtype).reshape(resolve_shape(name, shape, len(buf) // dtype.itemsize))
+
+
+def _from_contents(name: str, datatype: str, shape: list[int], contents: pb.InferTensorContents) -> np.ndarray:
+    field = CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise InvalidInput(f"input {name!r}: {datatype} can only be sent as raw_input_contents")
+    values = getattr(contents, field)
+    if datatype == "BYTES":
+        return bytes_array(list(values), resolve_shape(name, shape, len(values)))
+    arr = np.array(values, dtype=np.bool_ if datatype == "BOOL" else None)
+    if not len(values):
+        arr = np.empty(0, dtype=DTYPES[datatype])
+    resolved = resolve_shape(name, shape, arr.size)
+    return cast_checked(name, arr, datatype).reshape(resolved)
+
+
+def encode_infer_response(response: InferenceResponse, raw: bool = True) -> pb.ModelInferResponse:
+    """Encode a response; ``raw`` selects raw_output_contents (forced when an
+    output is FP16, which has no typed field)."""
+    msg = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version or "")
+    if response.id:
+        msg.id = response.id
+    if response.parameters:
+        encode_parameters(msg.parameters, response.parameters)
+    if not raw and any(t.datatype not in CONTENTS_FIELD for t in response.outputs):
+        raw = True
+    raw_parts = []
+    for t in response.outputs:
+        out = msg.outputs.add(name=t.name, datatype=t.datatype, shape=t.data.shape)
+        if t.parameters:
+            encode_parameters(out.parameters, t.parameters)
+        if raw:
+            if t.datatype == "BYTES":
+                raw_parts.append(encode_bytes_elements(t.data))
+            else:
+                raw_parts.append(np.ascontiguousarray(t.data, dtype=DTYPES[t.datatype]).tobytes())
+        elif t.datatype == "BYTES":
+            out.contents.bytes_contents.extend(
+                b if isinstance(b, bytes) else str(b).encode() for b in t.data.reshape(-1)
+            )
+        else:
+            getattr(out.contents, CONTENTS_FIELD[t.datatype]).extend(t.data.reshape(-1).tolist())
+    if raw:
+        msg.raw_output_contents.extend(raw_parts)
+    return msg
+
+
+def encode_infer_request(request: InferenceRequest, raw: bool = True) -> pb.ModelInferRequest:
+    """Encode a request (used to forward requests and by tests)."""
+    msg = pb.ModelInferRequest(model_name=request.model_name, model_version=request.model_version or "")
+    if request.id:
+        msg.id = request.id
+    if request.parameters:
+        encode_parameters(msg.parameters, request.parameters)
+    for t in request.inputs:
+        inp = msg.inputs.add(name=t.name, datatype=t.datatype, shape=t.data.shape)
+        if t.parameters:
+            encode_parameters(inp.parameters, t.parameters)
+        if raw:
+            msg.raw_input_contents.append(
+                encode_bytes_elements(t.data)
+                if t.datatype == "BYTES"
+                else np.ascontiguousarray(t.data, dtype=DTYPES[t.datatype]).tobytes()
+            )
+        elif t.datatype == "BYTES":
+            inp.contents.bytes_contents.extend(t.data.reshape(-1).tolist())
+        else:
+            getattr(inp.contents, CONTENTS_FIELD[t.datatype]).extend(t.data.reshape(-1).tolist())
+    for o in request.outputs or ():
+        out = msg.outputs.add(name=o.name)
+        if o.parameters:
+            encode_parameters(out.parameters, o.parameters)
+    return msg

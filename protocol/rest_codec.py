@@ -1,0 +1,243 @@
+"""The REST JSON codec with Triton's binary tensor data extension.
+
+Binary input tensors become ``np.frombuffer`` views of the request body and
+binary outputs are returned as memoryviews of the output arrays, so large
+tensors never pass through JSON or Python lists.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import orjson
+
+from protocol.datatypes import (
+    DTYPES,
+    bytes_array,
+    cast_checked,
+    check_shape,
+    decode_bytes_elements,
+    dtype_of,
+    encode_bytes_elements,
+    resolve_shape,
+)
+from protocol.errors import InvalidInput
+from protocol.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
+
+HEADER_LENGTH = "inference-header-content-length"
+_DUMPS_OPTS = orjson.OPT_SERIALIZE_NUMPY
+
+
+def loads_object(body: bytes | memoryview, what: str = "request body") -> dict[str, Any]:
+    """Parse a JSON object, turning every failure into InvalidInput."""
+    if not body:
+        raise InvalidInput(f"{what} is empty")
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise InvalidInput(f"{what} is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput(f"{what} must be a JSON object")
+    return doc
+
+
+def decode_parameters(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{where}: 'parameters' must be an object")
+    for k, v in value.items():
+        if not isinstance(v, (str, int, float, bool)):
+            raise InvalidInput(f"{where}: parameter {k!r} must be a string, number or boolean")
+    return value
+
+
+def decode_infer_request(
+    body: bytes,
+    model_name: str,
+    model_version: str | None = None,
+    header_length: int | None = None,
+) -> InferenceRequest:
+    """Decode an infer request body; ``header_length`` is the value of the
+    Inference-Header-Content-Length header when the binary extension is used."""
+    binary: memoryview | None = None
+    json_part: bytes | memoryview = body
+    if header_length is not None:
+        if header_length < 0 or header_length > len(body):
+            raise InvalidInput(
+                f"Inference-Header-Content-Length {header_length} does not fit a body of {len(body)} bytes"
+            )
+        view = memoryview(body)
+        json_part, binary = view[:header_length], view[header_length:]
+    doc = loads_object(json_part)
+
+    req_id = doc.get("id")
+    if req_id is not None and not isinstance(req_id, str):
+        raise InvalidInput("'id' must be a string")
+    parameters = decode_parameters(doc.get("parameters"), "request")
+    specs = doc.get("inputs")
+    if not isinstance(specs, list) or not specs:
+        raise InvalidInput("request must have a non-empty 'inputs' list")
+
+    inputs: list[Tensor] = []
+    seen: set[str] = set()
+    offset = 0
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict):
+            raise InvalidInput(f"inputs[{i}] must be an object")
+        name = spec.get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidInput(f"inputs[{i}]: 'name' must be a non-empty string")
+        if name in seen:
+            raise InvalidInput(f"input {name!r} appears more than once")
+        seen.add(name)
+        datatype = spec.get("datatype")
+        if datatype is None:
+            raise InvalidInput(f"input {name!r} has no 'datatype'")
+        dtype = dtype_of(datatype)
+        if "shape" not in spec:
+            raise InvalidInput(f"input {name!r} has no 'shape'")
+        shape = check_shape(name, spec["shape"])
+        params = decode_parameters(spec.get("parameters"), f"input {name!r}")
+        size = params.pop("binary_data_size", None) if params else None
+        if size is not None:
+            if "data" in spec:
+                raise InvalidInput(f"input {name!r} has both 'data' and binary_data_size")
+            if binary is None:
+                raise InvalidInput(
+                    f"input {name!r} has binary_data_size but the request has no Inference-Header-Content-Length"
+                )
+            if type(size) is not int or size < 0:
+                raise InvalidInput(f"input {name!r}: binary_data_size must be a non-negative integer")
+            if offset + size > len(binary):
+                raise InvalidInput(f"input {name!r}: binary_data_size {size} overruns the binary data")
+            array = _from_binary(name, datatype, dtype, shape, binary[offset : offset + size])
+            offset += size
+        else:
+            if "data" not in spec:
+                raise InvalidInput(f"input {name!r} has no 'data'")
+            array = _from_json(name, datatype, shape, spec["data"])
+        inputs.append(Tensor(name, datatype, array, params))
+    if binary is not None and offset != len(binary):
+        raise InvalidInput(f"{len(binary) - offset} bytes of binary data belong to no input")
+
+    outputs = None
+    out_specs = doc.get("outputs")
+    if out_specs is not None:
+        if not isinstance(out_specs, list):
+            raise InvalidInput("'outputs' must be a list")
+        outputs = []
+        for i, o in enumerate(out_specs):
+            if not isinstance(o, dict) or not isinstance(o.get("name"), str) or not o["name"]:
+                raise InvalidInput(f"outputs[{i}] must be an object with a non-empty 'name'")
+            outputs.append(RequestedOutput(o["name"], decode_parameters(o.get("parameters"), f"output {o['name']!r}")))
+    return InferenceRequest(
+        model_name, inputs, model_version=model_version, id=req_id, outputs=outputs, parameters=parameters
+    )
+
+
+def _from_binary(name: str, datatype: str, dtype: np.dtype, shape: list[int], chunk: memoryview) -> np.ndarray:
+    if datatype == "BYTES":
+        items = decode_bytes_elements(name, chunk)
+        return bytes_array(items, resolve_shape(name, shape, len(items)))
+    if len(chunk) % dtype.itemsize:
+        raise InvalidInput(f"input {name!r}: {len(chunk)} bytes is not a whole number of {datatype} elements")
+    count = len(chunk) // dtype.itemsize
+    return np.frombuffer(chunk, dtype=dtype).reshape(resolve_shape(name, shape, count))
+
+
+def _flatten_strings(name: str, data: Any, out: list[bytes]) -> None:
+    for item in data:
+        if isinstance(item, str):
+            out.append(item.encode())
+        elif isinstance(item, list):
+            _flatten_strings(name, item, out)
+        else:
+            raise InvalidInput(f"input {name!r}: BYTES data must be strings")
+
+
+def _from_json(name: str, datatype: str, shape: list[int], data: Any) -> np.ndarray:
+    if datatype == "BYTES":
+        items: list[bytes] = []
+        _flatten_strings(name, data if isinstance(data, list) else [data], items)
+        return bytes_array(items, resolve_shape(name, shape, len(items)))
+    try:
+        values = np.array(data)
+    except (ValueError, TypeError):
+        raise InvalidInput(f"input {name!r}: 'data' is not a regular nested list of numbers") from None
+    values = values.reshape(-1)
+    resolved = resolve_shape(name, shape, values.size)
+    return cast_checked(name, values, datatype).reshape(resolved)
+
+
+def binary_outputs(request: InferenceRequest) -> tuple[bool, dict[str, bool]]:
+    """Which outputs go back as binary: (default, per-output overrides)."""
+    default = request.parameters.get("binary_data_output") is True
+    per: dict[str, bool] = {}
+    if request.outputs:
+        for o in request.outputs:
+            flag = o.parameters.get("binary_data")
+            if isinstance(flag, bool):
+                per[o.name] = flag
+    return default, per
+
+
+def encode_infer_response(
+    response: InferenceResponse, request: InferenceRequest | None = None
+) -> tuple[list[bytes | memoryview], int | None]:
+    """Encode a response as body parts and the JSON header length
+    (None when no output is binary, i.e. the body is plain JSON)."""
+    default, per = binary_outputs(request) if request is not None else (False, {})
+    out_docs = []
+    buffers: list[bytes | memoryview] = []
+    for t in response.outputs:
+        doc: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": list(t.data.shape)}
+        params = dict(t.parameters) if t.parameters else {}
+        if per.get(t.name, default):
+            buf = _binary_view(t)
+            params["binary_data_size"] = len(buf)
+            buffers.append(buf)
+        else:
+            doc["data"] = _json_data(t)
+        if params:
+            doc["parameters"] = params
+        out_docs.append(doc)
+    body: dict[str, Any] = {"model_name": response.model_name}
+    if response.model_version:
+        body["model_version"] = response.model_version
+    if response.id is not None:
+        body["id"] = response.id
+    if response.parameters:
+        body["parameters"] = response.parameters
+    body["outputs"] = out_docs
+    header = orjson.dumps(body, option=_DUMPS_OPTS)
+    if not buffers:
+        return [header], None
+    return [header, *buffers], len(header)
+
+
+def _binary_view(t: Tensor) -> bytes | memoryview:
+    if t.datatype == "BYTES":
+        return encode_bytes_elements(t.data)
+    flat = np.ascontiguousarray(t.data, dtype=DTYPES[t.datatype]).reshape(-1)
+    return memoryview(flat).cast("B")
+
+
+def _json_data(t: Tensor) -> Any:
+    if t.datatype == "BYTES":
+        try:
+            return [b.decode() if isinstance(b, bytes) else str(b) for b in t.data.reshape(-1)]
+        except UnicodeDecodeError:
+            raise InvalidInput(
+                f"output {t.name!r} holds bytes that are not UTF-8; request it with binary_data"
+            ) from None
+    return np.ascontiguousarray(t.data, dtype=DTYPES[t.datatype]).reshape(-1)
+
+
+def encode_error(message: str) -> bytes:
+    return orjson.dumps({"error": message})
+
+
+def dumps(doc: Any) -> bytes:
+    return orjson.dumps(doc, option=_DUMPS_OPTS)

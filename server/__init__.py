@@ -1,0 +1,1 @@
+"""The meshserve process: settings, the data plane, REST and gRPC fronts, runtimes."""

@@ -1,0 +1,112 @@
+"""The one data plane behind both fronts: REST and gRPC decode, call this, encode."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from modelmesh import ModelState
+from protocol.errors import InferenceError, ServerNotReady
+from protocol.types import InferenceRequest, InferenceResponse, ModelMetadata
+from server.repository import ModelRepository
+from server.settings import Settings
+from server.version import __version__
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = ["binary_tensor_data", "model_repository", "parameters"]
+
+
+class DataPlane:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.executor = ThreadPoolExecutor(settings.predict_threads, thread_name_prefix="predict")
+        self.repository = ModelRepository(settings, self.executor)
+        self.cache = self.repository.cache
+        self._started = False
+        self._draining = False
+
+    # -- lifecycle ----------------------------------------------------------
+    async def start(self) -> None:
+        """Register and load every configured model; failures are recorded, not fatal."""
+        keys = self.repository.discover()
+        results = await asyncio.gather(*(self.cache.load(k) for k in keys), return_exceptions=True)
+        for key, result in zip(keys, results, strict=True):
+            if isinstance(result, InferenceError):
+                log.error("%s", result.message)
+            elif isinstance(result, BaseException):
+                log.error("loading %s failed: %r", key, result)
+        self._started = True
+
+    async def stop(self) -> None:
+        self._draining = True
+        await self.cache.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def drain(self) -> None:
+        self._draining = True
+
+    # -- health and metadata -------------------------------------------------
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        if not self._started or self._draining:
+            return False
+        if not self.settings.strict_readiness:
+            return True
+        return all(e.state in (ModelState.READY, ModelState.UNLOADED) for e in self.cache.entries())
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": self.settings.server_name, "version": __version__, "extensions": EXTENSIONS}
+
+    def model_ready(self, name: str, version: str | None = None) -> bool:
+        entry = self.repository.entry(self.repository.resolve(name, version))
+        return entry.state is ModelState.READY
+
+    def model_metadata(self, name: str, version: str | None = None) -> ModelMetadata:
+        entry = self.repository.entry(self.repository.resolve(name, version))
+        meta = entry.handle.metadata if entry.handle is not None else entry.spec.metadata()
+        return ModelMetadata(
+            name=name,
+            versions=self.repository.versions_of(name),
+            platform=meta.platform,
+            inputs=meta.inputs,
+            outputs=meta.outputs,
+            parameters=meta.parameters,
+        )
+
+    # -- inference -----------------------------------------------------------
+    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        if self._draining:
+            raise ServerNotReady("server is shutting down")
+        key = self.repository.resolve(request.model_name, request.model_version)
+        async with self.cache.acquire(key) as model:
+            return await model.infer(request, self.executor)
+
+    # -- repository extension ------------------------------------------------
+    def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+        rows = []
+        for entry in self.cache.entries():
+            if ready_only and entry.state is not ModelState.READY:
+                continue
+            spec = entry.spec
+            rows.append(
+                {
+                    "name": spec.name,
+                    "version": spec.version or "",
+                    "state": entry.state.value,
+                    "reason": entry.reason,
+                    "size_bytes": entry.size_bytes,
+                    "last_used": entry.last_used,
+                }
+            )
+        return rows
+
+    async def load_model(self, name: str, config: dict[str, Any] | None = None) -> None:
+        await self.repository.load(name, config)
+
+    async def unload_model(self, name: str) -> None:
+        await self.repository.unload(name)

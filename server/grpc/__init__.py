@@ -1,0 +1,1 @@
+"""The gRPC front: a thin servicer over the data plane."""

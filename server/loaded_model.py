@@ -1,0 +1,146 @@
+"""A loaded model as the data plane uses it: declared metadata checks, the call
+into the runtime (threaded or not), and normalising what it returns."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Any
+
+import numpy as np
+
+from protocol.datatypes import DTYPES, as_bytes, bytes_array
+from protocol.errors import InferenceError, InvalidInput, ModelExecutionError
+from protocol.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor, TensorMetadata
+from server.runtimes.base import Model
+
+log = logging.getLogger(__name__)
+
+
+def _hook(model: Model, name: str) -> Callable[[Any], Any] | None:
+    fn = getattr(model, name, None)
+    return fn if callable(fn) else None
+
+
+class LoadedModel:
+    """One model instance ready to serve; built once per load, used per request."""
+
+    def __init__(self, model: Model, size_bytes: int) -> None:
+        self.model = model
+        self.name = model.name
+        self.version = model.version or ""
+        self.size_bytes = size_bytes
+        self.metadata: ModelMetadata = model.metadata()
+        self.semaphore = asyncio.Semaphore(model.settings.max_concurrency)
+        self._inputs = {t.name: t for t in self.metadata.inputs}
+        self._outputs = {t.name: t for t in self.metadata.outputs}
+        self._pre = _hook(model, "preprocess")
+        self._post = _hook(model, "postprocess")
+        self._predict_async = inspect.iscoroutinefunction(model.predict)
+
+    def validate(self, request: InferenceRequest) -> None:
+        """Check the request against the declared inputs/outputs, if any are declared."""
+        if self._inputs:
+            for t in request.inputs:
+                spec = self._inputs.get(t.name)
+                if spec is None:
+                    raise InvalidInput(
+                        f"model {self.name!r} has no input {t.name!r}; its inputs are {', '.join(self._inputs)}"
+                    )
+                _check_tensor(self.name, t, spec)
+            if len(request.inputs) != len(self._inputs):
+                missing = set(self._inputs) - {t.name for t in request.inputs}
+                raise InvalidInput(f"model {self.name!r} needs input(s) {', '.join(sorted(missing))}")
+        if self._outputs and request.outputs:
+            for o in request.outputs:
+                if o.name not in self._outputs:
+                    raise InvalidInput(
+                        f"model {self.name!r} has no output {o.name!r}; its outputs are {', '.join(self._outputs)}"
+                    )
+
+    async def infer(self, request: InferenceRequest, executor: Executor) -> InferenceResponse:
+        self.validate(request)
+        async with self.semaphore:
+            try:
+                result = await self._run(request, executor)
+            except InferenceError:
+                raise
+            except Exception as e:
+                log.exception("model %s raised", self.name)
+                raise ModelExecutionError(f"model {self.name!r} failed: {type(e).__name__}: {e}") from None
+        return self._response(result, request)
+
+    async def _run(self, request: InferenceRequest, executor: Executor) -> Any:
+        if self._pre is not None:
+            request = await _maybe_await(self._pre(request))
+        if self._predict_async:
+            result = await self.model.predict(request)
+        else:
+            result = await asyncio.get_running_loop().run_in_executor(executor, self.model.predict, request)
+        if self._post is not None:
+            result = await _maybe_await(self._post(result))
+        return result
+
+    def _response(self, result: Any, request: InferenceRequest) -> InferenceResponse:
+        parameters = None
+        if isinstance(result, InferenceResponse):
+            outputs, parameters = result.outputs, result.parameters
+        elif isinstance(result, dict):
+            outputs = [v if isinstance(v, Tensor) else Tensor.from_numpy(k, v) for k, v in result.items()]
+        elif isinstance(result, (list, tuple)) and all(isinstance(t, Tensor) for t in result):
+            outputs = list(result)
+        elif isinstance(result, np.ndarray):
+            name = self.metadata.outputs[0].name if self.metadata.outputs else "output0"
+            outputs = [Tensor.from_numpy(name, result)]
+        else:
+            raise ModelExecutionError(
+                f"model {self.name!r} returned {type(result).__name__}; expected an InferenceResponse, "
+                "a list of Tensor, a dict of arrays or an array"
+            )
+        outputs = [_normalise(self.name, t) for t in outputs]
+        if request.outputs:
+            by_name = {t.name: t for t in outputs}
+            picked = []
+            for o in request.outputs:
+                t = by_name.get(o.name)
+                if t is None:
+                    raise InvalidInput(
+                        f"model {self.name!r} has no output {o.name!r}; it produced {', '.join(by_name)}"
+                    )
+                picked.append(t)
+            outputs = picked
+        return InferenceResponse(self.name, outputs, model_version=self.version, id=request.id, parameters=parameters)
+
+
+def _check_tensor(model: str, t: Tensor, spec: TensorMetadata) -> None:
+    if t.datatype != spec.datatype:
+        raise InvalidInput(f"model {model!r}: input {t.name!r} must be {spec.datatype}, got {t.datatype}")
+    shape = t.data.shape
+    if len(shape) != len(spec.shape) or any(d != -1 and d != s for d, s in zip(spec.shape, shape, strict=True)):
+        raise InvalidInput(f"model {model!r}: input {t.name!r} must have shape {spec.shape}, got {list(shape)}")
+
+
+def _normalise(model: str, t: Tensor) -> Tensor:
+    """Make the output's array agree with its datatype, once, so codecs can trust it."""
+    dtype = DTYPES.get(t.datatype)
+    if dtype is None:
+        raise ModelExecutionError(f"model {model!r}: output {t.name!r} has unknown datatype {t.datatype!r}")
+    data = t.data if isinstance(t.data, np.ndarray) else np.asarray(t.data)
+    if t.datatype == "BYTES":
+        if data.dtype != object:
+            data = bytes_array([as_bytes(x) for x in data.reshape(-1)], data.shape)
+    elif data.dtype != dtype:
+        try:
+            data = data.astype(dtype)
+        except (TypeError, ValueError) as e:
+            raise ModelExecutionError(f"model {model!r}: output {t.name!r} is not {t.datatype}: {e}") from None
+    if data is not t.data:
+        t = Tensor(t.name, t.datatype, data, t.parameters)
+    return t
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value

@@ -1,0 +1,189 @@
+"""The model repository: finds models, registers them in the cache, and gives
+the cache its load function (URI -> loader -> runtime)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import inspect
+import logging
+import os
+from concurrent.futures import Executor
+from pathlib import Path
+from typing import Any
+
+from loaders import resolve_uri
+from modelmesh import CacheEntry, ModelCache, ModelState
+from protocol.errors import InvalidInput, ModelLoadError, ModelNotFound
+from server.loaded_model import LoadedModel
+from server.model_settings import ModelSettings, parse_model_settings, read_settings_file
+from server.runtimes.registry import resolve_runtime
+from server.runtimes.sklearn import MODEL_SUFFIXES
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:
+        return 0
+
+
+def model_key(name: str, version: str | None) -> str:
+    return f"{name}/{version}" if version else name
+
+
+def _version_order(v: str) -> tuple[int, int, str]:
+    return (1, int(v), "") if v.isdigit() else (0, 0, v)
+
+
+class ModelRepository:
+    def __init__(self, settings: Settings, executor: Executor) -> None:
+        self.settings = settings
+        self.executor = executor
+        self.cache: ModelCache[LoadedModel] = ModelCache(self._load, self._unload)
+        self._versions: dict[str, dict[str, str]] = {}  # name -> version ("" if none) -> key
+        self._origin: dict[str, Path] = {}  # key -> directory its settings file came from
+
+    # -- discovery and registration -------------------------------------
+    def discover(self) -> list[str]:
+        """Register every model in the model directory and the config; return their keys."""
+        keys = []
+        base = self.settings.model_dir
+        if base is not None:
+            if not base.is_dir():
+                raise ValueError(f"model directory {base} does not exist")
+            for child in sorted(base.iterdir()):
+                if not child.is_dir() or child.name.startswith("."):
+                    continue
+                try:
+                    ms = self._settings_from_dir(child)
+                except InvalidInput as e:
+                    log.error("skipping %s: %s", child, e.message)
+                    continue
+                if ms is None:
+                    log.warning("skipping %s: no model-settings file and no model file", child)
+                    continue
+                keys.append(self.register(ms, origin=child))
+        for doc in self.settings.models:
+            ms = parse_model_settings(doc)
+            if not ms.uri:
+                raise ValueError(f"model {ms.name!r} in the config has no 'uri'")
+            keys.append(self.register(ms))
+        return keys
+
+    def _settings_from_dir(self, path: Path) -> ModelSettings | None:
+        doc = read_settings_file(path)
+        if doc is None:
+            if not any(p.suffix in MODEL_SUFFIXES for p in path.iterdir()):
+                return None
+            doc = {}
+        return parse_model_settings(doc, name=path.name, uri=str(path.resolve()))
+
+    def register(self, ms: ModelSettings, origin: Path | None = None) -> str:
+        key = model_key(ms.name, ms.version)
+        self.cache.register(key, ms)
+        self._versions.setdefault(ms.name, {})[ms.version or ""] = key
+        if origin is not None:
+            self._origin[key] = origin
+        return key
+
+    # -- lookup -----------------------------------------------------------
+    def resolve(self, name: str, version: str | None = None) -> str:
+        """The cache key for a model name and optional version (latest if none)."""
+        versions = self._versions.get(name)
+        if not versions:
+            raise ModelNotFound(f"model {name!r} not found")
+        if version:
+            key = versions.get(version)
+            if key is None:
+                raise ModelNotFound(f"model {name!r} has no version {version!r}")
+            return key
+        if len(versions) == 1:
+            return next(iter(versions.values()))
+        ready = [v for v, k in versions.items() if self.cache.get(k).state is ModelState.READY]  # type: ignore[union-attr]
+        return versions[max(ready or versions, key=_version_order)]
+
+    def versions_of(self, name: str) -> list[str]:
+        return sorted((v for v in self._versions.get(name, {}) if v), key=_version_order)
+
+    def entry(self, key: str) -> CacheEntry[LoadedModel]:
+        entry = self.cache.get(key)
+        if entry is None:
+            raise ModelNotFound(f"model {key!r} not found")
+        return entry
+
+    def keys_of(self, name: str) -> list[str]:
+        versions = self._versions.get(name)
+        if not versions:
+            raise ModelNotFound(f"model {name!r} not found")
+        return list(versions.values())
+
+    # -- repository extension ----------------------------------------------
+    async def load(self, name: str, config: dict[str, Any] | None = None) -> None:
+        """Load a model; with ``config``, (re)register it from that settings document.
+        A model already serving is reloaded from its files and swapped on success."""
+        if config is not None:
+            if config.get("name", name) != name:
+                raise InvalidInput(f"config names model {config.get('name')!r}, not {name!r}")
+            ms = parse_model_settings(config, name=name)
+            if not ms.uri:
+                known = self._versions.get(name, {}).get(ms.version or "")
+                old = self.cache.get(known).spec if known else None  # type: ignore[union-attr]
+                if old is None or not old.uri:
+                    raise InvalidInput(f"config for new model {name!r} needs a 'uri'")
+                ms = ms.model_copy(update={"uri": old.uri})
+            key = model_key(ms.name, ms.version)
+            if self.cache.get(key) is None:
+                self.register(ms)
+            await self.cache.load(key, spec=ms)
+            return
+        for key in self.keys_of(name):
+            entry = self.entry(key)
+            spec = None
+            if entry.state is ModelState.READY:
+                spec = self._reread(key) or entry.spec
+            await self.cache.load(key, spec=spec)
+
+    def _reread(self, key: str) -> ModelSettings | None:
+        origin = self._origin.get(key)
+        return self._settings_from_dir(origin) if origin is not None and origin.is_dir() else None
+
+    async def unload(self, name: str) -> None:
+        for key in self.keys_of(name):
+            await self.cache.unload(key)
+
+    # -- the load function handed to the cache ------------------------------
+    async def _load(self, ms: ModelSettings) -> tuple[LoadedModel, int]:
+        loop = asyncio.get_running_loop()
+        base = self.settings.model_dir
+        path = await loop.run_in_executor(self.executor, resolve_uri, ms.uri, base) if ms.uri else None
+        cls = await loop.run_in_executor(self.executor, resolve_runtime, ms, path)
+        model = cls(ms, path)
+        before = rss_bytes()
+        try:
+            if inspect.iscoroutinefunction(model.load):
+                await model.load()
+            else:
+                await loop.run_in_executor(self.executor, model.load)
+        except ModelLoadError:
+            raise
+        except Exception as e:
+            raise ModelLoadError(f"{type(e).__name__}: {e}") from e
+        size = model.size_bytes()
+        if size is None:
+            size = max(0, rss_bytes() - before)
+        return LoadedModel(model, int(size)), int(size)
+
+    async def _unload(self, handle: LoadedModel) -> None:
+        model = handle.model
+        if inspect.iscoroutinefunction(model.unload):
+            await model.unload()
+        else:
+            await asyncio.get_running_loop().run_in_executor(self.executor, model.unload)
+        del model, handle
+        gc.collect()

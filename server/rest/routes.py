@@ -1,0 +1,130 @@
+"""FastAPI routes for everything but infer: health, metadata, the model repository."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from protocol.errors import InferenceError, InvalidInput
+from protocol.rest_codec import dumps, encode_error, loads_object
+from server.dataplane import DataPlane
+from server.version import __version__
+
+log = logging.getLogger(__name__)
+
+
+def json_response(doc: Any, status: int = 200) -> Response:
+    return Response(dumps(doc), status_code=status, media_type="application/json")
+
+
+def error_response(status: int, message: str) -> Response:
+    return Response(encode_error(message), status_code=status, media_type="application/json")
+
+
+async def _optional_json(request: Request) -> dict[str, Any]:
+    """A JSON object body, where an empty body (as tritonclient sends) means {}."""
+    body = await request.body()
+    return loads_object(body) if body.strip() else {}
+
+
+def build_api(dp: DataPlane) -> FastAPI:
+    app = FastAPI(
+        title="meshserve",
+        version=__version__,
+        description="Open Inference Protocol v2 (KServe V2 / Triton) over REST.",
+    )
+
+    @app.exception_handler(InferenceError)
+    async def _inference_error(_: Request, e: InferenceError) -> Response:
+        return error_response(e.http_status, e.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, e: RequestValidationError) -> Response:
+        return error_response(400, f"invalid request: {e.errors()}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> Response:
+        return error_response(e.status_code, str(e.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, e: Exception) -> Response:
+        log.exception("unhandled error")
+        return error_response(500, "internal server error")
+
+    @app.get("/v2", summary="Server metadata")
+    async def server_metadata() -> Response:
+        return json_response(dp.server_metadata())
+
+    @app.get("/v2/health/live", summary="Server liveness")
+    async def live() -> Response:
+        ok = dp.live()
+        return json_response({"live": ok}, 200 if ok else 503)
+
+    @app.get("/v2/health/ready", summary="Server readiness")
+    async def ready() -> Response:
+        ok = dp.ready()
+        return json_response({"ready": ok}, 200 if ok else 503)
+
+    @app.get("/v2/models/{name}", summary="Model metadata")
+    @app.get("/v2/models/{name}/versions/{version}", summary="Model version metadata")
+    async def model_metadata(name: str, version: str | None = None) -> Response:
+        return json_response(dp.model_metadata(name, version).to_dict())
+
+    @app.get("/v2/models/{name}/ready", summary="Model readiness")
+    @app.get("/v2/models/{name}/versions/{version}/ready", summary="Model version readiness")
+    async def model_ready(name: str, version: str | None = None) -> Response:
+        ok = dp.model_ready(name, version)
+        return json_response({"name": name, "ready": ok}, 200 if ok else 503)
+
+    @app.post("/v2/models/{name}/infer", summary="Inference (served by the raw ASGI front)")
+    @app.post("/v2/models/{name}/versions/{version}/infer", summary="Inference of one version")
+    async def infer(name: str, request: Request, version: str | None = None) -> Response:
+        # The front answers infer itself; this route documents it and serves the
+        # app when it is mounted elsewhere, through the same code path.
+        from server.rest.front import HEADER_LENGTH, run_infer
+
+        raw = request.headers.get(HEADER_LENGTH)
+        header_length = int(raw) if raw is not None and raw.isdigit() else None
+        parts, json_length = await run_infer(dp, await request.body(), name, version, header_length)
+        if json_length is None:
+            return Response(b"".join(parts), media_type="application/json")
+        return Response(
+            b"".join(parts),
+            media_type="application/octet-stream",
+            headers={HEADER_LENGTH: str(json_length)},
+        )
+
+    @app.post("/v2/repository/index", summary="Model repository index")
+    async def repository_index(request: Request) -> Response:
+        body = await _optional_json(request)
+        ready = body.get("ready", False)
+        if not isinstance(ready, bool):
+            raise InvalidInput("'ready' must be a boolean")
+        return json_response(dp.repository_index(ready_only=ready))
+
+    @app.post("/v2/repository/models/{name}/load", summary="Load or reload a model")
+    async def load(name: str, request: Request) -> Response:
+        body = await _optional_json(request)
+        params = body.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise InvalidInput("'parameters' must be an object")
+        config = params.get("config")
+        if config is not None:
+            config = loads_object(config.encode(), "parameters.config") if isinstance(config, str) else config
+            if not isinstance(config, dict):
+                raise InvalidInput("parameters.config must be a JSON object (or a string holding one)")
+        await dp.load_model(name, config)
+        return json_response({})
+
+    @app.post("/v2/repository/models/{name}/unload", summary="Unload a model")
+    async def unload(name: str, request: Request) -> Response:
+        await _optional_json(request)
+        await dp.unload_model(name)
+        return json_response({})
+
+    return app

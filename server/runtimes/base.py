@@ -1,0 +1,58 @@
+"""The runtime SPI: the one class every runtime and every user model extends.
+
+A runtime loads a model from a local directory, reports its size in bytes,
+predicts on an ``InferenceRequest`` and unloads, freeing its memory. ``load``,
+``predict``, ``preprocess``, ``postprocess`` and ``unload`` may each be plain
+functions or coroutines: plain ``predict`` runs on a worker thread (CPU-bound
+work never blocks the event loop), a coroutine runs on the loop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from protocol.types import InferenceRequest, ModelMetadata
+
+if TYPE_CHECKING:
+    from server.model_settings import ModelSettings
+
+
+class Model:
+    """Base class of runtimes and custom models (``from meshserve import Model``).
+
+    Override ``load`` and ``predict``; optionally ``preprocess``/``postprocess``
+    (as KServe's ``Model`` offers), ``unload``, ``size_bytes`` and ``metadata``.
+    ``predict`` may return an ``InferenceResponse``, a list of ``Tensor``, a
+    dict of name -> array, or one array (named after the first declared output,
+    else ``output0``).
+    """
+
+    def __init__(self, settings: ModelSettings, path: Path | None = None) -> None:
+        self.settings = settings
+        self.path = path
+        self.name = settings.name
+        self.version = settings.version
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        return self.settings.parameters
+
+    def load(self) -> Any:
+        """Read the model from ``self.path``. Raise to fail the load."""
+        return None
+
+    def predict(self, request: InferenceRequest) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} does not implement predict")
+
+    def unload(self) -> Any:
+        """Drop references to the model so its memory can be freed."""
+        return None
+
+    def size_bytes(self) -> int | None:
+        """The model's size in memory; None lets the server measure the RSS delta of the load."""
+        return None
+
+    def metadata(self) -> ModelMetadata:
+        """Declared inputs and outputs; the data plane validates requests against them."""
+        return self.settings.metadata()

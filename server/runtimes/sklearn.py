@@ -1,0 +1,71 @@
+"""scikit-learn models saved with joblib (or pickle).
+
+Requested outputs choose the method, as in MLServer: ``predict`` (default),
+``predict_proba``, ``decision_function``, ``transform``; or set the
+``method`` parameter in the model settings.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from protocol.errors import InvalidInput, ModelLoadError
+from protocol.types import InferenceRequest, Tensor
+from server.runtimes.base import Model
+
+MODEL_SUFFIXES = (".joblib", ".pkl", ".pickle")
+METHODS = ("predict", "predict_proba", "decision_function", "transform")
+
+
+def find_model_file(path: Path, name: str | None = None) -> Path:
+    if path.is_file():
+        return path
+    if name:
+        return path / name
+    found = sorted(p for p in path.iterdir() if p.suffix in MODEL_SUFFIXES)
+    if len(found) != 1:
+        raise ModelLoadError(
+            f"expected one model file ({', '.join(MODEL_SUFFIXES)}) in {path.name}, found {len(found)}; "
+            "set parameters.file in the model settings"
+        )
+    return found[0]
+
+
+class SKLearnModel(Model):
+    def load(self) -> None:
+        import joblib
+
+        assert self.path is not None
+        file = find_model_file(self.path, self.parameters.get("file"))
+        try:
+            self._model: Any = joblib.load(file)
+        except Exception as e:
+            raise ModelLoadError(f"cannot read {file.name}: {type(e).__name__}: {e}") from e
+        self._default = self.parameters.get("method", "predict")
+        if self._default not in METHODS or not hasattr(self._model, self._default):
+            raise ModelLoadError(f"model has no method {self._default!r}")
+        self._size = len(pickle.dumps(self._model, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def size_bytes(self) -> int:
+        return self._size
+
+    def predict(self, request: InferenceRequest) -> list[Tensor]:
+        if len(request.inputs) != 1:
+            raise InvalidInput(f"model {self.name!r} takes one input tensor, got {len(request.inputs)}")
+        x = request.inputs[0].data
+        if x.ndim == 1:
+            x = x.reshape(1, -1)
+        wanted = [o.name for o in request.outputs] if request.outputs else [self._default]
+        outputs = []
+        for method in wanted:
+            if method not in METHODS or not hasattr(self._model, method):
+                raise InvalidInput(f"model {self.name!r} has no output {method!r}")
+            outputs.append(Tensor.from_numpy(method, np.asarray(getattr(self._model, method)(x))))
+        return outputs
+
+    def unload(self) -> None:
+        self._model = None

@@ -1,0 +1,54 @@
+"""Server settings from flags, MESHSERVE_* environment variables and a config file.
+
+Precedence: flags, then environment, then the config file, then defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MESHSERVE_", extra="forbid")
+
+    host: str = "0.0.0.0"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    grpc_port: int = Field(default=8081, ge=0, le=65535)
+    model_dir: Path | None = None
+    # Models listed inline: each a model-settings document with a ``uri``.
+    models: list[dict[str, Any]] = []
+    max_request_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    predict_threads: int = Field(default=min(32, (os.cpu_count() or 1) + 4), ge=1)
+    strict_readiness: bool = True
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    log_level: str = "info"
+    server_name: str = "meshserve"
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Settings:
+        """Build settings; ``overrides`` (from flags) win over env, env over the file."""
+        config_file = config_file or os.environ.get("MESHSERVE_CONFIG")
+        file_values = read_config_file(Path(config_file)) if config_file else {}
+        from_env = cls()
+        env_values = {k: getattr(from_env, k) for k in from_env.model_fields_set}
+        explicit = {k: v for k, v in overrides.items() if v is not None}
+        return cls(**{**file_values, **env_values, **explicit})
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    text = path.read_text()
+    if path.suffix == ".json":
+        doc = json.loads(text)
+    else:
+        import yaml
+
+        doc = yaml.safe_load(text) or {}
+    if not isinstance(doc, dict):
+        raise ValueError(f"config file {path} must hold a mapping")
+    return doc
