@@ -162,6 +162,11 @@ class ModelRepository:
         loop = asyncio.get_running_loop()
         base = self.settings.model_dir
         path = await loop.run_in_executor(self.executor, resolve_uri, ms.uri, base) if ms.uri else None
+        if path is not None and path.is_dir():
+            # A settings file shipped with the model fills in what the registration left out.
+            shipped = read_settings_file(path)
+            if shipped:
+                ms = parse_model_settings({**shipped, **ms.model_dump(include=ms.model_fields_set)})
         cls = await loop.run_in_executor(self.executor, resolve_runtime, ms, path)
         model = cls(ms, path)
         before = rss_bytes()
