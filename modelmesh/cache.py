@@ -1,6 +1,11 @@
-"""The per-pod model cache: registration, single-flight loads, in-flight tracking.
+"""The per-pod model cache: a byte-weighted LRU of loaded models with in-use counts.
 
-Every state change is kept on the entry, so the repository API can show it.
+Models are registered apart from being loaded. The first request for a model
+that is not resident loads it (one load, however many requests wait); a load
+that needs room evicts the least recently used models, only as many as needed,
+never one serving a request. Loads reserve their predicted size before they
+start and settle to the measured size after, so the pod never loads past its
+capacity. Every state change is kept on the entry for the repository API.
 """
 
 from __future__ import annotations
@@ -8,13 +13,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Generic, TypeVar
+from typing import Any, Awaitable, Callable, Generic, TypeVar
 
-from protocol.errors import InferenceError, ModelLoadError, ModelNotFound, ModelNotReady
+from modelmesh.placement import PlacementPolicy
+from protocol.errors import (
+    CapacityExhausted,
+    InferenceError,
+    ModelLoadError,
+    ModelNotFound,
+    ModelNotReady,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,43 +38,115 @@ class ModelState(str, Enum):
     READY = "READY"
     FAILED = "FAILED"
     UNLOADING = "UNLOADING"
-    UNLOADED = "UNLOADED"
+    UNLOADED = "UNLOADED"  # by request: not loaded again until asked
+    EVICTED = "EVICTED"  # to make room: loaded again on its next request
 
 
 @dataclass(eq=False)
 class CacheEntry(Generic[H]):
     key: str
     spec: Any
+    pinned: bool = False
     state: ModelState = ModelState.REGISTERED
     reason: str = ""
     handle: H | None = None
-    size_bytes: int = 0
-    loaded_at: float | None = None
-    last_used: float | None = None
+    size_bytes: int = 0  # measured, while resident
+    reserved_bytes: int = 0  # predicted, while loading
+    last_size: int | None = None  # measured at the previous load: the best prediction
+    loaded_at: float | None = None  # wall clock
+    last_used: float = 0.0  # monotonic
     load_seconds: float | None = None
     inflight: int = 0
-    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    failures: int = 0
+    retry_at: float = 0.0  # monotonic; FAILED models load again on a request after this
+    requests: int = 0
+    transition: asyncio.Future | None = field(default=None, repr=False)
+
+    def last_used_wall(self) -> float | None:
+        return time.time() - (time.monotonic() - self.last_used) if self.last_used else None
 
 
 LoadFn = Callable[[Any], Awaitable[tuple[Any, int]]]
 UnloadFn = Callable[[Any], Awaitable[None]]
+SizeFn = Callable[[Any], int]
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    load_failures: int = 0
+    evictions: int = 0
+
+
+class _Lease(Generic[H]):
+    """Holds a model for one request (an async context manager, cheaper than a generator)."""
+
+    __slots__ = ("_cache", "_key", "_entry")
+
+    def __init__(self, cache: "ModelCache[H]", key: str) -> None:
+        self._cache = cache
+        self._key = key
+
+    async def __aenter__(self) -> H:
+        cache = self._cache
+        entry = cache._entries.get(self._key)
+        if entry is None:
+            raise ModelNotFound(f"model {self._key!r} is not registered")
+        if entry.state is ModelState.READY:
+            cache.stats.hits += 1
+        else:
+            cache.stats.misses += 1
+            await cache._ensure_ready(entry)
+        entry.inflight += 1
+        entry.requests += 1
+        cache._lru.move_to_end(entry.key)
+        self._entry = entry
+        return entry.handle  # type: ignore[return-value]
+
+    async def __aexit__(self, *exc: object) -> None:
+        entry = self._entry
+        entry.inflight -= 1
+        entry.last_used = time.monotonic()
 
 
 class ModelCache(Generic[H]):
-    """Models by key. ``load_fn(spec) -> (handle, size_bytes)``; ``unload_fn(handle)``."""
+    """``load_fn(spec) -> (handle, size_bytes)``, ``unload_fn(handle)``,
+    ``size_fn(spec) -> predicted bytes``. ``capacity_bytes=None`` means unbounded."""
 
-    def __init__(self, load_fn: LoadFn, unload_fn: UnloadFn) -> None:
+    def __init__(
+        self,
+        load_fn: LoadFn,
+        unload_fn: UnloadFn,
+        *,
+        capacity_bytes: int | None = None,
+        size_fn: SizeFn | None = None,
+        policy: PlacementPolicy | None = None,
+        load_timeout: float | None = None,
+        retry_backoff: tuple[float, float] = (1.0, 60.0),
+    ) -> None:
         self._load_fn = load_fn
         self._unload_fn = unload_fn
+        self._size_fn = size_fn
+        self.capacity_bytes = capacity_bytes
+        self.policy = policy or PlacementPolicy()
+        self.load_timeout = load_timeout
+        self.retry_backoff = retry_backoff
+        self.stats = CacheStats()
+        self.on_load: Callable[[float], None] | None = None  # e.g. a histogram's observe
         self._entries: dict[str, CacheEntry[H]] = {}
+        self._lru: OrderedDict[str, CacheEntry[H]] = OrderedDict()  # resident models, oldest first
+        self._used = 0  # bytes held or reserved
 
-    def register(self, key: str, spec: Any) -> CacheEntry[H]:
+    # -- registration ----------------------------------------------------------
+    def register(self, key: str, spec: Any, pinned: bool = False) -> CacheEntry[H]:
         """Add a model, or give a known one a new spec for its next load."""
         entry = self._entries.get(key)
         if entry is None:
-            entry = self._entries[key] = CacheEntry(key, spec)
+            entry = self._entries[key] = CacheEntry(key, spec, pinned)
         else:
-            entry.spec = spec
+            entry.spec, entry.pinned = spec, pinned
         return entry
 
     def get(self, key: str) -> CacheEntry[H] | None:
@@ -72,76 +155,210 @@ class ModelCache(Generic[H]):
     def entries(self) -> list[CacheEntry[H]]:
         return list(self._entries.values())
 
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    @property
+    def resident(self) -> int:
+        return len(self._lru)
+
     def _entry(self, key: str) -> CacheEntry[H]:
         entry = self._entries.get(key)
         if entry is None:
             raise ModelNotFound(f"model {key!r} is not registered")
         return entry
 
+    # -- requests ----------------------------------------------------------------
+    def acquire(self, key: str) -> _Lease[H]:
+        """``async with cache.acquire(key) as handle``: loads the model on a miss."""
+        return _Lease(self, key)
+
+    async def _ensure_ready(self, entry: CacheEntry[H]) -> None:
+        while entry.state is not ModelState.READY:
+            if entry.transition is not None:
+                await asyncio.shield(entry.transition)
+                continue
+            if entry.state is ModelState.UNLOADED:
+                raise ModelNotReady(f"model {entry.key!r} is unloaded; load it through the repository API")
+            if entry.state is ModelState.FAILED and time.monotonic() < entry.retry_at:
+                wait = entry.retry_at - time.monotonic()
+                raise ModelNotReady(f"model {entry.key!r} failed to load: {entry.reason} (next retry in {wait:.1f}s)")
+            await self._load(entry, entry.spec)
+
+    # -- loading -----------------------------------------------------------------
     async def load(self, key: str, spec: Any = None) -> CacheEntry[H]:
-        """Load (or, with a new spec, reload) a model. One load at a time per model;
-        a failed reload leaves the serving copy in place."""
+        """Load a model now (startup, repository API). With a new ``spec`` a serving
+        model is reloaded and swapped only once the new copy is ready."""
         entry = self._entry(key)
-        async with entry._lock:
-            if spec is None and entry.state is ModelState.READY:
-                return entry
-            new_spec = entry.spec if spec is None else spec
-            serving = entry.state is ModelState.READY
-            if not serving:
-                entry.state, entry.reason = ModelState.LOADING, ""
-            started = time.monotonic()
-            try:
-                handle, size = await self._load_fn(new_spec)
-            except Exception as e:
-                reason = e.message if isinstance(e, InferenceError) else f"{type(e).__name__}: {e}"
-                if not isinstance(e, InferenceError):
-                    log.exception("loading model %s failed", key)
-                if serving:
-                    raise ModelLoadError(
-                        f"reloading model {key!r} failed, the loaded copy still serves: {reason}"
-                    ) from None
-                entry.state, entry.reason = ModelState.FAILED, reason
-                raise ModelLoadError(f"loading model {key!r} failed: {reason}") from None
-            old = entry.handle if serving else None
-            entry.spec, entry.handle, entry.size_bytes = new_spec, handle, size
-            entry.state, entry.reason = ModelState.READY, ""
-            entry.loaded_at = time.time()
-            entry.load_seconds = time.monotonic() - started
-            log.info("model %s ready in %.3fs (%d bytes)", key, entry.load_seconds, size)
-        if old is not None:
-            await self._unload_fn(old)
+        while entry.transition is not None:
+            await asyncio.shield(entry.transition)
+        if entry.state is ModelState.READY and spec is None:
+            return entry
+        await self._load(entry, entry.spec if spec is None else spec)
         return entry
 
-    async def unload(self, key: str) -> None:
-        """Unload a model; it stays registered. In-flight requests finish first."""
-        entry = self._entry(key)
-        async with entry._lock:
-            if entry.handle is None:
-                entry.state, entry.reason = ModelState.UNLOADED, "unloaded"
-                return
-            entry.state = ModelState.UNLOADING
-            while entry.inflight:
-                await asyncio.sleep(0.005)
-            handle, entry.handle, entry.size_bytes = entry.handle, None, 0
-            try:
-                await self._unload_fn(handle)
-            finally:
-                entry.state, entry.reason = ModelState.UNLOADED, "unloaded"
+    def fits_without_eviction(self, spec: Any) -> bool:
+        return self.capacity_bytes is None or self._used + self._predict(None, spec) <= self.capacity_bytes
 
-    @asynccontextmanager
-    async def acquire(self, key: str) -> AsyncIterator[H]:
-        """Hold a ready model for one request."""
-        entry = self._entry(key)
-        if entry.state is not ModelState.READY or entry.handle is None:
-            state = entry.state.value.lower()
-            detail = f": {entry.reason}" if entry.reason and entry.state is ModelState.FAILED else ""
-            raise ModelNotReady(f"model {key!r} is not ready ({state}{detail})")
-        entry.inflight += 1
+    def _predict(self, entry: CacheEntry[H] | None, spec: Any) -> int:
+        if entry is not None and entry.last_size is not None and spec is entry.spec:
+            return entry.last_size
+        return max(0, int(self._size_fn(spec))) if self._size_fn else 0
+
+    async def _load(self, entry: CacheEntry[H], spec: Any) -> None:
+        """One load of ``entry`` (the caller saw no transition in progress)."""
+        loop = asyncio.get_running_loop()
+        done = entry.transition = loop.create_future()
+        serving = entry.state is ModelState.READY
+        before = entry.state
+        if not serving:
+            entry.state, entry.reason = ModelState.LOADING, ""
+        started = time.monotonic()
         try:
-            yield entry.handle
+            need = self._predict(entry, spec)
+            try:
+                victims = self._reserve(entry, need)
+            except CapacityExhausted as e:
+                if not serving:
+                    if self.capacity_bytes is not None and need > self.capacity_bytes:
+                        entry.state, entry.reason, entry.retry_at = ModelState.FAILED, e.message, float("inf")
+                    else:
+                        entry.state = before
+                raise
+            for victim in victims:
+                await self._evict(victim)
+            try:
+                coro = self._load_fn(spec)
+                handle, size = await (asyncio.wait_for(coro, self.load_timeout) if self.load_timeout else coro)
+            except BaseException as e:
+                self._used -= entry.reserved_bytes
+                entry.reserved_bytes = 0
+                if isinstance(e, asyncio.TimeoutError):
+                    e = ModelLoadError(f"load timed out after {self.load_timeout:g}s")
+                elif not isinstance(e, Exception):  # cancelled: leave things as they were
+                    if not serving:
+                        entry.state = before
+                    raise
+                self._failed(entry, e, serving)
+            self._used += size - entry.reserved_bytes
+            entry.reserved_bytes = 0
+            old = entry.handle if serving else None
+            if serving:
+                self._used -= entry.size_bytes
+            entry.spec, entry.handle, entry.size_bytes, entry.last_size = spec, handle, size, size
+            entry.state, entry.reason, entry.failures = ModelState.READY, "", 0
+            entry.loaded_at, entry.last_used = time.time(), time.monotonic()
+            entry.load_seconds = time.monotonic() - started
+            self._lru[entry.key] = entry
+            self._lru.move_to_end(entry.key)
+            self.stats.loads += 1
+            if self.on_load is not None:
+                self.on_load(entry.load_seconds)
+            log.info("model %s ready in %.3fs (%d bytes, predicted %d)", entry.key, entry.load_seconds, size, need)
+            if old is not None:
+                await self._unload_fn(old)
+            await self._trim(exclude=entry)
         finally:
-            entry.inflight -= 1
-            entry.last_used = time.time()
+            entry.transition = None
+            done.set_result(None)
+
+    def _reserve(self, entry: CacheEntry[H], need: int) -> list[CacheEntry[H]]:
+        """Reserve ``need`` bytes for ``entry``, choosing victims; no await in here,
+        so concurrent loads never both count the same free bytes."""
+        cap = self.capacity_bytes
+        if cap is not None:
+            if need > cap:
+                raise CapacityExhausted(
+                    f"model {entry.key!r} needs about {need} bytes, more than the whole capacity of {cap} bytes"
+                )
+            short = self._used + need - cap
+            victims: list[CacheEntry[H]] = []
+            if short > 0:
+                chosen = self.policy.choose_victims(
+                    (e for e in self._lru.values() if e is not entry), short, time.monotonic()
+                )
+                if chosen is None:
+                    raise CapacityExhausted(
+                        f"capacity exhausted: model {entry.key!r} needs {need} bytes, {cap - self._used} are free "
+                        "and every resident model is in use, pinned or used too recently to evict"
+                    )
+                victims = chosen
+            for v in victims:
+                self._begin_unload(v, ModelState.UNLOADING, "evicted")
+        else:
+            victims = []
+        entry.reserved_bytes = need
+        self._used += need
+        return victims
+
+    def _failed(self, entry: CacheEntry[H], e: Exception, serving: bool) -> None:
+        reason = e.message if isinstance(e, InferenceError) else f"{type(e).__name__}: {e}"
+        if not isinstance(e, InferenceError):
+            log.error("loading model %s failed: %s", entry.key, reason)
+        self.stats.load_failures += 1
+        if serving:
+            raise ModelLoadError(f"reloading model {entry.key!r} failed, the loaded copy still serves: {reason}")
+        entry.failures += 1
+        base, cap = self.retry_backoff
+        entry.retry_at = time.monotonic() + min(cap, base * 2 ** (entry.failures - 1))
+        entry.state, entry.reason = ModelState.FAILED, reason
+        raise ModelLoadError(f"loading model {entry.key!r} failed: {reason}") from None
+
+    # -- unloading ---------------------------------------------------------------
+    def _begin_unload(self, entry: CacheEntry[H], state: ModelState, reason: str) -> None:
+        entry.state, entry.reason = state, reason
+        entry.transition = asyncio.get_running_loop().create_future()
+        self._lru.pop(entry.key, None)
+        self._used -= entry.size_bytes  # promised free: the load that evicts waits for it
+
+    async def _finish_unload(self, entry: CacheEntry[H], final: ModelState, reason: str) -> None:
+        done = entry.transition
+        try:
+            while entry.inflight:
+                await asyncio.sleep(0.002)
+            handle, entry.handle, entry.size_bytes = entry.handle, None, 0
+            if handle is not None:
+                try:
+                    await self._unload_fn(handle)
+                except Exception:
+                    log.exception("unloading model %s failed", entry.key)
+        finally:
+            entry.state, entry.reason, entry.transition = final, reason, None
+            if done is not None and not done.done():
+                done.set_result(None)
+
+    async def _evict(self, entry: CacheEntry[H]) -> None:
+        self.stats.evictions += 1
+        log.info("evicting model %s (%d bytes)", entry.key, entry.size_bytes)
+        await self._finish_unload(entry, ModelState.EVICTED, "evicted to make room")
+
+    async def _trim(self, exclude: CacheEntry[H]) -> None:
+        """After a load measured bigger than predicted, evict until back under capacity."""
+        cap = self.capacity_bytes
+        if cap is None or self._used <= cap:
+            return
+        victims = self.policy.choose_victims(
+            (e for e in self._lru.values() if e is not exclude), self._used - cap, float("inf")
+        )
+        if not victims:
+            log.warning("cache holds %d bytes, over its capacity of %d; nothing can be evicted", self._used, cap)
+            return
+        for v in victims:
+            self._begin_unload(v, ModelState.UNLOADING, "evicted")
+        for v in victims:
+            await self._evict(v)
+
+    async def unload(self, key: str) -> None:
+        """Unload a model by request; it stays registered. In-flight requests finish first."""
+        entry = self._entry(key)
+        while entry.transition is not None:
+            await asyncio.shield(entry.transition)
+        if entry.handle is None:
+            entry.state, entry.reason = ModelState.UNLOADED, "unloaded"
+            return
+        self._begin_unload(entry, ModelState.UNLOADING, "unloading")
+        await self._finish_unload(entry, ModelState.UNLOADED, "unloaded")
 
     async def close(self) -> None:
         """Unload every model (at shutdown)."""

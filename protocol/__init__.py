@@ -5,6 +5,7 @@ This package imports nothing from the rest of meshserve.
 
 from protocol.datatypes import Datatype
 from protocol.errors import (
+    CapacityExhausted,
     InferenceError,
     InvalidInput,
     ModelExecutionError,
@@ -23,6 +24,7 @@ from protocol.types import (
 )
 
 __all__ = [
+    "CapacityExhausted",
     "Datatype",
     "InferenceError",
     "InferenceRequest",

@@ -39,6 +39,10 @@ class ModelNotReady(InferenceError):
     grpc_code = "UNAVAILABLE"
 
 
+class CapacityExhausted(ModelNotReady):
+    """No room for the model: every resident model is in use, pinned or hot."""
+
+
 class ServerNotReady(InferenceError):
     """The server is starting or draining."""
 

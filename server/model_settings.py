@@ -52,6 +52,8 @@ class ModelSettings(BaseModel):
     outputs: list[TensorSpec] = []
     parameters: dict[str, Any] = {}
     max_concurrency: int = Field(default=4, ge=1)
+    # Never evicted from the cache, and loaded at start.
+    pinned: bool = False
 
     def metadata(self) -> ModelMetadata:
         return ModelMetadata(

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from loaders import resolve_uri
-from modelmesh import CacheEntry, ModelCache, ModelState
+from modelmesh import CacheEntry, ModelCache, ModelState, PlacementPolicy
 from protocol.errors import InvalidInput, ModelLoadError, ModelNotFound
+from server.capacity import default_capacity, files_size
 from server.loaded_model import LoadedModel
 from server.model_settings import ModelSettings, parse_model_settings, read_settings_file
 from server.runtimes.registry import resolve_runtime
@@ -45,14 +46,34 @@ class ModelRepository:
     def __init__(self, settings: Settings, executor: Executor) -> None:
         self.settings = settings
         self.executor = executor
-        self.cache: ModelCache[LoadedModel] = ModelCache(self._load, self._unload)
+        capacity = settings.capacity_bytes or default_capacity(settings.capacity_fraction)
+        self.cache: ModelCache[LoadedModel] = ModelCache(
+            self._load,
+            self._unload,
+            capacity_bytes=capacity,
+            size_fn=self.predicted_size,
+            policy=PlacementPolicy(min_churn_age=settings.min_churn_age_seconds),
+            load_timeout=settings.load_timeout_seconds,
+            retry_backoff=(settings.load_retry_seconds, settings.load_retry_max_seconds),
+        )
         self._versions: dict[str, dict[str, str]] = {}  # name -> version ("" if none) -> key
         self._origin: dict[str, Path] = {}  # key -> directory its settings file came from
+        self._disk_bytes: dict[str, int] = {}  # key -> bytes of its files, the size prediction
+
+    def predicted_size(self, ms: ModelSettings) -> int:
+        """What a model will take once loaded, before it loads (ModelMesh's predictModelSize)."""
+        disk = self._disk_bytes.get(model_key(ms.name, ms.version), 0)
+        return max(disk, self.settings.default_model_bytes)
 
     # -- discovery and registration -------------------------------------
-    def discover(self) -> list[str]:
-        """Register every model in the model directory and the config; return their keys."""
-        keys = []
+    async def discover(self) -> list[str]:
+        """Register every model in the model directory and the config; return their keys.
+        Files are read on a worker thread, so the server answers while thousands register."""
+        found = await asyncio.get_running_loop().run_in_executor(self.executor, self._scan)
+        return [self.register(ms, origin=origin, disk_bytes=disk) for ms, origin, disk in found]
+
+    def _scan(self) -> list[tuple[ModelSettings, Path | None, int]]:
+        found: list[tuple[ModelSettings, Path | None, int]] = []
         base = self.settings.model_dir
         if base is not None:
             if not base.is_dir():
@@ -68,13 +89,19 @@ class ModelRepository:
                 if ms is None:
                     log.warning("skipping %s: no model-settings file and no model file", child)
                     continue
-                keys.append(self.register(ms, origin=child))
+                found.append((ms, child, files_size(child)))
         for doc in self.settings.models:
             ms = parse_model_settings(doc)
             if not ms.uri:
                 raise ValueError(f"model {ms.name!r} in the config has no 'uri'")
-            keys.append(self.register(ms))
-        return keys
+            found.append((ms, None, self._disk_size_of(ms)))
+        return found
+
+    def _disk_size_of(self, ms: ModelSettings) -> int:
+        try:
+            return files_size(resolve_uri(ms.uri, self.settings.model_dir)) if ms.uri else 0
+        except ModelLoadError:
+            return 0  # the load will say what is wrong
 
     def _settings_from_dir(self, path: Path) -> ModelSettings | None:
         doc = read_settings_file(path)
@@ -84,12 +111,14 @@ class ModelRepository:
             doc = {}
         return parse_model_settings(doc, name=path.name, uri=str(path.resolve()))
 
-    def register(self, ms: ModelSettings, origin: Path | None = None) -> str:
+    def register(self, ms: ModelSettings, origin: Path | None = None, disk_bytes: int | None = None) -> str:
         key = model_key(ms.name, ms.version)
-        self.cache.register(key, ms)
+        self.cache.register(key, ms, pinned=ms.pinned)
         self._versions.setdefault(ms.name, {})[ms.version or ""] = key
         if origin is not None:
             self._origin[key] = origin
+        if disk_bytes is not None:
+            self._disk_bytes[key] = disk_bytes
         return key
 
     # -- lookup -----------------------------------------------------------
@@ -138,8 +167,11 @@ class ModelRepository:
                     raise InvalidInput(f"config for new model {name!r} needs a 'uri'")
                 ms = ms.model_copy(update={"uri": old.uri})
             key = model_key(ms.name, ms.version)
+            disk = await asyncio.get_running_loop().run_in_executor(self.executor, self._disk_size_of, ms)
             if self.cache.get(key) is None:
-                self.register(ms)
+                self.register(ms, disk_bytes=disk)
+            else:
+                self._disk_bytes[key] = disk
             await self.cache.load(key, spec=ms)
             return
         for key in self.keys_of(name):
@@ -180,8 +212,8 @@ class ModelRepository:
         except Exception as e:
             raise ModelLoadError(f"{type(e).__name__}: {e}") from e
         size = model.size_bytes()
-        if size is None:
-            size = max(0, rss_bytes() - before)
+        if size is None:  # nothing better: the process's growth, at least the prediction
+            size = max(rss_bytes() - before, self.predicted_size(ms))
         return LoadedModel(model, int(size)), int(size)
 
     async def _unload(self, handle: LoadedModel) -> None:

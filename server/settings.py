@@ -27,6 +27,20 @@ class Settings(BaseSettings):
     predict_threads: int = Field(default=min(32, (os.cpu_count() or 1) + 4), ge=1)
     strict_readiness: bool = True
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    # The model cache (modelmesh): bytes of models one pod may hold; None: from the
+    # container's memory limit (cgroup) or the machine's memory, times capacity_fraction.
+    capacity_bytes: int | None = Field(default=None, ge=1)
+    capacity_fraction: float = Field(default=0.7, gt=0, le=1)
+    # A model is not evicted if it was used this recently (ModelMesh's minChurnAgeMs);
+    # a cold request then gets 503 "capacity exhausted" instead.
+    min_churn_age_seconds: float = Field(default=1.0, ge=0)
+    # Predicted size of a model whose files say little (python models): a floor.
+    default_model_bytes: int = Field(default=256 * 1024, ge=0)
+    load_timeout_seconds: float | None = Field(default=300.0, gt=0)
+    load_retry_seconds: float = Field(default=1.0, gt=0)
+    load_retry_max_seconds: float = Field(default=60.0, gt=0)
+    # Load models at start while they fit without evicting (pinned ones always).
+    preload: bool = True
     log_level: str = "info"
     server_name: str = "meshserve"
 

@@ -1,0 +1,34 @@
+"""Which resident models to evict to make room: least recently used first,
+never a pinned model, one serving a request, or one in a load/unload, and
+never one used within ``min_churn_age`` (ModelMesh's minChurnAgeMs)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable
+
+if TYPE_CHECKING:
+    from modelmesh.cache import CacheEntry
+
+
+class PlacementPolicy:
+    def __init__(self, min_churn_age: float = 0.0) -> None:
+        self.min_churn_age = min_churn_age
+
+    def evictable(self, entry: "CacheEntry") -> bool:
+        return not entry.pinned and entry.inflight == 0 and entry.transition is None
+
+    def choose_victims(self, lru: Iterable["CacheEntry"], need: int, now: float) -> list["CacheEntry"] | None:
+        """The fewest least-recently-used entries whose bytes cover ``need``; None if
+        that would take a model used too recently (or there is not enough to free)."""
+        victims: list[CacheEntry] = []
+        freed = 0
+        for entry in lru:  # oldest first
+            if freed >= need:
+                break
+            if not self.evictable(entry):
+                continue
+            if now - entry.last_used < self.min_churn_age:
+                return None
+            victims.append(entry)
+            freed += entry.size_bytes
+        return victims if freed >= need else None
