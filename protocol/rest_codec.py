@@ -167,8 +167,21 @@ def _from_json(name: str, datatype: str, shape: list[int], data: Any) -> np.ndar
     except (ValueError, TypeError):
         raise InvalidInput(f"input {name!r}: 'data' is not a regular nested list of numbers") from None
     values = values.reshape(-1)
+    if datatype == "UINT64" and values.dtype.kind in "fO":
+        values = _uint64_values(name, data)
     resolved = resolve_shape(name, shape, values.size)
     return cast_checked(name, values, datatype).reshape(resolved)
+
+
+def _uint64_values(name: str, data: Any) -> np.ndarray:
+    """numpy reads integers past int64 mixed with smaller ones as float64 (losing
+    precision) or object; read them exactly, as Python ints."""
+    items = np.array(data, dtype=object).reshape(-1).tolist()
+    if not all(type(x) is int for x in items):
+        raise InvalidInput(f"input {name!r}: UINT64 data must be integers")
+    if any(x < 0 or x >= 2**64 for x in items):
+        raise InvalidInput(f"input {name!r}: value out of range for UINT64")
+    return np.array(items, dtype=np.uint64)
 
 
 def binary_outputs(request: InferenceRequest) -> tuple[bool, dict[str, bool]]:

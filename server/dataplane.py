@@ -27,11 +27,13 @@ class DataPlane:
         self.cache = self.repository.cache
         self._started = False
         self._draining = False
+        self._startup_keys: list[str] = []
 
     # -- lifecycle ----------------------------------------------------------
     async def start(self) -> None:
         """Register and load every configured model; failures are recorded, not fatal."""
         keys = self.repository.discover()
+        self._startup_keys = keys
         results = await asyncio.gather(*(self.cache.load(k) for k in keys), return_exceptions=True)
         for key, result in zip(keys, results, strict=True):
             if isinstance(result, InferenceError):
@@ -57,7 +59,10 @@ class DataPlane:
             return False
         if not self.settings.strict_readiness:
             return True
-        return all(e.state in (ModelState.READY, ModelState.UNLOADED) for e in self.cache.entries())
+        # The models configured at start must have loaded (Triton's strict readiness);
+        # one added later through the repository API that fails does not take the pod out.
+        entries = (self.cache.get(k) for k in self._startup_keys)
+        return all(e is not None and e.state is not ModelState.FAILED for e in entries)
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": self.settings.server_name, "version": __version__, "extensions": EXTENSIONS}

@@ -14,6 +14,7 @@ from typing import Any
 from protocol.errors import InferenceError, InvalidInput, PayloadTooLarge
 from protocol.rest_codec import HEADER_LENGTH, decode_infer_request, encode_error, encode_infer_response
 from server.dataplane import DataPlane
+from server.rest.encoding import MIN_COMPRESSED_RESPONSE, decode_body, encode_body, response_encoding
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +54,21 @@ class RestFront:
 
     async def _infer(self, scope: Scope, receive: Receive, send: Send, name: str, version: str | None) -> None:
         try:
-            header_length = None
-            declared = None
+            header_length = declared = content_encoding = accept_encoding = None
             for key, value in scope["headers"]:
                 if key == b"content-length":
                     declared = _int_header(value, "Content-Length")
                 elif key == _HEADER_LENGTH_B:
                     header_length = _int_header(value, "Inference-Header-Content-Length")
+                elif key == b"content-encoding":
+                    content_encoding = value
+                elif key == b"accept-encoding":
+                    accept_encoding = value
             if declared is not None and declared > self.max_body:
                 raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {self.max_body}")
             body = await _read_body(receive, self.max_body)
+            if content_encoding is not None:
+                body = decode_body(body, content_encoding, self.max_body)
             parts, json_length = await run_infer(self.dataplane, body, name, version, header_length)
         except InferenceError as e:
             await _send_json(send, e.http_status, encode_error(e.message))
@@ -72,14 +78,16 @@ class RestFront:
             await _send_json(send, 500, encode_error("internal server error"))
             return
         total = sum(len(p) for p in parts)
-        if json_length is None:
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(total).encode())]
-        else:
-            headers = [
-                (b"content-type", b"application/octet-stream"),
-                (b"content-length", str(total).encode()),
-                (_HEADER_LENGTH_B, str(json_length).encode()),
-            ]
+        headers = [(b"content-type", b"application/json" if json_length is None else b"application/octet-stream")]
+        if json_length is not None:
+            headers.append((_HEADER_LENGTH_B, str(json_length).encode()))
+        if accept_encoding is not None and total >= MIN_COMPRESSED_RESPONSE:
+            encoding = response_encoding(accept_encoding)
+            if encoding is not None:
+                parts = [encode_body(parts, encoding)]
+                total = len(parts[0])
+                headers.append((b"content-encoding", encoding))
+        headers.append((b"content-length", str(total).encode()))
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         last = len(parts) - 1
         for i, part in enumerate(parts):

@@ -212,3 +212,15 @@ def test_json_round_trip_every_datatype(datatype):
     assert header_len is None
     out = orjson.loads(parts[0])["outputs"][0]
     assert out == {"name": "x", "datatype": datatype, "shape": [2], "data": values}
+
+
+def test_uint64_json_past_int64_is_exact():
+    data = [2**64 - 1, 0, 2**63, 1]
+    req = _decode({"inputs": [{"name": "x", "datatype": "UINT64", "shape": [4], "data": data}]})
+    assert req.inputs[0].data.dtype == np.uint64 and req.inputs[0].data.tolist() == data
+    for bad, message in (("[9223372036854775808, 1.5]", "must be integers"),
+                         ("[18446744073709551616, 1]", "UINT64"),  # orjson reads it as a float
+                         ("[9223372036854775808, -1]", "out of range")):  # fmt: skip
+        body = '{"inputs": [{"name": "x", "datatype": "UINT64", "shape": [2], "data": ' + bad + "}]}"
+        with pytest.raises(InvalidInput, match=message):
+            decode_infer_request(body.encode(), "m")

@@ -215,3 +215,33 @@ def test_200_concurrent_requests_get_their_own_answers(server):
     with ThreadPoolExecutor(200) as pool:
         results = list(pool.map(one, range(200)))
     assert all(results)
+
+
+def test_compressed_request_and_response(http):
+    import gzip
+    import zlib
+
+    arr = np.arange(1000, dtype=np.float32)
+    doc = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1000], "data": arr.tolist()}]})
+    for encoding, packed in (("gzip", gzip.compress(doc)), ("deflate", zlib.compress(doc))):
+        r = http.post(
+            "/v2/models/echo/infer",
+            content=packed,
+            headers={"Content-Encoding": encoding, "Accept-Encoding": encoding},
+        )
+        assert r.status_code == 200, r.text
+        assert r.headers["content-encoding"] == encoding
+        assert r.json()["outputs"][0]["data"] == arr.tolist()  # httpx decompresses
+    r = http.post("/v2/models/echo/infer", content=doc, headers={"Content-Encoding": "br"})
+    assert r.status_code == 400 and "Content-Encoding" in r.json()["error"]
+    r = http.post("/v2/models/echo/infer", content=b"not gzip", headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 400 and "gzip" in r.json()["error"]
+
+
+def test_failed_api_load_keeps_the_server_ready(http, model_dir):
+    config = {"implementation": "model.py:Missing", "uri": str(model_dir / "echo")}
+    r = http.post("/v2/repository/models/brand_new/load", json={"parameters": {"config": config}})
+    assert r.status_code == 500
+    assert http.get("/v2/health/ready").status_code == 200
+    index = {row["name"]: row for row in http.post("/v2/repository/index").json()}
+    assert index["brand_new"]["state"] == "FAILED" and "Missing" in index["brand_new"]["reason"]
