@@ -14,9 +14,10 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Awaitable, Callable, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from modelmesh.placement import PlacementPolicy
 from protocol.errors import (
@@ -60,6 +61,7 @@ class CacheEntry(Generic[H]):
     failures: int = 0
     retry_at: float = 0.0  # monotonic; FAILED models load again on a request after this
     requests: int = 0
+    failed_requests: int = 0
     transition: asyncio.Future | None = field(default=None, repr=False)
 
     def last_used_wall(self) -> float | None:
@@ -80,12 +82,18 @@ class CacheStats:
     evictions: int = 0
 
 
+class _NoRoom(CapacityExhausted):
+    def __init__(self, message: str, retry: bool) -> None:
+        super().__init__(message)
+        self.retry = retry
+
+
 class _Lease(Generic[H]):
     """Holds a model for one request (an async context manager, cheaper than a generator)."""
 
     __slots__ = ("_cache", "_key", "_entry")
 
-    def __init__(self, cache: "ModelCache[H]", key: str) -> None:
+    def __init__(self, cache: ModelCache[H], key: str) -> None:
         self._cache = cache
         self._key = key
 
@@ -105,9 +113,11 @@ class _Lease(Generic[H]):
         self._entry = entry
         return entry.handle  # type: ignore[return-value]
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: object, *exc: object) -> None:
         entry = self._entry
         entry.inflight -= 1
+        if exc_type is not None:
+            entry.failed_requests += 1
         entry.last_used = time.monotonic()
 
 
@@ -125,6 +135,7 @@ class ModelCache(Generic[H]):
         policy: PlacementPolicy | None = None,
         load_timeout: float | None = None,
         retry_backoff: tuple[float, float] = (1.0, 60.0),
+        capacity_wait: float = 5.0,
     ) -> None:
         self._load_fn = load_fn
         self._unload_fn = unload_fn
@@ -133,6 +144,7 @@ class ModelCache(Generic[H]):
         self.policy = policy or PlacementPolicy()
         self.load_timeout = load_timeout
         self.retry_backoff = retry_backoff
+        self.capacity_wait = capacity_wait
         self.stats = CacheStats()
         self.on_load: Callable[[float], None] | None = None  # e.g. a histogram's observe
         self._entries: dict[str, CacheEntry[H]] = {}
@@ -180,7 +192,7 @@ class ModelCache(Generic[H]):
                 await asyncio.shield(entry.transition)
                 continue
             if entry.state is ModelState.UNLOADED:
-                raise ModelNotReady(f"model {entry.key!r} is unloaded; load it through the repository API")
+                raise ModelNotReady(f"model {entry.key!r} is not ready (unloaded); load it through the repository API")
             if entry.state is ModelState.FAILED and time.monotonic() < entry.retry_at:
                 wait = entry.retry_at - time.monotonic()
                 raise ModelNotReady(f"model {entry.key!r} failed to load: {entry.reason} (next retry in {wait:.1f}s)")
@@ -218,7 +230,7 @@ class ModelCache(Generic[H]):
         try:
             need = self._predict(entry, spec)
             try:
-                victims = self._reserve(entry, need)
+                victims = await self._reserve_waiting(entry, need)
             except CapacityExhausted as e:
                 if not serving:
                     if self.capacity_bytes is not None and need > self.capacity_bytes:
@@ -275,15 +287,17 @@ class ModelCache(Generic[H]):
             short = self._used + need - cap
             victims: list[CacheEntry[H]] = []
             if short > 0:
-                chosen = self.policy.choose_victims(
+                choice = self.policy.choose_victims(
                     (e for e in self._lru.values() if e is not entry), short, time.monotonic()
                 )
-                if chosen is None:
-                    raise CapacityExhausted(
-                        f"capacity exhausted: model {entry.key!r} needs {need} bytes, {cap - self._used} are free "
-                        "and every resident model is in use, pinned or used too recently to evict"
+                if choice.victims is None:
+                    why = "used too recently to evict" if choice.churn else "in use, pinned or being loaded"
+                    raise _NoRoom(
+                        f"capacity exhausted: model {entry.key!r} needs {need} bytes, {max(0, cap - self._used)} "
+                        f"are free and the resident models are {why}",
+                        retry=not choice.churn,
                     )
-                victims = chosen
+                victims = choice.victims
             for v in victims:
                 self._begin_unload(v, ModelState.UNLOADING, "evicted")
         else:
@@ -291,6 +305,18 @@ class ModelCache(Generic[H]):
         entry.reserved_bytes = need
         self._used += need
         return victims
+
+    async def _reserve_waiting(self, entry: CacheEntry[H], need: int) -> list[CacheEntry[H]]:
+        """Reserve, waiting up to ``capacity_wait`` while the models that block are only busy
+        (they free up when their requests end); the churn guard refuses at once."""
+        deadline = time.monotonic() + self.capacity_wait
+        while True:
+            try:
+                return self._reserve(entry, need)
+            except _NoRoom as e:
+                if not e.retry or time.monotonic() >= deadline:
+                    raise CapacityExhausted(e.message) from None
+            await asyncio.sleep(0.005)
 
     def _failed(self, entry: CacheEntry[H], e: Exception, serving: bool) -> None:
         reason = e.message if isinstance(e, InferenceError) else f"{type(e).__name__}: {e}"
@@ -340,7 +366,7 @@ class ModelCache(Generic[H]):
             return
         victims = self.policy.choose_victims(
             (e for e in self._lru.values() if e is not exclude), self._used - cap, float("inf")
-        )
+        ).victims
         if not victims:
             log.warning("cache holds %d bytes, over its capacity of %d; nothing can be evicted", self._used, cap)
             return

@@ -4,22 +4,30 @@ never one used within ``min_churn_age`` (ModelMesh's minChurnAgeMs)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from modelmesh.cache import CacheEntry
+
+
+class Choice(NamedTuple):
+    """Victims that free enough, or None: blocked by the churn guard (``churn``), or
+    everything evictable is too little (models in use free up later)."""
+
+    victims: list[CacheEntry] | None
+    churn: bool
 
 
 class PlacementPolicy:
     def __init__(self, min_churn_age: float = 0.0) -> None:
         self.min_churn_age = min_churn_age
 
-    def evictable(self, entry: "CacheEntry") -> bool:
+    def evictable(self, entry: CacheEntry) -> bool:
         return not entry.pinned and entry.inflight == 0 and entry.transition is None
 
-    def choose_victims(self, lru: Iterable["CacheEntry"], need: int, now: float) -> list["CacheEntry"] | None:
-        """The fewest least-recently-used entries whose bytes cover ``need``; None if
-        that would take a model used too recently (or there is not enough to free)."""
+    def choose_victims(self, lru: Iterable[CacheEntry], need: int, now: float) -> Choice:
+        """The fewest least-recently-used entries whose bytes cover ``need``."""
         victims: list[CacheEntry] = []
         freed = 0
         for entry in lru:  # oldest first
@@ -28,7 +36,7 @@ class PlacementPolicy:
             if not self.evictable(entry):
                 continue
             if now - entry.last_used < self.min_churn_age:
-                return None
+                return Choice(None, churn=True)
             victims.append(entry)
             freed += entry.size_bytes
-        return victims if freed >= need else None
+        return Choice(victims if freed >= need else None, churn=False)

@@ -20,6 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--http-port", type=int, help="REST port (default 8080)")
     s.add_argument("--grpc-port", type=int, help="gRPC port (default 8081)")
     s.add_argument("--max-request-bytes", type=int, help="largest request body accepted")
+    s.add_argument("--capacity-bytes", type=int, help="bytes of models this pod may hold (default: 70%% of memory)")
+    s.add_argument("--min-churn-age", type=float, help="seconds a used model is safe from eviction")
+    s.add_argument("--no-preload", action="store_const", const=False, dest="preload", help="load models on first use")
     s.add_argument("--log-level", help="debug, info, warning, error")
     return parser
 
@@ -41,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
                 grpc_port=args.grpc_port,
                 max_request_bytes=args.max_request_bytes,
                 log_level=args.log_level,
+                capacity_bytes=args.capacity_bytes,
+                min_churn_age_seconds=args.min_churn_age,
+                preload=args.preload,
             )
         except (ValidationError, OSError, ValueError) as e:
             print(f"meshserve: invalid settings: {e}", file=sys.stderr)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from modelmesh import ModelState
+from modelmesh import CacheEntry, ModelState
 from protocol.errors import InferenceError, ServerNotReady
 from protocol.types import InferenceRequest, InferenceResponse, ModelMetadata
 from server.repository import ModelRepository
@@ -17,6 +18,7 @@ from server.version import __version__
 log = logging.getLogger(__name__)
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "parameters"]
+PRELOAD_CONCURRENCY = 4
 
 
 class DataPlane:
@@ -25,21 +27,38 @@ class DataPlane:
         self.executor = ThreadPoolExecutor(settings.predict_threads, thread_name_prefix="predict")
         self.repository = ModelRepository(settings, self.executor)
         self.cache = self.repository.cache
+        from server.metrics import build_metrics
+
+        self.metrics = build_metrics(self)
         self._started = False
         self._draining = False
         self._startup_keys: list[str] = []
 
     # -- lifecycle ----------------------------------------------------------
     async def start(self) -> None:
-        """Register and load every configured model; failures are recorded, not fatal."""
-        keys = self.repository.discover()
+        """Register every configured model, then preload (pinned first) those that fit
+        without evicting; the rest load on their first request. Failures are recorded."""
+        started = time.monotonic()
+        keys = await self.repository.discover()
         self._startup_keys = keys
-        results = await asyncio.gather(*(self.cache.load(k) for k in keys), return_exceptions=True)
-        for key, result in zip(keys, results, strict=True):
-            if isinstance(result, InferenceError):
-                log.error("%s", result.message)
-            elif isinstance(result, BaseException):
-                log.error("loading %s failed: %r", key, result)
+        log.info("registered %d models in %.2fs", len(keys), time.monotonic() - started)
+        if self.settings.preload:
+            entries = [e for e in (self.cache.get(k) for k in keys) if e is not None]
+            entries.sort(key=lambda e: not e.pinned)
+            slots = asyncio.Semaphore(PRELOAD_CONCURRENCY)
+
+            async def preload(entry: CacheEntry) -> None:
+                async with slots:
+                    if not entry.pinned and not self.cache.fits_without_eviction(entry.spec):
+                        return
+                    try:
+                        await self.cache.load(entry.key)
+                    except InferenceError as e:
+                        log.error("%s", e.message)
+                    except Exception:
+                        log.exception("loading %s failed", entry.key)
+
+            await asyncio.gather(*(preload(e) for e in entries))
         self._started = True
 
     async def stop(self) -> None:
@@ -105,7 +124,9 @@ class DataPlane:
                     "state": entry.state.value,
                     "reason": entry.reason,
                     "size_bytes": entry.size_bytes,
-                    "last_used": entry.last_used,
+                    "last_used": entry.last_used_wall(),
+                    "pinned": entry.pinned,
+                    "requests": entry.requests,
                 }
             )
         return rows

@@ -70,6 +70,12 @@ def build_api(dp: DataPlane) -> FastAPI:
         ok = dp.ready()
         return json_response({"ready": ok}, 200 if ok else 503)
 
+    @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(dp.metrics), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/v2/models/{name}", summary="Model metadata")
     @app.get("/v2/models/{name}/versions/{version}", summary="Model version metadata")
     async def model_metadata(name: str, version: str | None = None) -> Response:

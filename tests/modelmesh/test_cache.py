@@ -55,7 +55,7 @@ def test_failed_load_is_recorded_and_not_served():
         with pytest.raises(ModelLoadError, match="RuntimeError: boom"):
             await cache.load("c")
         assert cache.get("b").state is ModelState.FAILED and "broken" in cache.get("b").reason
-        with pytest.raises(ModelNotReady, match="failed: bad-b is broken"):
+        with pytest.raises(ModelNotReady, match="failed to load: bad-b is broken"):
             async with cache.acquire("b"):
                 pass
 
@@ -124,9 +124,10 @@ def test_acquire_tracks_use():
         cache = ModelCache(Loader().load, Loader().unload)
         cache.register("a", "good")
         await cache.load("a")
-        assert cache.get("a").last_used is None
+        loaded_at = cache.get("a").last_used
         async with cache.acquire("a"):
             assert cache.get("a").inflight == 1
-        assert cache.get("a").inflight == 0 and cache.get("a").last_used is not None
+        assert cache.get("a").inflight == 0 and cache.get("a").last_used > loaded_at
+        assert cache.get("a").requests == 1 and cache.stats.hits == 1
 
     run(main())
