@@ -80,6 +80,9 @@ def serve(settings: Settings | None = None) -> None:
     """Serve until SIGINT/SIGTERM (``from meshserve import serve``)."""
     settings = settings or Settings.load()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.memory import tune_allocator
+
+    tune_allocator()
     try:
         import uvloop
 

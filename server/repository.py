@@ -17,12 +17,15 @@ from modelmesh import CacheEntry, ModelCache, ModelState, PlacementPolicy
 from protocol.errors import InvalidInput, ModelLoadError, ModelNotFound
 from server.capacity import default_capacity, files_size
 from server.loaded_model import LoadedModel
+from server.memory import release_free_memory
 from server.model_settings import ModelSettings, parse_model_settings, read_settings_file
+from server.runtimes.base import Model
 from server.runtimes.registry import resolve_runtime
 from server.runtimes.sklearn import MODEL_SUFFIXES
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
+GC_AFTER_UNLOAD_BYTES = 32 * 1024 * 1024
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -192,29 +195,55 @@ class ModelRepository:
     # -- the load function handed to the cache ------------------------------
     async def _load(self, ms: ModelSettings) -> tuple[LoadedModel, int]:
         loop = asyncio.get_running_loop()
-        base = self.settings.model_dir
-        path = await loop.run_in_executor(self.executor, resolve_uri, ms.uri, base) if ms.uri else None
+        # One trip to a worker thread: resolve, import, build and, for a plain load(), load.
+        work = loop.run_in_executor(self.executor, self._build_and_load, ms)
+        try:
+            model, size = await asyncio.shield(work)
+        except asyncio.CancelledError:  # timed out: the thread cannot be stopped; unload when it ends
+            work.add_done_callback(lambda f: self._discard(loop, f))
+            raise
+        if size is None:  # an async load(): run it on the loop
+            before = rss_bytes()
+            try:
+                await model.load()
+            except ModelLoadError:
+                raise
+            except Exception as e:
+                raise ModelLoadError(f"{type(e).__name__}: {e}") from e
+            size = self._size_of(model, before)
+        return LoadedModel(model, size), size
+
+    def _build_and_load(self, ms: ModelSettings) -> tuple[Model, int | None]:
+        path = resolve_uri(ms.uri, self.settings.model_dir) if ms.uri else None
         if path is not None and path.is_dir():
             # A settings file shipped with the model fills in what the registration left out.
             shipped = read_settings_file(path)
             if shipped:
                 ms = parse_model_settings({**shipped, **ms.model_dump(include=ms.model_fields_set)})
-        cls = await loop.run_in_executor(self.executor, resolve_runtime, ms, path)
-        model = cls(ms, path)
+        model = resolve_runtime(ms, path)(ms, path)
+        if inspect.iscoroutinefunction(model.load):
+            return model, None
         before = rss_bytes()
         try:
-            if inspect.iscoroutinefunction(model.load):
-                await model.load()
-            else:
-                await loop.run_in_executor(self.executor, model.load)
+            model.load()
         except ModelLoadError:
             raise
         except Exception as e:
             raise ModelLoadError(f"{type(e).__name__}: {e}") from e
+        return model, self._size_of(model, before)
+
+    def _size_of(self, model: Model, rss_before: int) -> int:
         size = model.size_bytes()
         if size is None:  # nothing better: the process's growth, at least the prediction
-            size = max(rss_bytes() - before, self.predicted_size(ms))
-        return LoadedModel(model, int(size)), int(size)
+            size = max(rss_bytes() - rss_before, self.predicted_size(model.settings))
+        return int(size)
+
+    def _discard(self, loop: asyncio.AbstractEventLoop, work: asyncio.Future) -> None:
+        if work.cancelled() or work.exception() is not None:
+            return
+        model = work.result()[0]
+        log.warning("model %s finished loading after its timeout; unloading it", model.name)
+        loop.run_in_executor(self.executor, model.unload)
 
     async def _unload(self, handle: LoadedModel) -> None:
         model = handle.model
@@ -222,5 +251,8 @@ class ModelRepository:
             await model.unload()
         else:
             await asyncio.get_running_loop().run_in_executor(self.executor, model.unload)
+        size = handle.size_bytes
         del model, handle
-        gc.collect()
+        if size >= GC_AFTER_UNLOAD_BYTES:  # big models may hide in reference cycles; small ones free by refcount
+            gc.collect()
+            release_free_memory()

@@ -36,12 +36,14 @@ def import_object(spec: str, base_dir: Path | None = None) -> object:
         if spec_obj is None or spec_obj.loader is None:
             raise ModelLoadError(f"cannot import {spec!r}")
         module = importlib.util.module_from_spec(spec_obj)
-        sys.modules[mod_name] = module
+        sys.modules[mod_name] = module  # while it runs, for dataclasses and the like
         try:
             spec_obj.loader.exec_module(module)
         except Exception as e:
-            sys.modules.pop(mod_name, None)
             raise ModelLoadError(f"importing {path.name} failed: {type(e).__name__}: {e}") from e
+        finally:
+            # The class keeps its module alive; once unloaded, nothing should.
+            sys.modules.pop(mod_name, None)
     else:
         try:
             module = importlib.import_module(module_part)

@@ -1,0 +1,51 @@
+"""Make freed model memory go back to the OS, so resident memory follows the cache.
+
+glibc raises its mmap threshold each time a large block is freed, after which
+large arrays come from the heap, and freed heap memory in per-thread arenas is
+rarely returned: a model cache that loads and evicts all day would see RSS
+climb far past what it holds. A fixed threshold keeps big buffers in mmap
+(returned on free) and few arenas limit fragmentation.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger(__name__)
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
+
+_libc = None
+
+
+def _glibc():
+    global _libc
+    if _libc is None:
+        name = ctypes.util.find_library("c")
+        try:
+            lib = ctypes.CDLL(name) if name else None
+            _libc = lib if lib is not None and hasattr(lib, "mallopt") and hasattr(lib, "malloc_trim") else False
+        except OSError:
+            _libc = False
+    return _libc or None
+
+
+def tune_allocator(mmap_threshold: int = 64 * 1024, arenas: int = 2) -> bool:
+    libc = _glibc()
+    if libc is None:
+        return False
+    ok = libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1
+    ok &= libc.mallopt(M_TRIM_THRESHOLD, 4 * mmap_threshold) == 1
+    ok &= libc.mallopt(M_ARENA_MAX, arenas) == 1
+    return bool(ok)
+
+
+def release_free_memory() -> None:
+    """Hand free heap pages back to the OS (after unloading a model)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
