@@ -42,15 +42,21 @@ def loads_object(body: bytes | memoryview, what: str = "request body") -> dict[s
     return doc
 
 
-def decode_parameters(value: Any, where: str) -> dict[str, Any]:
+def decode_parameters(value: Any, kind: str = "request", name: str | None = None) -> dict[str, Any]:
+    """Check a parameters object; ``kind``/``name`` say whose, for the error message only."""
     if value is None:
         return {}
+    if type(value) is dict:
+        for v in value.values():
+            if not isinstance(v, (str, int, float, bool)):
+                break
+        else:
+            return value
+    where = kind if name is None else f"{kind} {name!r}"
     if not isinstance(value, dict):
         raise InvalidInput(f"{where}: 'parameters' must be an object")
-    for k, v in value.items():
-        if not isinstance(v, (str, int, float, bool)):
-            raise InvalidInput(f"{where}: parameter {k!r} must be a string, number or boolean")
-    return value
+    bad = next(k for k, v in value.items() if not isinstance(v, (str, int, float, bool)))
+    raise InvalidInput(f"{where}: parameter {bad!r} must be a string, number or boolean")
 
 
 def decode_infer_request(
@@ -75,12 +81,13 @@ def decode_infer_request(
     req_id = doc.get("id")
     if req_id is not None and not isinstance(req_id, str):
         raise InvalidInput("'id' must be a string")
-    parameters = decode_parameters(doc.get("parameters"), "request")
+    parameters = decode_parameters(doc.get("parameters"))
     specs = doc.get("inputs")
     if not isinstance(specs, list) or not specs:
         raise InvalidInput("request must have a non-empty 'inputs' list")
 
     inputs: list[Tensor] = []
+    several = len(specs) > 1
     seen: set[str] = set()
     offset = 0
     for i, spec in enumerate(specs):
@@ -89,9 +96,10 @@ def decode_infer_request(
         name = spec.get("name")
         if not isinstance(name, str) or not name:
             raise InvalidInput(f"inputs[{i}]: 'name' must be a non-empty string")
-        if name in seen:
-            raise InvalidInput(f"input {name!r} appears more than once")
-        seen.add(name)
+        if several:
+            if name in seen:
+                raise InvalidInput(f"input {name!r} appears more than once")
+            seen.add(name)
         datatype = spec.get("datatype")
         if datatype is None:
             raise InvalidInput(f"input {name!r} has no 'datatype'")
@@ -99,7 +107,7 @@ def decode_infer_request(
         if "shape" not in spec:
             raise InvalidInput(f"input {name!r} has no 'shape'")
         shape = check_shape(name, spec["shape"])
-        params = decode_parameters(spec.get("parameters"), f"input {name!r}")
+        params = decode_parameters(spec.get("parameters"), "input", name)
         size = params.pop("binary_data_size", None) if params else None
         if size is not None:
             if "data" in spec:
@@ -131,7 +139,7 @@ def decode_infer_request(
         for i, o in enumerate(out_specs):
             if not isinstance(o, dict) or not isinstance(o.get("name"), str) or not o["name"]:
                 raise InvalidInput(f"outputs[{i}] must be an object with a non-empty 'name'")
-            outputs.append(RequestedOutput(o["name"], decode_parameters(o.get("parameters"), f"output {o['name']!r}")))
+            outputs.append(RequestedOutput(o["name"], decode_parameters(o.get("parameters"), "output", o["name"])))
     return InferenceRequest(
         model_name, inputs, model_version=model_version, id=req_id, outputs=outputs, parameters=parameters
     )

@@ -25,6 +25,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 INFER_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
 _JSON = [(b"content-type", b"application/json")]
 _HEADER_LENGTH_B = HEADER_LENGTH.encode()
+_JOIN_BELOW = 64 * 1024
 
 
 class RestFront:
@@ -89,6 +90,8 @@ class RestFront:
                 headers.append((b"content-encoding", encoding))
         headers.append((b"content-length", str(total).encode()))
         await send({"type": "http.response.start", "status": 200, "headers": headers})
+        if len(parts) > 1 and total <= _JOIN_BELOW:
+            parts = [b"".join(parts)]  # one write beats several for small bodies
         last = len(parts) - 1
         for i, part in enumerate(parts):
             await send({"type": "http.response.body", "body": part, "more_body": i < last})
