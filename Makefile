@@ -6,7 +6,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test install examples lint bench clean
+.PHONY: serve test install examples lint bench clean system-deps
+
+# Real services the tests start on 127.0.0.1: an OCI registry, skopeo/umoci to check the
+# images meshserve builds, busybox for KServe-compatible modelcars. Installed once (needs root).
+SYSTEM_BINS := /usr/bin/docker-registry /usr/bin/skopeo /usr/bin/umoci /bin/busybox
+system-deps:
+	@missing=0; for b in $(SYSTEM_BINS); do [ -x $$b ] || missing=1; done; \
+	if [ $$missing = 1 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    docker-registry skopeo umoci busybox-static >/dev/null; \
+	fi
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +34,7 @@ examples: examples/models/iris/model.joblib
 serve: install examples
 	$(BIN)/meshserve serve --model-dir examples/models
 
-test: install examples
+test: install examples system-deps
 	$(BIN)/ruff check .
 	$(BIN)/pytest tests --ignore=tests/clients -q
 	# tritonclient registers the same gRPC descriptors as meshserve's stubs: own process.

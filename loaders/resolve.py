@@ -1,5 +1,4 @@
-"""Turn a model URI into a local path. ``file://`` and plain paths for now;
-remote schemes plug in here."""
+"""Local model URIs: ``file://`` and plain paths (remote ones: loaders.fetcher)."""
 
 from __future__ import annotations
 
@@ -25,7 +24,7 @@ def resolve_uri(uri: str, base_dir: Path | None = None) -> Path:
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
     else:
-        raise UnsupportedURI(f"URI scheme {parsed.scheme!r} is not supported (use a path or file://)")
+        raise UnsupportedURI(f"URI scheme {parsed.scheme!r} is not a local path (use a path or file://)")
     if not path.exists():
         raise ModelLoadError(f"model path {path} does not exist")
     return path.resolve()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from loaders.files import files_size  # noqa: F401  (the size prediction lives with the loaders)
+
 _CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 
 
@@ -23,19 +25,3 @@ def memory_limit_bytes() -> int:
 
 def default_capacity(fraction: float) -> int:
     return int(memory_limit_bytes() * fraction)
-
-
-def files_size(path: Path | None) -> int:
-    """Bytes on disk under ``path`` (a file or a directory), as ModelMesh's default size prediction."""
-    if path is None:
-        return 0
-    if path.is_file():
-        return path.stat().st_size
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.stat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
-    return total

@@ -24,7 +24,66 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--min-churn-age", type=float, help="seconds a used model is safe from eviction")
     s.add_argument("--no-preload", action="store_const", const=False, dest="preload", help="load models on first use")
     s.add_argument("--log-level", help="debug, info, warning, error")
+    p = sub.add_parser("pull", help="fetch a model URI into the cache (an init-container step)")
+    p.add_argument("uri", help="oci://registry/repo:tag, https://..., s3://bucket/prefix")
+    _remote_flags(p)
+    b = sub.add_parser("modelcar", help="build and push KServe modelcar images")
+    bsub = b.add_subparsers(dest="modelcar_command", required=True)
+    build = bsub.add_parser("build", help="build a modelcar image from a model directory and push it")
+    build.add_argument("model_dir", type=Path)
+    build.add_argument("--tag", required=True, help="oci://registry/repository:tag")
+    build.add_argument("--kserve-compat", action="store_true", help="add a busybox layer for KServe's sidecar")
+    build.add_argument("--busybox", type=Path, default=Path("/bin/busybox"), help="static busybox binary")
+    _remote_flags(build)
     return parser
+
+
+def _remote_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", type=Path, help="content cache (default ~/.cache/meshserve)")
+    p.add_argument("--insecure", action="store_true", help="reach the registry over plain http")
+    p.add_argument("--registry-username")
+    p.add_argument("--registry-password", help="else from a docker config.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _fetcher(args: argparse.Namespace):
+    from server.settings import Settings
+
+    return Settings.load(
+        None,
+        cache_dir=args.cache_dir,
+        insecure_registries=True if args.insecure else None,
+        registry_username=args.registry_username,
+        registry_password=args.registry_password,
+    ).fetcher()
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from loaders.progress import Progress
+
+    fetcher = _fetcher(args)
+    fetcher.offline_first = False  # an explicit pull asks the source
+    progress = Progress(f"pull {args.uri}", enabled=not args.quiet)
+    path = fetcher.fetch(args.uri, progress=progress)
+    progress.close()
+    print(path)
+    return 0
+
+
+def _modelcar_build(args: argparse.Namespace) -> int:
+    from loaders.files import files_size
+    from loaders.modelcar import build_and_push
+    from loaders.oci import Reference
+    from loaders.progress import Progress
+
+    fetcher = _fetcher(args)
+    ref = Reference.parse(args.tag)
+    progress = Progress(f"push {args.tag}", total=files_size(args.model_dir), enabled=not args.quiet)
+    with fetcher.client_for(ref.registry) as client:
+        digest = build_and_push(args.model_dir, args.tag, client, args.kserve_compat, args.busybox, progress)
+    progress.close()
+    print(f"{ref}@{digest}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +111,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"meshserve: invalid settings: {e}", file=sys.stderr)
             return 2
         serve(settings)
+        return 0
+    from protocol.errors import InferenceError
+
+    try:
+        if args.command == "pull":
+            return _pull(args)
+        if args.command == "modelcar":
+            return _modelcar_build(args)
+    except InferenceError as e:
+        print(f"meshserve {args.command}: {e.message}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -12,7 +12,7 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
-from loaders import resolve_uri
+from loaders import is_remote, resolve_uri
 from modelmesh import CacheEntry, ModelCache, ModelState, PlacementPolicy
 from protocol.errors import InvalidInput, ModelLoadError, ModelNotFound
 from server.capacity import default_capacity, files_size
@@ -62,6 +62,7 @@ class ModelRepository:
         self._versions: dict[str, dict[str, str]] = {}  # name -> version ("" if none) -> key
         self._origin: dict[str, Path] = {}  # key -> directory its settings file came from
         self._disk_bytes: dict[str, int] = {}  # key -> bytes of its files, the size prediction
+        self.fetcher = settings.fetcher()
 
     def predicted_size(self, ms: ModelSettings) -> int:
         """What a model will take once loaded, before it loads (ModelMesh's predictModelSize)."""
@@ -101,8 +102,11 @@ class ModelRepository:
         return found
 
     def _disk_size_of(self, ms: ModelSettings) -> int:
+        """Bytes of a local model's files; remote ones are measured once fetched."""
+        if not ms.uri or is_remote(ms.uri):
+            return 0
         try:
-            return files_size(resolve_uri(ms.uri, self.settings.model_dir)) if ms.uri else 0
+            return files_size(resolve_uri(ms.uri, self.settings.model_dir))
         except ModelLoadError:
             return 0  # the load will say what is wrong
 
@@ -214,7 +218,9 @@ class ModelRepository:
         return LoadedModel(model, size), size
 
     def _build_and_load(self, ms: ModelSettings) -> tuple[Model, int | None]:
-        path = resolve_uri(ms.uri, self.settings.model_dir) if ms.uri else None
+        path = self.fetcher.fetch(ms.uri, self.settings.model_dir) if ms.uri else None
+        if path is not None and ms.uri and is_remote(ms.uri):
+            self._disk_bytes[model_key(ms.name, ms.version)] = files_size(path)
         if path is not None and path.is_dir():
             # A settings file shipped with the model fills in what the registration left out.
             shipped = read_settings_file(path)

@@ -8,10 +8,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from loaders import ModelFetcher
 
 
 class Settings(BaseSettings):
@@ -41,8 +44,31 @@ class Settings(BaseSettings):
     load_retry_max_seconds: float = Field(default=60.0, gt=0)
     # Load models at start while they fit without evicting (pinned ones always).
     preload: bool = True
+    # Remote model URIs (http(s), s3, oci) are fetched into this content-addressed cache.
+    cache_dir: Path | None = None  # default: $XDG_CACHE_HOME/meshserve or ~/.cache/meshserve
+    cache_max_bytes: int | None = Field(default=None, ge=0)
+    # Registries reached over plain http: a list of host[:port], or true for all.
+    insecure_registries: bool | list[str] = False
+    registry_username: str | None = None
+    registry_password: str | None = None  # else a docker config.json ($DOCKER_CONFIG)
+    oci_platform: str = "linux/amd64"
+    s3_endpoint: str | None = None  # else AWS_ENDPOINT_URL
     log_level: str = "info"
     server_name: str = "meshserve"
+
+    def fetcher(self) -> ModelFetcher:
+        """The model fetcher these settings describe."""
+        from loaders import ModelFetcher
+
+        creds = (self.registry_username, self.registry_password or "") if self.registry_username else None
+        return ModelFetcher(
+            self.cache_dir,
+            self.cache_max_bytes,
+            self.insecure_registries,
+            creds,
+            self.oci_platform,
+            self.s3_endpoint,
+        )
 
     @classmethod
     def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Settings:
