@@ -52,7 +52,7 @@ def extract_tar_stream(fileobj: IO[bytes], target: Path, prefix: str | None = No
     """Extract a (possibly compressed) tar read sequentially from ``fileobj``; return files written."""
     count = 0
     try:
-        with tarfile.open(fileobj=fileobj, mode=mode) as tar:
+        with tarfile.open(fileobj=fileobj, mode=mode, bufsize=1024 * 1024) as tar:
             for member in tar:
                 rel = safe_relative(member.name, prefix)
                 if rel is None:

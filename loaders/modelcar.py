@@ -24,6 +24,7 @@ from typing import IO
 from loaders.oci import OCI_CONFIG, OCI_MANIFEST, Reference, RegistryClient, RegistryError
 
 LAYER_TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 BUSYBOX_APPLETS = ("sh", "ln", "sleep", "ls", "cat")
 
 
@@ -45,9 +46,10 @@ class _HashingWriter:
 @dataclass
 class Layer:
     path: Path
-    digest: str  # of the compressed blob
+    digest: str  # of the blob as stored (compressed or not)
     diff_id: str  # of the uncompressed tar
     size: int
+    media_type: str = LAYER_TAR_GZIP
 
 
 def _tar_info(
@@ -60,17 +62,23 @@ def _tar_info(
     return info
 
 
-def build_layer(out: Path, add: Callable[[tarfile.TarFile], None]) -> Layer:
+def build_layer(out: Path, add: Callable[[tarfile.TarFile], None], compress: bool = True) -> Layer:
+    """A tar layer, gzip level 1 by default; uncompressed pulls faster (weights rarely compress)."""
     with open(out, "wb") as f:
-        compressed = _HashingWriter(f)
-        with gzip.GzipFile(fileobj=compressed, mode="wb", compresslevel=1, mtime=0) as gz:
+        stored = _HashingWriter(f)
+        if not compress:
+            with tarfile.open(fileobj=stored, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                add(tar)
+            digest = "sha256:" + stored.hash.hexdigest()
+            return Layer(out, digest, digest, stored.size, LAYER_TAR)
+        with gzip.GzipFile(fileobj=stored, mode="wb", compresslevel=1, mtime=0) as gz:
             raw = _HashingWriter(gz)
             with tarfile.open(fileobj=raw, mode="w|", format=tarfile.PAX_FORMAT) as tar:
                 add(tar)
-    return Layer(out, "sha256:" + compressed.hash.hexdigest(), "sha256:" + raw.hash.hexdigest(), compressed.size)
+    return Layer(out, "sha256:" + stored.hash.hexdigest(), "sha256:" + raw.hash.hexdigest(), stored.size)
 
 
-def models_layer(model_dir: Path, out: Path) -> Layer:
+def models_layer(model_dir: Path, out: Path, compress: bool = True) -> Layer:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise RegistryError(f"{model_dir} is not a directory")
@@ -91,7 +99,7 @@ def models_layer(model_dir: Path, out: Path) -> Layer:
                 with open(path, "rb") as f:
                     tar.addfile(_tar_info(f"models/{(rel_root / name).as_posix()}", size, mode=mode), f)
 
-    return build_layer(out, add)
+    return build_layer(out, add, compress)
 
 
 def busybox_layer(busybox: Path, out: Path) -> Layer:
@@ -115,6 +123,7 @@ def build_and_push(
     kserve_compat: bool = False,
     busybox: Path = Path("/bin/busybox"),
     progress: Callable[[int], None] | None = None,
+    compress: bool = True,
 ) -> str:
     """Build the modelcar for ``model_dir``, push it as ``uri``; return the manifest digest."""
     ref = Reference.parse(uri)
@@ -122,7 +131,7 @@ def build_and_push(
         layers = []
         if kserve_compat:
             layers.append(busybox_layer(busybox, Path(tmp) / "busybox.tar.gz"))
-        layers.append(models_layer(model_dir, Path(tmp) / "models.tar.gz"))
+        layers.append(models_layer(model_dir, Path(tmp) / "models.tar", compress))
         config: dict = {
             "architecture": "amd64",
             "os": "linux",
@@ -139,7 +148,7 @@ def build_and_push(
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,
             "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config_bytes)},
-            "layers": [{"mediaType": LAYER_TAR_GZIP, "digest": layer.digest, "size": layer.size} for layer in layers],
+            "layers": [{"mediaType": layer.media_type, "digest": layer.digest, "size": layer.size} for layer in layers],
             "annotations": {"org.opencontainers.image.title": Path(model_dir).name},
         }
         body = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()

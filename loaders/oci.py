@@ -13,7 +13,9 @@ import base64
 import hashlib
 import json
 import os
+import queue
 import re
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,45 +92,77 @@ class VerifyingReader:
     the size the manifest declared; ``finish`` checks the digest once the stream ends."""
 
     def __init__(
-        self, chunks: Iterator[bytes], digest: str, size: int, what: str, progress: Callable[[int], None] | None = None
+        self,
+        chunks: Iterator[bytes],
+        digest: str,
+        size: int,
+        what: str,
+        progress: Callable[[int], None] | None = None,
     ) -> None:
         algo, _, self._expected = digest.partition(":")
         if algo != "sha256":
             raise RegistryError(f"{what}: unsupported digest algorithm {algo!r}")
         self._hash = hashlib.sha256()
         self._chunks = chunks
-        self._buf = b""
+        self._chunk = b""
+        self._pos = 0
         self._size = size
         self._seen = 0
         self._what = what
         self._progress = progress
+        self._checked_upstream = False
+
+    @classmethod
+    def prefetching(
+        cls, chunks: Iterator[bytes], digest: str, size: int, what: str, progress: Callable[[int], None] | None = None
+    ) -> VerifyingReader:
+        """A reader whose chunks are fetched, counted and hashed on a thread, ahead of the
+        consumer (which inflates and writes): both release the GIL, so two cores overlap."""
+        reader = cls(iter(()), digest, size, what, progress)
+        reader._chunks = prefetched(chunks, reader.check)
+        reader._checked_upstream = True
+        return reader
+
+    def check(self, chunk: bytes) -> None:
+        """Count and hash one chunk (called as chunks arrive, possibly on the prefetch thread)."""
+        self._seen += len(chunk)
+        if self._seen > self._size:
+            raise RegistryError(f"{self._what} is larger than the {self._size} bytes its manifest declares")
+        self._hash.update(chunk)
+        if self._progress:
+            self._progress(len(chunk))
 
     def _next(self) -> bytes:
         for chunk in self._chunks:
             if chunk:
-                self._seen += len(chunk)
-                if self._seen > self._size:
-                    raise RegistryError(f"{self._what} is larger than the {self._size} bytes its manifest declares")
-                self._hash.update(chunk)
-                if self._progress:
-                    self._progress(len(chunk))
+                if not self._checked_upstream:
+                    self.check(chunk)
                 return chunk
         return b""
 
     def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes, copying only what is returned (no re-slicing of the buffer)."""
+        if self._pos >= len(self._chunk):
+            self._chunk, self._pos = self._next(), 0
+            if not self._chunk:
+                return b""
         if n is None or n < 0:
-            parts = [self._buf]
+            parts = [self._chunk[self._pos :]]
             while chunk := self._next():
                 parts.append(chunk)
-            self._buf = b""
+            self._chunk, self._pos = b"", 0
             return b"".join(parts)
-        while len(self._buf) < n:
-            chunk = self._next()
-            if not chunk:
-                break
-            self._buf += chunk
-        out, self._buf = self._buf[:n], self._buf[n:]
+        if self._pos == 0 and n >= len(self._chunk):
+            out, self._chunk = self._chunk, b""
+            return out
+        out = self._chunk[self._pos : self._pos + n]
+        self._pos += len(out)
         return out
+
+    def readinto(self, buffer: memoryview) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
     def finish(self) -> None:
         while self._next():
@@ -137,6 +171,46 @@ class VerifyingReader:
             raise RegistryError(f"{self._what} is {self._seen} bytes, its manifest declares {self._size}")
         if self._hash.hexdigest() != self._expected:
             raise RegistryError(f"{self._what} does not match its digest sha256:{self._expected}")
+
+
+def prefetched(chunks: Iterator[bytes], on_chunk: Callable[[bytes], None], depth: int = 8) -> Iterator[bytes]:
+    """Read ``chunks`` on a thread, passing each to ``on_chunk`` there, at most ``depth`` ahead
+    of the consumer (bounded memory)."""
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def pump() -> None:
+        try:
+            for chunk in chunks:
+                if stop.is_set():
+                    return
+                if chunk:
+                    on_chunk(chunk)
+                    q.put(chunk)
+            q.put(done)
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=pump, daemon=True, name="blob-prefetch")
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                if isinstance(item, httpx.HTTPError):
+                    raise RegistryError(f"download interrupted: {type(item).__name__}: {item}") from None
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a pump waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(0.01)
 
 
 class RegistryClient:
@@ -268,7 +342,7 @@ class RegistryClient:
                 if self.resp.status_code != 200:
                     self.resp.close()
                     raise RegistryError(f"blob {descriptor['digest']} of {repository}: HTTP {self.resp.status_code}")
-                return VerifyingReader(
+                return VerifyingReader.prefetching(
                     self.resp.iter_raw(CHUNK),
                     descriptor["digest"],
                     int(descriptor["size"]),

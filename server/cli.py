@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--tag", required=True, help="oci://registry/repository:tag")
     build.add_argument("--kserve-compat", action="store_true", help="add a busybox layer for KServe's sidecar")
     build.add_argument("--busybox", type=Path, default=Path("/bin/busybox"), help="static busybox binary")
+    build.add_argument("--uncompressed", action="store_true", help="plain tar layer: faster pulls, bigger pushes")
     _remote_flags(build)
     return parser
 
@@ -80,7 +81,9 @@ def _modelcar_build(args: argparse.Namespace) -> int:
     ref = Reference.parse(args.tag)
     progress = Progress(f"push {args.tag}", total=files_size(args.model_dir), enabled=not args.quiet)
     with fetcher.client_for(ref.registry) as client:
-        digest = build_and_push(args.model_dir, args.tag, client, args.kserve_compat, args.busybox, progress)
+        digest = build_and_push(
+            args.model_dir, args.tag, client, args.kserve_compat, args.busybox, progress, compress=not args.uncompressed
+        )
     progress.close()
     print(f"{ref}@{digest}")
     return 0
