@@ -147,7 +147,7 @@ def main(args: argparse.Namespace) -> None:
             ("plain GET written to a file", f"{save_s:.2f} s = {mib / save_s:.0f} MiB/s"),
             (
                 "meshserve pull (verify + unpack)",
-                f"{pull_s:.2f} s = {mib / pull_s:.0f} MiB/s ({get_s / pull_s:.2f}x GET, {save_s / pull_s:.2f}x to file)",
+                f"{pull_s:.2f}s = {mib / pull_s:.0f} MiB/s ({get_s / pull_s:.2f}x GET; {save_s / pull_s:.2f}x to file)",
             ),
             ("peak RSS of `meshserve pull`", f"{cli_peak / 2**20:.0f} MiB (took {cli_s:.1f} s)"),
             ("ready, local directory (runtime load)", f"{local_s:.2f} s"),
