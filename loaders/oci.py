@@ -159,6 +159,14 @@ class VerifyingReader:
         self._pos += len(out)
         return out
 
+    def chunks(self) -> Iterator[bytes]:
+        """The rest of the blob as it arrives (after whatever ``read`` consumed)."""
+        if self._pos < len(self._chunk):
+            yield self._chunk[self._pos :]
+        self._chunk, self._pos = b"", 0
+        while chunk := self._next():
+            yield chunk
+
     def readinto(self, buffer: memoryview) -> int:
         data = self.read(len(buffer))
         buffer[: len(data)] = data

@@ -13,17 +13,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from loaders.archive import extract_tar_stream, inside, safe_relative
+from loaders.archive import inside, safe_relative
 from loaders.cache import ContentCache
 from loaders.oci import DOCKER_CONFIG, OCI_CONFIG, Reference, RegistryClient, RegistryError
+from loaders.tarstream import extract_chunks, gunzip
 
 log = logging.getLogger(__name__)
 
+GZIP = "gzip"
 TAR_TYPES = {
-    "application/vnd.oci.image.layer.v1.tar": "r|",
-    "application/vnd.oci.image.layer.v1.tar+gzip": "r|gz",
-    "application/vnd.docker.image.rootfs.diff.tar.gzip": "r|gz",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip": "r|gz",
+    "application/vnd.oci.image.layer.v1.tar": "",
+    "application/vnd.oci.image.layer.v1.tar+gzip": GZIP,
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": GZIP,
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip": GZIP,
 }
 TITLE = "org.opencontainers.image.title"
 UNPACK = "io.deis.oras.content.unpack"
@@ -67,13 +69,14 @@ def _unpack(client: RegistryClient, ref: Reference, manifest: dict[str, Any], ta
         title = layer.get("annotations", {}).get(TITLE)
         with client.open_blob(ref.repository, layer, progress) as blob:
             if is_image:
-                mode = TAR_TYPES.get(media_type)
-                if mode is None:
+                compression = TAR_TYPES.get(media_type)
+                if compression is None:
                     raise RegistryError(f"{ref}: layer type {media_type!r} is not supported")
-                files += extract_tar_stream(blob, target, prefix="models", mode=mode)
+                chunks = gunzip(blob.chunks()) if compression == GZIP else blob.chunks()
+                files += extract_chunks(chunks, target, prefix="models")
             elif title and (layer.get("annotations", {}).get(UNPACK) == "true" or media_type.endswith("tar+gzip")):
-                mode = "r|gz" if media_type.endswith("gzip") else "r|*"  # a directory, as oras packs one
-                files += extract_tar_stream(blob, target, mode=mode)
+                chunks = gunzip(blob.chunks()) if media_type.endswith("gzip") else blob.chunks()
+                files += extract_chunks(chunks, target)  # a directory, as oras packs one
             elif title:
                 rel = safe_relative(title, None)
                 if rel is None:
