@@ -13,27 +13,31 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 import httpx
 
-from loaders.archive import extract_tar_stream, extract_zip, inside, safe_relative
+from loaders.archive import extract_zip, inside, safe_relative
 from loaders.cache import ContentCache
+from loaders.tarstream import extract_chunks, gunzip
 from protocol.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
-TAR_SUFFIXES = {".tar": "r:", ".tar.gz": "r:gz", ".tgz": "r:gz", ".tar.bz2": "r:bz2", ".tar.xz": "r:xz"}
+ARCHIVES = {".tar": "tar", ".tar.gz": "tar.gz", ".tgz": "tar.gz", ".zip": "zip"}
 
 
 def _archive_kind(name: str) -> str | None:
     lower = name.lower()
-    for suffix, mode in TAR_SUFFIXES.items():
-        if lower.endswith(suffix):
-            return mode
-    return "zip" if lower.endswith(".zip") else None
+    return next((kind for suffix, kind in ARCHIVES.items() if lower.endswith(suffix)), None)
+
+
+def _file_chunks(path: Path, size: int = 1024 * 1024) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(size):
+            yield chunk
 
 
 def fetch_http(
@@ -72,8 +76,8 @@ def fetch_http(
             if kind == "zip":
                 extract_zip(download, tmp)
             elif kind:
-                with open(download, "rb") as f:
-                    extract_tar_stream(f, tmp, mode=kind.replace(":", "|"))
+                chunks = _file_chunks(download)
+                extract_chunks(gunzip(chunks) if kind == "tar.gz" else chunks, tmp)
             else:
                 shutil.copyfile(download, tmp / name)
 

@@ -54,8 +54,11 @@ def test_http_errors_and_offline(http_dir, tmp_path):
     with pytest.raises(UnsafeArchive):
         f.fetch(f"{base}/evil.zip")
     (root / "bad.tar.gz").write_bytes(b"not a tarball")
-    with pytest.raises(ModelLoadError, match="not a valid tar"):
+    with pytest.raises(ModelLoadError, match="not a valid gzip"):
         f.fetch(f"{base}/bad.tar.gz")
+    (root / "bad.tar").write_bytes(b"not a tarball" * 100)
+    with pytest.raises(ModelLoadError, match="not a valid tar"):
+        f.fetch(f"{base}/bad.tar")
     assert list((tmp_path / "cache" / "content").iterdir()) == []
 
 
