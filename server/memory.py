@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +35,16 @@ def _glibc():
     return _libc or None
 
 
-def tune_allocator(mmap_threshold: int = 64 * 1024, arenas: int = 2) -> bool:
+def tune_allocator(mmap_threshold: int | None = None, arenas: int = 2) -> bool:
+    """Fix glibc's mmap threshold (MESHSERVE_MALLOC_MMAP_THRESHOLD, default 4 MiB: model
+    buffers above it go back to the OS on free, request buffers below it reuse the heap)."""
     libc = _glibc()
     if libc is None:
         return False
+    if mmap_threshold is None:
+        mmap_threshold = int(os.environ.get("MESHSERVE_MALLOC_MMAP_THRESHOLD", 4 * 1024 * 1024))
     ok = libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1
-    ok &= libc.mallopt(M_TRIM_THRESHOLD, 4 * mmap_threshold) == 1
+    ok &= libc.mallopt(M_TRIM_THRESHOLD, 8 * mmap_threshold) == 1
     ok &= libc.mallopt(M_ARENA_MAX, arenas) == 1
     return bool(ok)
 
