@@ -7,7 +7,6 @@ import asyncio
 import gc
 import inspect
 import logging
-import os
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
@@ -17,24 +16,15 @@ from modelmesh import CacheEntry, ModelCache, ModelState, PlacementPolicy
 from protocol.errors import InvalidInput, ModelLoadError, ModelNotFound
 from server.capacity import default_capacity, files_size
 from server.loaded_model import LoadedModel
-from server.memory import release_free_memory
+from server.memory import release_free_memory, rss_bytes
 from server.model_settings import ModelSettings, parse_model_settings, read_settings_file
 from server.runtimes.base import Model
+from server.runtimes.files import runtimes_for_dir
 from server.runtimes.registry import resolve_runtime
-from server.runtimes.sklearn import MODEL_SUFFIXES
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
 GC_AFTER_UNLOAD_BYTES = 32 * 1024 * 1024
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except OSError:
-        return 0
 
 
 def model_key(name: str, version: str | None) -> str:
@@ -109,7 +99,7 @@ class ModelRepository:
     def _settings_from_dir(self, path: Path) -> ModelSettings | None:
         doc = read_settings_file(path)
         if doc is None:
-            if not any(p.suffix in MODEL_SUFFIXES for p in path.iterdir()):
+            if not runtimes_for_dir(path):
                 return None
             doc = {}
         return parse_model_settings(doc, name=path.name, uri=str(path.resolve()))
