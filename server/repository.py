@@ -31,6 +31,15 @@ def model_key(name: str, version: str | None) -> str:
     return f"{name}/{version}" if version else name
 
 
+def _check_batching(model: Model) -> None:
+    """``max_batch_size`` on a model that cannot take a batch dimension is a settings mistake."""
+    if model.settings.max_batch_size > 1 and not model.supports_batching:
+        raise ModelLoadError(
+            f"model {model.name!r}: max_batch_size is {model.settings.max_batch_size} but its runtime "
+            f"({type(model).__name__}) does not accept a batch dimension; remove max_batch_size"
+        )
+
+
 def _version_order(v: str) -> tuple[int, int, str]:
     return (1, int(v), "") if v.isdigit() else (0, 0, v)
 
@@ -200,6 +209,13 @@ class ModelRepository:
                 raise
             except Exception as e:
                 raise ModelLoadError(f"{type(e).__name__}: {e}") from e
+            try:
+                _check_batching(model)
+            except ModelLoadError:
+                done = model.unload()
+                if inspect.isawaitable(done):
+                    await done
+                raise
             size = self._size_of(model, before)
         return LoadedModel(model, size), size
 
@@ -220,6 +236,11 @@ class ModelRepository:
             raise
         except Exception as e:
             raise ModelLoadError(f"{type(e).__name__}: {e}") from e
+        try:
+            _check_batching(model)
+        except ModelLoadError:
+            model.unload()
+            raise
         return model, self._size_of(model, before)
 
     def _size_of(self, model: Model, rss_before: int) -> int:

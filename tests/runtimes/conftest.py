@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 
 from protocol.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
 from server.loaded_model import LoadedModel
@@ -39,19 +38,3 @@ def infer(lm: LoadedModel, req: InferenceRequest) -> InferenceResponse:
 
 def outputs(resp: InferenceResponse) -> dict[str, np.ndarray]:
     return {t.name: t.data for t in resp.outputs}
-
-
-@pytest.fixture(scope="session")
-def torch_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One tiny MLP saved four ways: TorchScript, torch.export, state dict, ONNX."""
-    pytest.importorskip("torch")
-    from tests.runtimes import tiny_models as tm
-
-    base = tmp_path_factory.mktemp("torch")
-    module = tm.tiny_mlp()
-    return {
-        "script": tm.save_torchscript(base / "script", module),
-        "export": tm.save_export(base / "export", module),
-        "state_dict": tm.save_state_dict(base / "state_dict", module),
-        "onnx": tm.save_onnx(base / "onnx", module),
-    }
