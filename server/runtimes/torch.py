@@ -14,6 +14,7 @@ torch keeps per process); ``inference_mode`` (default true).
 from __future__ import annotations
 
 import inspect
+import threading
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,9 @@ from server.runtimes.files import TORCH_SUFFIXES, find_model_file
 from server.runtimes.python import import_object
 
 FORMATS = ("torchscript", "export", "state_dict")
+# torch.export.load keeps its deserializer in a global: two loads at once (startup
+# preloads several models on worker threads) break each other.
+_EXPORT_LOAD_LOCK = threading.Lock()
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16"}
 DTYPE_NAMES |= {"bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64", "fp64": "float64"}
 
@@ -135,7 +139,8 @@ class TorchModel(Model):
 
     def _load_export(self, file: Any) -> Any:
         try:
-            ep = self._torch.export.load(str(file))
+            with _EXPORT_LOAD_LOCK:
+                ep = self._torch.export.load(str(file))
         except Exception as e:
             raise ModelLoadError(f"{file.name} is not a torch.export program ({error_summary(e)})") from None
         self._inferred_inputs, self._inferred_outputs = _export_signature(ep)

@@ -85,3 +85,12 @@ def test_unload_drops_the_module(torch_dirs):
     lm = load(torch_dirs["export"])
     lm.model.unload()
     assert lm.model._module is None
+
+
+def test_export_programs_load_concurrently(torch_dirs):
+    """Startup preloads on several threads; torch.export.load alone is not thread-safe."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        models = list(pool.map(lambda i: load(torch_dirs["export"], name=f"e{i}"), range(8)))
+    assert all(m.size_bytes == 134 * 4 for m in models)
