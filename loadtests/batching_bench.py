@@ -50,8 +50,10 @@ def make_models(root: Path, width: int, max_batch_size: int, latency_ms: float) 
 
 
 async def drive(url: str, model: str, width: int, clients: int, duration: float) -> dict[str, float]:
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/v2/models/{model}") as r:
+        name = (await r.json())["inputs"][0]["name"]  # the exported forward's argument name
     body = json.dumps(
-        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, width], "data": [0.5] * width}]}
+        {"inputs": [{"name": name, "datatype": "FP32", "shape": [1, width], "data": [0.5] * width}]}
     ).encode()
     latencies: list[float] = []
     errors = 0
@@ -72,7 +74,8 @@ async def drive(url: str, model: str, width: int, clients: int, duration: float)
     async with aiohttp.ClientSession(connector=connector) as session:
         for _ in range(20):  # warm up
             async with session.post(f"{url}/v2/models/{model}/infer", data=body) as r:
-                await r.read()
+                if r.status != 200:
+                    raise SystemExit(f"{model}: {r.status} {await r.text()}")
         began = time.monotonic()
         await asyncio.gather(*(client(session) for _ in range(clients)))
         elapsed = time.monotonic() - began
