@@ -6,11 +6,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test install examples lint bench clean
+.PHONY: serve test install examples lint bench bench-batching clean
+
+# torch first, pinned: the runtime extras would otherwise resolve torch to a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet '$(TORCH)'
 	$(BIN)/pip install --quiet -e '.[sklearn,test,loadtest]'
 	touch $(STAMP)
 
@@ -35,6 +39,9 @@ lint: install
 
 bench: install examples
 	$(BIN)/python loadtests/bench.py --compare
+
+bench-batching: install
+	$(BIN)/python loadtests/batching_bench.py --clients 16 --duration 15
 
 clean:
 	rm -rf $(VENV) examples/models/iris/model.joblib .pytest_cache
