@@ -4,7 +4,7 @@ from the files a folder holds, so a folder without settings still serves."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from protocol.errors import ModelLoadError
@@ -17,7 +17,9 @@ LIGHTGBM_SUFFIXES = (".txt", ".lgb", ".lgbm", ".bst", ".model")
 TRANSFORMERS_MARKERS = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 
 
-def find_model_file(path: Path, suffixes: Iterable[str], name: str | None = None, accept=None) -> Path:
+def find_model_file(
+    path: Path, suffixes: Iterable[str], name: str | None = None, accept: Callable[[Path], bool] | None = None
+) -> Path:
     """The one model file in ``path`` (or ``parameters.file``), with a message that says what to do."""
     suffixes = tuple(suffixes)
     if path.is_file():
