@@ -6,7 +6,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test install examples lint bench clean system-deps
 
 # Real services the tests start on 127.0.0.1: an OCI registry, skopeo/umoci to check the
 # images meshserve builds, busybox for KServe-compatible modelcars. Installed once (needs root).
@@ -17,10 +16,15 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	    docker-registry skopeo umoci busybox-static >/dev/null; \
 	fi
+.PHONY: serve test install examples lint bench bench-batching clean system-deps
+
+# torch first, pinned: the runtime extras would otherwise resolve torch to a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet '$(TORCH)'
 	$(BIN)/pip install --quiet -e '.[sklearn,test,loadtest]'
 	touch $(STAMP)
 
@@ -45,6 +49,9 @@ lint: install
 
 bench: install examples
 	$(BIN)/python loadtests/bench.py --compare
+
+bench-batching: install
+	$(BIN)/python loadtests/batching_bench.py --clients 16 --duration 15
 
 clean:
 	rm -rf $(VENV) examples/models/iris/model.joblib .pytest_cache

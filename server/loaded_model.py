@@ -15,6 +15,7 @@ import numpy as np
 from protocol.datatypes import DTYPES, as_bytes, bytes_array
 from protocol.errors import InferenceError, InvalidInput, ModelExecutionError
 from protocol.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor, TensorMetadata
+from server.batching import DynamicBatcher
 from server.runtimes.base import Model
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ class LoadedModel:
         self._pre = _hook(model, "preprocess")
         self._post = _hook(model, "postprocess")
         self._predict_async = inspect.iscoroutinefunction(model.predict)
+        settings = model.settings
+        self.batcher: DynamicBatcher | None = None
+        self._batching = settings.max_batch_size > 1 and model.supports_batching
 
     def validate(self, request: InferenceRequest) -> None:
         """Check the request against the declared inputs/outputs, if any are declared."""
@@ -63,14 +67,26 @@ class LoadedModel:
 
     async def infer(self, request: InferenceRequest, executor: Executor) -> InferenceResponse:
         self.validate(request)
+        if self._batching:
+            if self.batcher is None:
+                settings = self.model.settings
+                self.batcher = DynamicBatcher(
+                    self.name, lambda r: self._call(r, executor), self.semaphore,
+                    settings.max_batch_size, settings.max_batch_latency,
+                )  # fmt: skip
+            return await self.batcher.submit(request)
         async with self.semaphore:
-            try:
-                result = await self._run(request, executor)
-            except InferenceError:
-                raise
-            except Exception as e:
-                log.exception("model %s raised", self.name)
-                raise ModelExecutionError(f"model {self.name!r} failed: {type(e).__name__}: {e}") from None
+            return await self._call(request, executor)
+
+    async def _call(self, request: InferenceRequest, executor: Executor) -> InferenceResponse:
+        """One call into the model (a request, or a merged batch of them) and its response."""
+        try:
+            result = await self._run(request, executor)
+        except InferenceError:
+            raise
+        except Exception as e:
+            log.exception("model %s raised", self.name)
+            raise ModelExecutionError(f"model {self.name!r} failed: {type(e).__name__}: {e}") from None
         return self._response(result, request)
 
     async def _run(self, request: InferenceRequest, executor: Executor) -> Any:

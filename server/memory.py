@@ -13,6 +13,9 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +24,34 @@ M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 
 _libc = None
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_measure_lock = threading.Lock()
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process, from /proc (0 where there is none)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:
+        return 0
+
+
+class RssDelta:
+    bytes: int = 0
+
+
+@contextmanager
+def measure_rss() -> Iterator[RssDelta]:
+    """How much resident memory a block adds, for runtimes whose framework cannot say.
+    One measurement at a time, so two loads through it do not count each other."""
+    delta = RssDelta()
+    with _measure_lock:
+        before = rss_bytes()
+        try:
+            yield delta
+        finally:
+            delta.bytes = max(0, rss_bytes() - before)
 
 
 def _glibc():

@@ -52,6 +52,10 @@ class ModelSettings(BaseModel):
     outputs: list[TensorSpec] = []
     parameters: dict[str, Any] = {}
     max_concurrency: int = Field(default=4, ge=1)
+    # Dynamic batching (runtimes that accept a batch dimension): rows merged into one
+    # call, and how long (ms) the first request of a batch may wait for more.
+    max_batch_size: int = Field(default=0, ge=0)
+    max_batch_latency: float = Field(default=0.0, ge=0)
     # Never evicted from the cache, and loaded at start.
     pinned: bool = False
 

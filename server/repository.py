@@ -7,7 +7,6 @@ import asyncio
 import gc
 import inspect
 import logging
-import os
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
@@ -17,28 +16,28 @@ from modelmesh import CacheEntry, ModelCache, ModelState, PlacementPolicy
 from protocol.errors import InvalidInput, ModelLoadError, ModelNotFound
 from server.capacity import default_capacity, files_size
 from server.loaded_model import LoadedModel
-from server.memory import release_free_memory
+from server.memory import release_free_memory, rss_bytes
 from server.model_settings import ModelSettings, parse_model_settings, read_settings_file
 from server.runtimes.base import Model
+from server.runtimes.files import runtimes_for_dir
 from server.runtimes.registry import resolve_runtime
-from server.runtimes.sklearn import MODEL_SUFFIXES
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
 GC_AFTER_UNLOAD_BYTES = 32 * 1024 * 1024
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except OSError:
-        return 0
 
 
 def model_key(name: str, version: str | None) -> str:
     return f"{name}/{version}" if version else name
+
+
+def _check_batching(model: Model) -> None:
+    """``max_batch_size`` on a model that cannot take a batch dimension is a settings mistake."""
+    if model.settings.max_batch_size > 1 and not model.supports_batching:
+        raise ModelLoadError(
+            f"model {model.name!r}: max_batch_size is {model.settings.max_batch_size} but its runtime "
+            f"({type(model).__name__}) does not accept a batch dimension; remove max_batch_size"
+        )
 
 
 def _version_order(v: str) -> tuple[int, int, str]:
@@ -113,7 +112,7 @@ class ModelRepository:
     def _settings_from_dir(self, path: Path) -> ModelSettings | None:
         doc = read_settings_file(path)
         if doc is None:
-            if not any(p.suffix in MODEL_SUFFIXES for p in path.iterdir()):
+            if not runtimes_for_dir(path):
                 return None
             doc = {}
         return parse_model_settings(doc, name=path.name, uri=str(path.resolve()))
@@ -214,6 +213,13 @@ class ModelRepository:
                 raise
             except Exception as e:
                 raise ModelLoadError(f"{type(e).__name__}: {e}") from e
+            try:
+                _check_batching(model)
+            except ModelLoadError:
+                done = model.unload()
+                if inspect.isawaitable(done):
+                    await done
+                raise
             size = self._size_of(model, before)
         return LoadedModel(model, size), size
 
@@ -236,6 +242,11 @@ class ModelRepository:
             raise
         except Exception as e:
             raise ModelLoadError(f"{type(e).__name__}: {e}") from e
+        try:
+            _check_batching(model)
+        except ModelLoadError:
+            model.unload()
+            raise
         return model, self._size_of(model, before)
 
     def _size_of(self, model: Model, rss_before: int) -> int:

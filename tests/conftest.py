@@ -18,3 +18,20 @@ def server(model_dir, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runn
     srv = start_server(model_dir, tmp_path_factory.mktemp("log") / "server.log")
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def torch_dirs(tmp_path_factory: pytest.TempPathFactory):
+    """One tiny MLP saved four ways: TorchScript, torch.export, state dict, ONNX."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    from tests.runtimes import tiny_models as tm
+
+    base = tmp_path_factory.mktemp("torch")
+    module = tm.tiny_mlp()
+    return {
+        "script": tm.save_torchscript(base / "script", module),
+        "export": tm.save_export(base / "export", module),
+        "state_dict": tm.save_state_dict(base / "state_dict", module),
+        "onnx": tm.save_onnx(base / "onnx", module),
+    }

@@ -26,7 +26,13 @@ class Model:
     ``predict`` may return an ``InferenceResponse``, a list of ``Tensor``, a
     dict of name -> array, or one array (named after the first declared output,
     else ``output0``).
+
+    ``supports_batching``: the model treats dim 0 of every input and output as
+    the batch, row by row, so the data plane may merge concurrent requests into
+    one call (``max_batch_size`` in the settings) and split the result back.
     """
+
+    supports_batching: bool = False
 
     def __init__(self, settings: ModelSettings, path: Path | None = None) -> None:
         self.settings = settings
@@ -56,3 +62,9 @@ class Model:
     def metadata(self) -> ModelMetadata:
         """Declared inputs and outputs; the data plane validates requests against them."""
         return self.settings.metadata()
+
+
+def error_summary(e: BaseException) -> str:
+    """A framework's exception as one line: its type and first line (tracebacks of C++ frames stay in logs)."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"

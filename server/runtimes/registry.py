@@ -8,11 +8,16 @@ from pathlib import Path
 from protocol.errors import ModelLoadError
 from server.model_settings import ModelSettings
 from server.runtimes.base import Model
+from server.runtimes.files import runtimes_for_dir
 from server.runtimes.python import import_object
-from server.runtimes.sklearn import MODEL_SUFFIXES
 
 BUILTIN = {
     "sklearn": "server.runtimes.sklearn:SKLearnModel",
+    "torch": "server.runtimes.torch:TorchModel",
+    "onnx": "server.runtimes.onnx:OnnxModel",
+    "xgboost": "server.runtimes.xgboost:XGBoostModel",
+    "lightgbm": "server.runtimes.lightgbm:LightGBMModel",
+    "transformers": "server.runtimes.transformers:TransformersModel",
 }
 ENTRY_POINT_GROUP = "meshserve.runtimes"
 
@@ -23,10 +28,12 @@ def infer_runtime(settings: ModelSettings, path: Path | None) -> str:
         return settings.runtime
     if settings.implementation:
         return "python"
-    if path is not None and path.is_dir() and any(p.suffix in MODEL_SUFFIXES for p in path.iterdir()):
-        return "sklearn"
+    found = runtimes_for_dir(path) if path is not None else []
+    if len(found) == 1:
+        return found[0]
+    why = f"its folder holds files of {', '.join(found)}" if found else "no model file it knows"
     raise ModelLoadError(
-        f"model {settings.name!r}: cannot tell its runtime; set 'runtime' (or 'implementation') in its settings"
+        f"model {settings.name!r}: cannot tell its runtime ({why}); set 'runtime' (or 'implementation') in its settings"
     )
 
 

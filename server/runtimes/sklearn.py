@@ -8,7 +8,6 @@ Requested outputs choose the method, as in MLServer: ``predict`` (default),
 from __future__ import annotations
 
 import pickle
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,31 +15,20 @@ import numpy as np
 from protocol.errors import InvalidInput, ModelLoadError
 from protocol.types import InferenceRequest, Tensor
 from server.runtimes.base import Model
+from server.runtimes.files import SKLEARN_SUFFIXES, find_model_file
 
-MODEL_SUFFIXES = (".joblib", ".pkl", ".pickle")
+MODEL_SUFFIXES = SKLEARN_SUFFIXES
 METHODS = ("predict", "predict_proba", "decision_function", "transform")
 
 
-def find_model_file(path: Path, name: str | None = None) -> Path:
-    if path.is_file():
-        return path
-    if name:
-        return path / name
-    found = sorted(p for p in path.iterdir() if p.suffix in MODEL_SUFFIXES)
-    if len(found) != 1:
-        raise ModelLoadError(
-            f"expected one model file ({', '.join(MODEL_SUFFIXES)}) in {path.name}, found {len(found)}; "
-            "set parameters.file in the model settings"
-        )
-    return found[0]
-
-
 class SKLearnModel(Model):
+    supports_batching = True
+
     def load(self) -> None:
         import joblib
 
         assert self.path is not None
-        file = find_model_file(self.path, self.parameters.get("file"))
+        file = find_model_file(self.path, SKLEARN_SUFFIXES, self.parameters.get("file"))
         try:
             self._model: Any = joblib.load(file)
         except Exception as e:
