@@ -25,6 +25,7 @@ from server.settings import Settings
 
 log = logging.getLogger(__name__)
 GC_AFTER_UNLOAD_BYTES = 32 * 1024 * 1024
+TRIM_AFTER_FREED_BYTES = 8 * 1024 * 1024
 
 
 def model_key(name: str, version: str | None) -> str:
@@ -62,11 +63,12 @@ class ModelRepository:
         self._origin: dict[str, Path] = {}  # key -> directory its settings file came from
         self._disk_bytes: dict[str, int] = {}  # key -> bytes of its files, the size prediction
         self.fetcher = settings.fetcher()
+        self._freed_since_trim = 0
 
     def predicted_size(self, ms: ModelSettings) -> int:
         """What a model will take once loaded, before it loads (ModelMesh's predictModelSize)."""
         disk = self._disk_bytes.get(model_key(ms.name, ms.version), 0)
-        return max(disk, self.settings.default_model_bytes)
+        return max(disk, self.settings.default_model_bytes) + self.settings.model_overhead_bytes
 
     # -- discovery and registration -------------------------------------
     async def discover(self) -> list[str]:
@@ -252,8 +254,9 @@ class ModelRepository:
     def _size_of(self, model: Model, rss_before: int) -> int:
         size = model.size_bytes()
         if size is None:  # nothing better: the process's growth, at least the prediction
-            size = max(rss_bytes() - rss_before, self.predicted_size(model.settings))
-        return int(size)
+            return max(rss_bytes() - rss_before, self.predicted_size(model.settings))
+        # What the runtime counts (its tensors) plus what any model costs the interpreter.
+        return int(size) + self.settings.model_overhead_bytes
 
     def _discard(self, loop: asyncio.AbstractEventLoop, work: asyncio.Future) -> None:
         if work.cancelled() or work.exception() is not None:
@@ -272,4 +275,9 @@ class ModelRepository:
         del model, handle
         if size >= GC_AFTER_UNLOAD_BYTES:  # big models may hide in reference cycles; small ones free by refcount
             gc.collect()
-            release_free_memory()
+        # Freed heap pages go back to the OS in batches: small models live on the heap
+        # (below the mmap threshold) and a trim per eviction would cost more than it returns.
+        self._freed_since_trim += size
+        if self._freed_since_trim >= TRIM_AFTER_FREED_BYTES:
+            self._freed_since_trim = 0
+            await asyncio.get_running_loop().run_in_executor(self.executor, release_free_memory)

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     min_churn_age_seconds: float = Field(default=1.0, ge=0)
     # Predicted size of a model whose files say little (python models): a floor.
     default_model_bytes: int = Field(default=256 * 1024, ge=0)
+    # Added to every model's size: its code, objects and allocator slack, which a
+    # runtime's own figure (its tensors) leaves out. Measured at ~50 KiB per small model.
+    model_overhead_bytes: int = Field(default=64 * 1024, ge=0)
     load_timeout_seconds: float | None = Field(default=300.0, gt=0)
     load_retry_seconds: float = Field(default=1.0, gt=0)
     load_retry_max_seconds: float = Field(default=60.0, gt=0)

@@ -15,6 +15,7 @@ import pytest
 from protocol.grpc import grpc_service_pb2_grpc as pb_grpc
 from protocol.grpc.codec import encode_infer_request
 from protocol.types import InferenceRequest, Tensor
+from server.settings import Settings
 from tests.runtimes import tiny_models as tm
 from tests.support.server import EXAMPLES, start_server
 
@@ -116,7 +117,8 @@ def test_broken_folders_fail_with_their_cause_and_the_rest_serve(served):
         assert r.status_code in (500, 503) and cause in r.json()["error"]  # 500 when it retried the load
     for name in ("mlp_export", "mlp_onnx", "mlp_script", "gbm"):
         assert index[name]["state"] == "READY" and index[name]["size_bytes"] > 0
-    assert index["mlp_export"]["size_bytes"] == 134 * 4
+    overhead = Settings.model_fields["model_overhead_bytes"].default
+    assert index["mlp_export"]["size_bytes"] == 134 * 4 + overhead  # parameters, exactly, plus the fixed overhead
     r = rest_infer(http, "gbm", "input0", X)
     assert r.status_code == 200 and r.json()["outputs"][0]["datatype"] == "INT64"
 
