@@ -129,6 +129,24 @@ def _from_contents(name: str, datatype: str, shape: list[int], contents: pb.Infe
     return cast_checked(name, arr, datatype).reshape(resolved)
 
 
+def raw_bytes(data: np.ndarray, datatype: str) -> bytes:
+    """A tensor's raw contents. An array that is a whole received buffer (an echo, a
+    pass-through) goes back as that very bytes object instead of a copy."""
+    if datatype == "BYTES":
+        return encode_bytes_elements(data)
+    base = data.base
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if (
+        isinstance(base, bytes)
+        and data.flags.c_contiguous
+        and data.dtype == DTYPES[datatype]
+        and data.nbytes == len(base)
+    ):
+        return base
+    return np.ascontiguousarray(data, dtype=DTYPES[datatype]).tobytes()
+
+
 def encode_infer_response(response: InferenceResponse, raw: bool = True) -> pb.ModelInferResponse:
     """Encode a response; ``raw`` selects raw_output_contents (forced when an
     output is FP16, which has no typed field)."""
@@ -145,10 +163,7 @@ def encode_infer_response(response: InferenceResponse, raw: bool = True) -> pb.M
         if t.parameters:
             encode_parameters(out.parameters, t.parameters)
         if raw:
-            if t.datatype == "BYTES":
-                raw_parts.append(encode_bytes_elements(t.data))
-            else:
-                raw_parts.append(np.ascontiguousarray(t.data, dtype=DTYPES[t.datatype]).tobytes())
+            raw_parts.append(raw_bytes(t.data, t.datatype))
         elif t.datatype == "BYTES":
             out.contents.bytes_contents.extend(
                 b if isinstance(b, bytes) else str(b).encode() for b in t.data.reshape(-1)
@@ -172,11 +187,7 @@ def encode_infer_request(request: InferenceRequest, raw: bool = True) -> pb.Mode
         if t.parameters:
             encode_parameters(inp.parameters, t.parameters)
         if raw:
-            msg.raw_input_contents.append(
-                encode_bytes_elements(t.data)
-                if t.datatype == "BYTES"
-                else np.ascontiguousarray(t.data, dtype=DTYPES[t.datatype]).tobytes()
-            )
+            msg.raw_input_contents.append(raw_bytes(t.data, t.datatype))
         elif t.datatype == "BYTES":
             inp.contents.bytes_contents.extend(t.data.reshape(-1).tolist())
         else:
