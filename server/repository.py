@@ -13,6 +13,7 @@ from typing import Any
 
 from loaders import is_remote, resolve_uri
 from modelmesh import CacheEntry, ModelCache, ModelState, PlacementPolicy
+from modelmesh.registry import ModelRegistry, model_key
 from protocol.errors import InvalidInput, ModelLoadError, ModelNotFound
 from server.capacity import default_capacity, files_size
 from server.loaded_model import LoadedModel
@@ -28,10 +29,6 @@ GC_AFTER_UNLOAD_BYTES = 32 * 1024 * 1024
 TRIM_AFTER_FREED_BYTES = 8 * 1024 * 1024
 
 
-def model_key(name: str, version: str | None) -> str:
-    return f"{name}/{version}" if version else name
-
-
 def _check_batching(model: Model) -> None:
     """``max_batch_size`` on a model that cannot take a batch dimension is a settings mistake."""
     if model.settings.max_batch_size > 1 and not model.supports_batching:
@@ -39,10 +36,6 @@ def _check_batching(model: Model) -> None:
             f"model {model.name!r}: max_batch_size is {model.settings.max_batch_size} but its runtime "
             f"({type(model).__name__}) does not accept a batch dimension; remove max_batch_size"
         )
-
-
-def _version_order(v: str) -> tuple[int, int, str]:
-    return (1, int(v), "") if v.isdigit() else (0, 0, v)
 
 
 class ModelRepository:
@@ -59,15 +52,14 @@ class ModelRepository:
             load_timeout=settings.load_timeout_seconds,
             retry_backoff=(settings.load_retry_seconds, settings.load_retry_max_seconds),
         )
-        self._versions: dict[str, dict[str, str]] = {}  # name -> version ("" if none) -> key
-        self._origin: dict[str, Path] = {}  # key -> directory its settings file came from
-        self._disk_bytes: dict[str, int] = {}  # key -> bytes of its files, the size prediction
+        self.registry = ModelRegistry()
         self.fetcher = settings.fetcher()
         self._freed_since_trim = 0
 
     def predicted_size(self, ms: ModelSettings) -> int:
         """What a model will take once loaded, before it loads (ModelMesh's predictModelSize)."""
-        disk = self._disk_bytes.get(model_key(ms.name, ms.version), 0)
+        reg = self.registry.get(model_key(ms.name, ms.version))
+        disk = reg.disk_bytes if reg is not None else 0
         return max(disk, self.settings.default_model_bytes) + self.settings.model_overhead_bytes
 
     # -- discovery and registration -------------------------------------
@@ -120,33 +112,23 @@ class ModelRepository:
         return parse_model_settings(doc, name=path.name, uri=str(path.resolve()))
 
     def register(self, ms: ModelSettings, origin: Path | None = None, disk_bytes: int | None = None) -> str:
-        key = model_key(ms.name, ms.version)
-        self.cache.register(key, ms, pinned=ms.pinned)
-        self._versions.setdefault(ms.name, {})[ms.version or ""] = key
-        if origin is not None:
-            self._origin[key] = origin
+        reg = self.registry.add(ms.name, ms.version, ms, origin)
         if disk_bytes is not None:
-            self._disk_bytes[key] = disk_bytes
-        return key
+            reg.disk_bytes = disk_bytes
+        self.cache.register(reg.key, ms, pinned=ms.pinned)
+        return reg.key
 
     # -- lookup -----------------------------------------------------------
     def resolve(self, name: str, version: str | None = None) -> str:
         """The cache key for a model name and optional version (latest if none)."""
-        versions = self._versions.get(name)
-        if not versions:
-            raise ModelNotFound(f"model {name!r} not found")
-        if version:
-            key = versions.get(version)
-            if key is None:
-                raise ModelNotFound(f"model {name!r} has no version {version!r}")
-            return key
-        if len(versions) == 1:
-            return next(iter(versions.values()))
-        ready = [v for v, k in versions.items() if self.cache.get(k).state is ModelState.READY]  # type: ignore[union-attr]
-        return versions[max(ready or versions, key=_version_order)]
+        return self.registry.resolve(name, version, self._is_ready)
+
+    def _is_ready(self, key: str) -> bool:
+        entry = self.cache.get(key)
+        return entry is not None and entry.state is ModelState.READY
 
     def versions_of(self, name: str) -> list[str]:
-        return sorted((v for v in self._versions.get(name, {}) if v), key=_version_order)
+        return self.registry.versions(name)
 
     def entry(self, key: str) -> CacheEntry[LoadedModel]:
         entry = self.cache.get(key)
@@ -155,10 +137,7 @@ class ModelRepository:
         return entry
 
     def keys_of(self, name: str) -> list[str]:
-        versions = self._versions.get(name)
-        if not versions:
-            raise ModelNotFound(f"model {name!r} not found")
-        return list(versions.values())
+        return self.registry.keys(name)
 
     # -- repository extension ----------------------------------------------
     async def load(self, name: str, config: dict[str, Any] | None = None) -> None:
@@ -169,17 +148,14 @@ class ModelRepository:
                 raise InvalidInput(f"config names model {config.get('name')!r}, not {name!r}")
             ms = parse_model_settings(config, name=name)
             if not ms.uri:
-                known = self._versions.get(name, {}).get(ms.version or "")
-                old = self.cache.get(known).spec if known else None  # type: ignore[union-attr]
+                known = self.registry.get(model_key(name, ms.version))
+                old = known.spec if known else None
                 if old is None or not old.uri:
                     raise InvalidInput(f"config for new model {name!r} needs a 'uri'")
                 ms = ms.model_copy(update={"uri": old.uri})
             key = model_key(ms.name, ms.version)
             disk = await asyncio.get_running_loop().run_in_executor(self.executor, self._disk_size_of, ms)
-            if self.cache.get(key) is None:
-                self.register(ms, disk_bytes=disk)
-            else:
-                self._disk_bytes[key] = disk
+            self.register(ms, disk_bytes=disk)
             await self.cache.load(key, spec=ms)
             return
         for key in self.keys_of(name):
@@ -190,7 +166,8 @@ class ModelRepository:
             await self.cache.load(key, spec=spec)
 
     def _reread(self, key: str) -> ModelSettings | None:
-        origin = self._origin.get(key)
+        reg = self.registry.get(key)
+        origin = reg.origin if reg is not None else None
         return self._settings_from_dir(origin) if origin is not None and origin.is_dir() else None
 
     async def unload(self, name: str) -> None:
@@ -227,8 +204,9 @@ class ModelRepository:
 
     def _build_and_load(self, ms: ModelSettings) -> tuple[Model, int | None]:
         path = self.fetcher.fetch(ms.uri, self.settings.model_dir) if ms.uri else None
-        if path is not None and ms.uri and is_remote(ms.uri):
-            self._disk_bytes[model_key(ms.name, ms.version)] = files_size(path)
+        reg = self.registry.get(model_key(ms.name, ms.version))
+        if path is not None and ms.uri and is_remote(ms.uri) and reg is not None:
+            reg.disk_bytes = files_size(path)  # fetched: now its files tell its size
         if path is not None and path.is_dir():
             # A settings file shipped with the model fills in what the registration left out.
             shipped = read_settings_file(path)
