@@ -82,6 +82,12 @@ class CacheStats:
     evictions: int = 0
 
 
+def _consume_exception(task: asyncio.Task) -> None:
+    """The load's error reaches the requests awaiting it; none left is not a reason to warn."""
+    if not task.cancelled():
+        task.exception()
+
+
 class _NoRoom(CapacityExhausted):
     def __init__(self, message: str, retry: bool) -> None:
         super().__init__(message)
@@ -196,7 +202,13 @@ class ModelCache(Generic[H]):
             if entry.state is ModelState.FAILED and time.monotonic() < entry.retry_at:
                 wait = entry.retry_at - time.monotonic()
                 raise ModelNotReady(f"model {entry.key!r} failed to load: {entry.reason} (next retry in {wait:.1f}s)")
-            await self._load(entry, entry.spec)
+            # The load runs as its own task: a request that goes away (a cancelled gRPC call)
+            # does not cancel a load that other requests are waiting for.
+            loop = asyncio.get_running_loop()
+            done = entry.transition = loop.create_future()
+            task = loop.create_task(self._load(entry, entry.spec, done))
+            task.add_done_callback(_consume_exception)
+            await asyncio.shield(task)
 
     # -- loading -----------------------------------------------------------------
     async def load(self, key: str, spec: Any = None) -> CacheEntry[H]:
@@ -218,10 +230,10 @@ class ModelCache(Generic[H]):
             return entry.last_size
         return max(0, int(self._size_fn(spec))) if self._size_fn else 0
 
-    async def _load(self, entry: CacheEntry[H], spec: Any) -> None:
-        """One load of ``entry`` (the caller saw no transition in progress)."""
-        loop = asyncio.get_running_loop()
-        done = entry.transition = loop.create_future()
+    async def _load(self, entry: CacheEntry[H], spec: Any, done: asyncio.Future | None = None) -> None:
+        """One load of ``entry`` (the caller saw no transition in progress, or set ``done`` as it)."""
+        if done is None:
+            done = entry.transition = asyncio.get_running_loop().create_future()
         serving = entry.state is ModelState.READY
         before = entry.state
         if not serving:

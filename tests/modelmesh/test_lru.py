@@ -277,3 +277,19 @@ def test_unload_mid_request_lets_it_finish():
             await use(cache, "a")
 
     asyncio.run(main())
+
+
+def test_a_cancelled_request_does_not_cancel_the_load_others_wait_for():
+    async def main():
+        m = Models(delay=0.05)
+        cache = cache_of(m, capacity=100)
+        cache.register("a", ("a", 10))
+        first = asyncio.ensure_future(use(cache, "a"))
+        await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(use(cache, "a"))
+        await asyncio.sleep(0.005)
+        first.cancel()
+        assert (await second) == ("a", 10)
+        assert m.loads == ["a"] and cache.get("a").state is ModelState.READY
+
+    asyncio.run(main())
