@@ -29,6 +29,11 @@ GC_AFTER_UNLOAD_BYTES = 32 * 1024 * 1024
 TRIM_AFTER_FREED_BYTES = 8 * 1024 * 1024
 
 
+def _load_error(e: Exception) -> ModelLoadError:
+    """A runtime's load failure as the error the cache records (its own errors as they are)."""
+    return e if isinstance(e, ModelLoadError) else ModelLoadError(f"{type(e).__name__}: {e}")
+
+
 def _check_batching(model: Model) -> None:
     """``max_batch_size`` on a model that cannot take a batch dimension is a settings mistake."""
     if model.settings.max_batch_size > 1 and not model.supports_batching:
@@ -188,17 +193,8 @@ class ModelRepository:
             before = rss_bytes()
             try:
                 await model.load()
-            except ModelLoadError:
-                raise
             except Exception as e:
-                raise ModelLoadError(f"{type(e).__name__}: {e}") from e
-            try:
-                _check_batching(model)
-            except ModelLoadError:
-                done = model.unload()
-                if inspect.isawaitable(done):
-                    await done
-                raise
+                raise _load_error(e)  # noqa: B904 - the original stays as __context__
             size = self._size_of(model, before)
         return LoadedModel(model, size), size
 
@@ -213,20 +209,14 @@ class ModelRepository:
             if shipped:
                 ms = parse_model_settings({**shipped, **ms.model_dump(include=ms.model_fields_set)})
         model = resolve_runtime(ms, path)(ms, path)
+        _check_batching(model)  # a settings mistake: say so before loading anything
         if inspect.iscoroutinefunction(model.load):
             return model, None
         before = rss_bytes()
         try:
             model.load()
-        except ModelLoadError:
-            raise
         except Exception as e:
-            raise ModelLoadError(f"{type(e).__name__}: {e}") from e
-        try:
-            _check_batching(model)
-        except ModelLoadError:
-            model.unload()
-            raise
+            raise _load_error(e)  # noqa: B904 - the original stays as __context__
         return model, self._size_of(model, before)
 
     def _size_of(self, model: Model, rss_before: int) -> int:
