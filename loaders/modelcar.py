@@ -132,6 +132,8 @@ def build_and_push(
         if kserve_compat:
             layers.append(busybox_layer(busybox, Path(tmp) / "busybox.tar.gz"))
         layers.append(models_layer(model_dir, Path(tmp) / "models.tar", compress))
+        if progress is not None and hasattr(progress, "total"):
+            progress.total = sum(layer.size for layer in layers)  # what will be pushed
         config: dict = {
             "architecture": "amd64",
             "os": "linux",

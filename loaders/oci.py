@@ -267,7 +267,10 @@ class RegistryClient:
                 req = self.http.build_request(method, url, headers=self._headers(headers), **kw)
                 resp = self.http.send(req, stream=stream)
             except httpx.HTTPError as e:
-                raise RegistryError(f"registry {self.registry} unreachable: {type(e).__name__}: {e}") from None
+                hint = ""
+                if "WRONG_VERSION_NUMBER" in str(e) and self.base.startswith("https"):
+                    hint = " (a plain-http registry? allow it with --insecure or insecure_registries)"
+                raise RegistryError(f"registry {self.registry} unreachable: {type(e).__name__}: {e}{hint}") from None
             if resp.status_code != 401 or attempt:
                 break
             challenge = resp.headers.get("www-authenticate", "")

@@ -111,7 +111,6 @@ class _Lease(Generic[H]):
         if entry.state is ModelState.READY:
             cache.stats.hits += 1
         else:
-            cache.stats.misses += 1
             await cache._ensure_ready(entry)
         entry.inflight += 1
         entry.requests += 1
@@ -193,8 +192,12 @@ class ModelCache(Generic[H]):
         return _Lease(self, key)
 
     async def _ensure_ready(self, entry: CacheEntry[H]) -> None:
+        """Wait for, or start, the load a request needs; refused requests are not misses."""
+        missed = False
         while entry.state is not ModelState.READY:
             if entry.transition is not None:
+                if not missed:
+                    missed, self.stats.misses = True, self.stats.misses + 1
                 await asyncio.shield(entry.transition)
                 continue
             if entry.state is ModelState.UNLOADED:
@@ -202,6 +205,8 @@ class ModelCache(Generic[H]):
             if entry.state is ModelState.FAILED and time.monotonic() < entry.retry_at:
                 wait = entry.retry_at - time.monotonic()
                 raise ModelNotReady(f"model {entry.key!r} failed to load: {entry.reason} (next retry in {wait:.1f}s)")
+            if not missed:
+                missed, self.stats.misses = True, self.stats.misses + 1
             # The load runs as its own task: a request that goes away (a cancelled gRPC call)
             # does not cancel a load that other requests are waiting for.
             loop = asyncio.get_running_loop()

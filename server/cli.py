@@ -72,14 +72,13 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _modelcar_build(args: argparse.Namespace) -> int:
-    from loaders.files import files_size
     from loaders.modelcar import build_and_push
     from loaders.oci import Reference
     from loaders.progress import Progress
 
     fetcher = _fetcher(args)
     ref = Reference.parse(args.tag)
-    progress = Progress(f"push {args.tag}", total=files_size(args.model_dir), enabled=not args.quiet)
+    progress = Progress(f"push {args.tag}", enabled=not args.quiet)
     with fetcher.client_for(ref.registry) as client:
         digest = build_and_push(
             args.model_dir, args.tag, client, args.kserve_compat, args.busybox, progress, compress=not args.uncompressed

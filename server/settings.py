@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -58,6 +58,19 @@ class Settings(BaseSettings):
     s3_endpoint: str | None = None  # else AWS_ENDPOINT_URL
     log_level: str = "info"
     server_name: str = "meshserve"
+
+    @field_validator("insecure_registries", mode="before")
+    @classmethod
+    def _registries(cls, v: Any) -> Any:
+        """From the environment: true/false, a JSON list, or host:port,host:port."""
+        if isinstance(v, str):
+            text = v.strip()
+            if text.lower() in ("true", "1", "yes", "false", "0", "no", ""):
+                return text.lower() in ("true", "1", "yes")
+            if text.startswith("["):
+                return json.loads(text)
+            return [h.strip() for h in text.split(",") if h.strip()]
+        return v
 
     def fetcher(self) -> ModelFetcher:
         """The model fetcher these settings describe."""

@@ -88,7 +88,9 @@ def test_metrics_count_hits_and_requests(mesh):
 def test_unknown_and_unloaded_models_in_the_mesh(mesh):
     assert infer(mesh, "nope", 1.0).status_code == 404
     assert mesh.post("/v2/repository/models/m1/unload").status_code == 200
+    misses = metric(mesh, "meshserve_cache_misses_total")
     r = infer(mesh, "m1", 1.0)
     assert r.status_code == 503 and "unloaded" in r.json()["error"]
+    assert metric(mesh, "meshserve_cache_misses_total") == misses  # refused, not a miss
     assert mesh.post("/v2/repository/models/m1/load").status_code == 200
     assert infer(mesh, "m1", 1.0).status_code == 200
