@@ -103,10 +103,12 @@ class DataPlane:
         )
 
     # -- inference -----------------------------------------------------------
-    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+    async def infer(self, request: InferenceRequest, key: str | None = None) -> InferenceResponse:
+        """``key``: the model's cache key when the front already resolved it."""
         if self._draining:
             raise ServerNotReady("server is shutting down")
-        key = self.repository.resolve(request.model_name, request.model_version)
+        if key is None:
+            key = self.repository.resolve(request.model_name, request.model_version)
         async with self.cache.acquire(key) as model:
             return await model.infer(request, self.executor)
 

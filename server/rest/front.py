@@ -101,9 +101,9 @@ async def run_infer(
     dp: DataPlane, body: bytes, name: str, version: str | None, header_length: int | None
 ) -> tuple[list[bytes | memoryview], int | None]:
     """Decode, infer, encode: the whole REST infer path, shared by the front and the documented route."""
-    dp.repository.resolve(name, version)  # an unknown model is a 404 whatever the body
+    key = dp.repository.resolve(name, version)  # an unknown model is a 404 whatever the body
     request = decode_infer_request(body, name, version, header_length)
-    response = await dp.infer(request)
+    response = await dp.infer(request, key)
     return encode_infer_response(response, request)
 
 

@@ -16,6 +16,7 @@ from protocol.errors import InvalidInput, ModelLoadError
 from protocol.types import InferenceRequest, Tensor
 from server.runtimes.base import Model
 from server.runtimes.files import SKLEARN_SUFFIXES, find_model_file
+from server.runtimes.tabular import feature_matrix, wanted_methods
 
 MODEL_SUFFIXES = SKLEARN_SUFFIXES
 METHODS = ("predict", "predict_proba", "decision_function", "transform")
@@ -42,14 +43,9 @@ class SKLearnModel(Model):
         return self._size
 
     def predict(self, request: InferenceRequest) -> list[Tensor]:
-        if len(request.inputs) != 1:
-            raise InvalidInput(f"model {self.name!r} takes one input tensor, got {len(request.inputs)}")
-        x = request.inputs[0].data
-        if x.ndim == 1:
-            x = x.reshape(1, -1)
-        wanted = [o.name for o in request.outputs] if request.outputs else [self._default]
+        x = feature_matrix(self.name, request)
         outputs = []
-        for method in wanted:
+        for method in wanted_methods(request, self._default):
             if method not in METHODS or not hasattr(self._model, method):
                 raise InvalidInput(f"model {self.name!r} has no output {method!r}")
             outputs.append(Tensor.from_numpy(method, np.asarray(getattr(self._model, method)(x))))

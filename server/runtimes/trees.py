@@ -11,6 +11,7 @@ import numpy as np
 from protocol.errors import InvalidInput, ModelLoadError
 from protocol.types import InferenceRequest, ModelMetadata, Tensor, TensorMetadata
 from server.runtimes.base import Model
+from server.runtimes.tabular import feature_matrix, wanted_methods
 
 METHODS = ("predict", "predict_proba")
 
@@ -45,16 +46,11 @@ class TreeModel(Model):
         return self._size
 
     def predict(self, request: InferenceRequest) -> list[Tensor]:
-        if len(request.inputs) != 1:
-            raise InvalidInput(f"model {self.name!r} takes one input tensor, got {len(request.inputs)}")
-        x = request.inputs[0].data
-        if x.ndim == 1:
-            x = x.reshape(1, -1)
+        x = feature_matrix(self.name, request)
         if x.ndim != 2 or x.shape[1] != self._n_features:
             raise InvalidInput(f"model {self.name!r} takes [-1, {self._n_features}] features, got {list(x.shape)}")
-        wanted = [o.name for o in request.outputs] if request.outputs else [self._default]
         out = []
-        for method in wanted:
+        for method in wanted_methods(request, self._default):
             if method == "predict":
                 out.append(Tensor.from_numpy(method, self._predict_raw(x)))
             elif method == "predict_proba" and self._classifier:
