@@ -1,0 +1,1 @@
+"""LLM generation: engines (continuous batching on transformers, vLLM when present) and their endpoints."""

@@ -1,0 +1,69 @@
+"""The contract between LLM engines and the endpoints that drive them.
+
+An engine owns a model and a tokenizer and schedules sequences; endpoints (OIP
+``generate``/``generate_stream``/``infer``, OpenAI-compatible routes, gRPC
+streaming, offline batch generation) only call :class:`LLMEngine`. Both the
+transformers engine and the vLLM engine implement it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """Per-request generation settings (OpenAI / vLLM names). ``temperature == 0`` is greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+
+
+@dataclass(slots=True)
+class GenerationChunk:
+    """One step's output for one sequence: the new text and tokens since the previous chunk.
+
+    The last chunk of a sequence has ``finish_reason`` set ("stop": EOS or a stop
+    sequence; "length": max_tokens or the context was reached; "abort").
+    """
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class LLMEngine(Protocol):
+    """What every engine offers. ``generate`` yields chunks as tokens are decoded.
+
+    Closing the iterator (or cancelling the task that iterates it, e.g. when a
+    client disconnects) drops the sequence from the running batch at once.
+    A full queue raises ``protocol.errors.CapacityExhausted`` (503 / UNAVAILABLE);
+    bad parameters or a prompt longer than the context raise ``InvalidInput``.
+    """
+
+    model_name: str
+    max_model_len: int
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[GenerationChunk]: ...
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str: ...
+
+    def stats(self) -> dict[str, float]:
+        """Counters and gauges for metrics: prompt_tokens, generation_tokens, running, waiting, ..."""
+        ...
