@@ -84,7 +84,8 @@ class Manager:
                           started=job.started or now)  # fmt: skip
         if self.durations is not None:
             self.durations.labels(job.kind, state).observe(now - (job.started or now))
-        log.info("%s job %s (%s) %s%s", job.kind, job.id, job.name, state, f": {error.splitlines()[0]}" if error else "")
+        why = f": {error.splitlines()[0]}" if error else ""
+        log.info("%s job %s (%s) %s%s", job.kind, job.id, job.name, state, why)
 
     def _running(self, job: Job, **changes: Any) -> None:
         self.store.update(job, state="running", started=time.time(), **changes)

@@ -27,6 +27,9 @@ def world_size() -> int:
 
 
 def spec() -> dict[str, Any]:
+    inline = os.environ.get("MESHSERVE_TRAIN_SPEC_JSON")  # rendered pods carry it inline
+    if inline:
+        return json.loads(inline)
     path = os.environ.get("MESHSERVE_TRAIN_SPEC")
     if not path:
         return {}

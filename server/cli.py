@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--min-churn-age", type=float, help="seconds a used model is safe from eviction")
     s.add_argument("--no-preload", action="store_const", const=False, dest="preload", help="load models on first use")
     s.add_argument("--log-level", help="debug, info, warning, error")
+    s.add_argument("--adapters", action="store_const", const=True, help="training/tuning/workflow/event routes")
     p = sub.add_parser("pull", help="fetch a model URI into the cache (an init-container step)")
     p.add_argument("uri", help="oci://registry/repo:tag, https://..., s3://bucket/prefix")
     _remote_flags(p)
@@ -36,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--busybox", type=Path, default=Path("/bin/busybox"), help="static busybox binary")
     build.add_argument("--uncompressed", action="store_true", help="plain tar layer: faster pulls, bigger pushes")
     _remote_flags(build)
+    from adapters.cli import add_parsers
+
+    add_parsers(sub)
     return parser
 
 
@@ -108,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 capacity_bytes=args.capacity_bytes,
                 min_churn_age_seconds=args.min_churn_age,
                 preload=args.preload,
+                adapters=args.adapters,
             )
         except (ValidationError, OSError, ValueError) as e:
             print(f"meshserve: invalid settings: {e}", file=sys.stderr)
@@ -121,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
             return _pull(args)
         if args.command == "modelcar":
             return _modelcar_build(args)
+        if args.command in ("train", "tune", "workflow"):
+            from adapters.cli import run_command
+
+            return run_command(args)
     except InferenceError as e:
         print(f"meshserve {args.command}: {e.message}", file=sys.stderr)
         return 1

@@ -37,7 +37,7 @@ def _read(files: list[str], rank: int, world: int, by_row: bool) -> tuple[list[s
 def train() -> int:
     import torch
     import torch.nn as nn
-    from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.nn.parallel import DistributedDataParallel
 
     dist = worker.init_distributed("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -49,7 +49,7 @@ def train() -> int:
         raise SystemExit(f"rank {rank}: no data in my partition")
     x = torch.tensor(xs, dtype=torch.float32)
     y = torch.tensor(ys, dtype=torch.float32).unsqueeze(1)
-    model = DDP(nn.Linear(x.shape[1], 1))
+    model = DistributedDataParallel(nn.Linear(x.shape[1], 1))
     opt = torch.optim.SGD(model.parameters(), lr=float(hp.get("lr", 0.05)))
     bs = int(hp.get("batch_size", 16))
     # Every rank must take the same number of steps or the all-reduce waits forever.

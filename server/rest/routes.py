@@ -133,4 +133,8 @@ def build_api(dp: DataPlane) -> FastAPI:
         await dp.unload_model(name)
         return json_response({})
 
+    if dp.settings.adapters:
+        from adapters.rest import mount
+
+        mount(app, dp)
     return app
