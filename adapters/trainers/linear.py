@@ -57,6 +57,14 @@ def train() -> int:
     dist.all_reduce(steps, op=dist.ReduceOp.MIN)
     loss_fn = nn.MSELoss()
     dump = hp.get("dump_dir")
+    before: dict[str, list[float]] = {}
+    local_grad: dict[str, list[float]] = {}
+    if dump:  # this rank's own gradient of the first batch, outside DDP (no all-reduce)
+        inner = model.module
+        grads = torch.autograd.grad(loss_fn(inner(x[:bs]), y[:bs]), list(inner.parameters()))
+        names = [n for n, _ in inner.named_parameters()]
+        local_grad = {n: g.flatten().tolist() for n, g in zip(names, grads, strict=True)}
+        before = {n: p.detach().flatten().tolist() for n, p in inner.named_parameters()}
     for epoch in range(int(hp.get("epochs", 5))):
         for s in range(int(steps)):
             opt.zero_grad()
@@ -65,8 +73,9 @@ def train() -> int:
             opt.step()
             if dump and epoch == 0 and s == 0:
                 Path(dump).mkdir(parents=True, exist_ok=True)
-                state = {k: v.flatten().tolist() for k, v in model.module.state_dict().items()}
-                doc = {"rank": rank, "world": world, "ids": ids, "weights": state, "local_loss": float(loss)}
+                after = {n: p.detach().flatten().tolist() for n, p in model.module.named_parameters()}
+                doc = {"rank": rank, "world": world, "ids": ids, "files": worker.partition(), "before": before,
+                       "local_grad": local_grad, "after": after, "lr": float(hp.get("lr", 0.05))}  # fmt: skip
                 (Path(dump) / f"rank-{rank}.json").write_text(json.dumps(doc))
     with torch.no_grad():
         total = torch.tensor([float(loss_fn(model(x), y)) * len(xs), float(len(xs))])
