@@ -23,6 +23,8 @@ log = logging.getLogger("meshserve.adapters")
 
 # Loads (or reloads) model ``name`` from folder ``path`` in the serving mesh.
 Registrar = Callable[[str, Path, dict[str, Any]], Awaitable[None]]
+# Marks a model folder a training job made (and so may replace).
+MARKER = ".meshserve-adapters"
 DURATION_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 
 
@@ -143,11 +145,14 @@ class Manager:
         doc = orjson.loads((output / "model-settings.json").read_bytes())
         self.model_dir.mkdir(parents=True, exist_ok=True)
         final = self.model_dir / name
+        if final.exists() and not (final / MARKER).exists():
+            raise JobFailed(f"model folder {final} exists and was not made by a training job: left alone")
         staging = self.model_dir / f".{name}.new"
         old = self.model_dir / f".{name}.old"
         for p in (staging, old):
             shutil.rmtree(p, ignore_errors=True)
         await asyncio.to_thread(shutil.copytree, output, staging)
+        (staging / MARKER).write_text(f"{name}\n")
         doc["name"] = name
         (staging / "model-settings.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
         if final.exists():

@@ -194,7 +194,7 @@ def _step_template(step: StepSpec, settings: AdaptersSettings, cache_store: str 
         }
     elif step.kind == "deploy":
         t["container"] = container(["python", "-m", "adapters.steps", "deploy", "--server",
-                                    "http://meshserve:8080", "--model", str(step.model)])  # fmt: skip
+                                    settings.server_url, "--model", str(step.model)])  # fmt: skip
     return t
 
 
@@ -222,8 +222,7 @@ def argo_workflow(spec: WorkflowSpec, settings: AdaptersSettings) -> dict[str, A
     }  # fmt: skip
 
 
-def event_source(trigger: TriggerSpec, settings: AdaptersSettings, webhook_url: str = "https://meshserve.example.com") \
-        -> dict[str, Any]:  # fmt: skip
+def event_source(trigger: TriggerSpec, settings: AdaptersSettings) -> dict[str, Any]:
     owner, repo = trigger.repository.split("/", 1)
     return {
         "apiVersion": "argoproj.io/v1alpha1",
@@ -235,7 +234,7 @@ def event_source(trigger: TriggerSpec, settings: AdaptersSettings, webhook_url: 
                 trigger.name: {
                     "repositories": [{"owner": owner, "names": [repo]}],
                     "webhook": {"endpoint": f"/{trigger.name}", "port": str(EVENT_PORT), "method": "POST",
-                                "url": webhook_url},  # fmt: skip
+                                "url": settings.webhook_url},  # fmt: skip
                     "events": ["push"],
                     "webhookSecret": {"name": f"{trigger.name}-github", "key": "secret"},
                     "insecure": False,

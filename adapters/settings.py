@@ -36,3 +36,7 @@ class AdaptersSettings(BaseSettings):
     # The image rendered pods run (it must hold meshserve and the training code).
     image: str = "ghcr.io/meshserve/meshserve:latest"
     service_account: str = "meshserve-adapters"
+    # Rendered resources: where GitHub reaches the EventSource, and the meshserve
+    # service a rendered deploy step calls.
+    webhook_url: str = "https://meshserve.example.com"
+    server_url: str = "http://meshserve:8080"

@@ -298,3 +298,20 @@ def test_kubernetes_submission_posts_the_resource_with_the_token(tmp_path):
     path, auth, body = seen[0]
     assert path == "/apis/kubeflow.org/v1/namespaces/ml/pytorchjobs" and auth == "Bearer tok-123"
     assert body == job and created["metadata"]["uid"] == "1"
+
+
+def test_a_model_folder_not_made_by_training_is_never_replaced(tmp_path):
+    (tmp_path / "models" / "precious").mkdir(parents=True)
+    (tmp_path / "models" / "precious" / "model.joblib").write_text("the user's own model")
+    async def go(name: str):
+        spec = TrainingSpec.model_validate({"entrypoint": str(SCRIPTS / "scale.py"), "workers": 1,
+                                            "hyperparameters": {"scale": 1}, "model": {"name": name}})  # fmt: skip
+        m = Manager(AdaptersSettings(state_dir=tmp_path / "state", model_dir=tmp_path / "models"))
+        return await m.wait(m.submit_training(spec).id)
+
+    job = run(go("precious"))
+    assert job.state == "failed" and "was not made by a training job" in job.error
+    assert (tmp_path / "models" / "precious" / "model.joblib").read_text() == "the user's own model"
+    # A folder a training job made is replaced by the next run.
+    assert run(go("mine")).state == "succeeded" and run(go("mine")).state == "succeeded"
+    assert (tmp_path / "models" / "mine" / "model.py").exists()

@@ -270,6 +270,33 @@ def test_render_routes_answer_with_resources(client):
     assert r.status_code == 400 and "kubeconfig" in r.json()["error"]
 
 
+def test_cli_submits_waits_and_renders(srv, base):
+    import subprocess
+
+    import yaml
+
+    spec = base / "cli-train.yaml"
+    spec.write_text(yaml.safe_dump({"name": "cli", "entrypoint": str(SCRIPTS / "scale.py"), "workers": 1,
+                                    "hyperparameters": {"scale": 3}, "model": {"name": "from-cli"}}))  # fmt: skip
+    cli = [sys.executable, "-m", "server.cli"]
+    proc = subprocess.run([*cli, "train", "submit", str(spec), "--server", srv.http_url, "--wait"],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    job = json.loads(proc.stdout)
+    assert job["state"] == "succeeded" and job["result"]["model"] == "from-cli"
+    logs = subprocess.run([*cli, "train", "logs", job["id"], "--server", srv.http_url], capture_output=True, text=True)
+    assert "scale=3.0" in logs.stdout
+    wf = base / "cli-wf.yaml"
+    wf.write_text(yaml.safe_dump({"name": "cli-wf", "steps": [{"name": "a", "command": ["true"]}]}))
+    out = subprocess.run([*cli, "workflow", "render", str(wf), "--namespace", "ml"], capture_output=True, text=True)
+    doc = yaml.safe_load(out.stdout)
+    assert doc["kind"] == "Workflow" and doc["metadata"] == {"namespace": "ml", "labels":
+                                                             {"app.kubernetes.io/managed-by": "meshserve"},
+                                                             "generateName": "cli-wf-"}  # fmt: skip
+    bad = subprocess.run([*cli, "train", "render", str(wf)], capture_output=True, text=True)
+    assert bad.returncode == 1 and "field 'steps'" in bad.stderr
+
+
 # -- restarts ------------------------------------------------------------------------
 
 
