@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shlex
 from typing import Any
 
 import yaml
@@ -165,7 +166,8 @@ def _step_template(step: StepSpec, settings: AdaptersSettings, cache_store: str 
     elif step.kind == "ingest":
         cmd = list(step.command or [])
         if store:  # the data is fresh once ingestion succeeded
-            script = " ".join(json.dumps(c) for c in cmd) + f" && python -m adapters.steps touch --store {store}"
+            touch = ["python", "-m", "adapters.steps", "touch", "--store", store]
+            script = shlex.join(cmd) + " && " + shlex.join(touch)
             cmd = ["sh", "-c", script]
         t["container"] = container(cmd)
     elif step.kind == "check-freshness":

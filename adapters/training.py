@@ -91,6 +91,7 @@ async def run_training(spec: TrainingSpec, job_dir: Path) -> dict[str, Any]:
                 "LOCAL_RANK": str(rank), "WORLD_SIZE": str(spec.workers), "LOCAL_WORLD_SIZE": str(spec.workers),
                 "GROUP_RANK": "0", "MESHSERVE_TRAIN_SPEC": str(spec_file), "MESHSERVE_OUTPUT_DIR": str(out),
                 "MESHSERVE_METRICS_FILE": str(metrics_file), "MESHSERVE_JOB_DIR": str(job_dir),
+                "MESHSERVE_CHECKPOINT_DIR": str(job_dir / "checkpoints"),
                 "OMP_NUM_THREADS": "1", "MESHSERVE_PARENT_PID": str(os.getpid()),
             }  # fmt: skip
             log_path = job_dir / f"rank-{rank}.log"

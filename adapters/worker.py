@@ -59,6 +59,13 @@ def output_dir() -> Path:
     return path
 
 
+def checkpoint_dir() -> Path:
+    """Where to keep checkpoints (the job's folder locally; a volume when scaled out)."""
+    path = Path(os.environ.get("MESHSERVE_CHECKPOINT_DIR", "checkpoints"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def init_distributed(backend: str = "gloo", timeout_seconds: float = 120) -> Any:
     """torch.distributed.init_process_group from the launcher's environment."""
     import datetime

@@ -3,8 +3,8 @@
 CSV columns: ``id`` (a row identifier), the features, and ``y`` last. Hyper-
 parameters: ``lr`` (0.05), ``epochs`` (5), ``batch_size`` (16), ``seed`` (0),
 ``dump_dir`` (write per-rank row ids and weights after the first step, for checks).
-Rank 0 saves a TorchScript model and model-settings.json; every rank reports the
-all-reduced mean loss.
+Rank 0 saves a checkpoint per epoch, then a TorchScript model and model-settings.json;
+every rank reports the all-reduced mean loss.
 """
 
 from __future__ import annotations
@@ -77,6 +77,9 @@ def train() -> int:
                 doc = {"rank": rank, "world": world, "ids": ids, "files": worker.partition(), "before": before,
                        "local_grad": local_grad, "after": after, "lr": float(hp.get("lr", 0.05))}  # fmt: skip
                 (Path(dump) / f"rank-{rank}.json").write_text(json.dumps(doc))
+        if rank == 0:  # every rank holds the same weights: one checkpoint per epoch
+            state = {"epoch": epoch, "model": model.module.state_dict(), "optimizer": opt.state_dict()}
+            torch.save(state, worker.checkpoint_dir() / f"epoch-{epoch}.pt")
     with torch.no_grad():
         total = torch.tensor([float(loss_fn(model(x), y)) * len(xs), float(len(xs))])
     dist.all_reduce(total)

@@ -77,5 +77,10 @@ def test_rank0_saved_a_servable_model_and_metrics(trained):
     scripted = torch.jit.load(str(model_dir / "model.pt"))
     out = scripted(torch.zeros(3, 2))
     assert out.shape == (3, 1)
+    checkpoints = sorted(p.name for p in (Path(job["log_path"]).parent / "checkpoints").iterdir())
+    assert checkpoints == ["epoch-0.pt", "epoch-1.pt", "epoch-2.pt"]
+    last = torch.load(Path(job["log_path"]).parent / "checkpoints" / "epoch-2.pt")
+    assert last["epoch"] == 2 and set(last["model"]) == {"weight", "bias"}
+    assert torch.allclose(last["model"]["weight"], scripted.weight)
     log = (Path(job["log_path"])).read_text()
     assert "===== rank 0 =====" in log and "===== rank 1 =====" in log and "loss=" in log

@@ -315,3 +315,26 @@ def test_a_model_folder_not_made_by_training_is_never_replaced(tmp_path):
     # A folder a training job made is replaced by the next run.
     assert run(go("mine")).state == "succeeded" and run(go("mine")).state == "succeeded"
     assert (tmp_path / "models" / "mine" / "model.py").exists()
+
+
+def test_row_and_file_sharding_give_disjoint_covering_partitions(tmp_path, monkeypatch):
+    from adapters import worker
+    from adapters.trainers.linear import _read
+    from tests.adapters.helpers import write_partitions
+
+    files = write_partitions(tmp_path, parts=3, rows=10)
+    seen = {}
+    for shard in ("row", "file"):
+        spec = tmp_path / f"{shard}.json"
+        spec.write_text(json.dumps({"data": {"files": files, "shard": shard}}))
+        monkeypatch.setenv("MESHSERVE_TRAIN_SPEC", str(spec))
+        monkeypatch.setenv("WORLD_SIZE", "3")
+        ids = []
+        for rank in range(3):
+            monkeypatch.setenv("RANK", str(rank))
+            ids.append(set(_read(worker.partition(), rank, 3, worker.row_shard())[0]))
+        assert all(len(a) == 10 for a in ids) and set.union(*ids) == {f"p{p}-r{i}" for p in range(3) for i in range(10)}
+        assert not (ids[0] & ids[1]) and not (ids[1] & ids[2]) and not (ids[0] & ids[2])
+        seen[shard] = ids
+    assert seen["file"][1] == {f"p1-r{i}" for i in range(10)}  # rank 1 reads file 1 whole
+    assert seen["row"][1] != seen["file"][1]  # by row, every rank reads from every file
