@@ -78,7 +78,7 @@ class Manager:
             self._finish(job, "failed", error=f"internal error: {type(e).__name__}: {e}")
         finally:
             self._tasks.pop(job.id, None)
-            self._done[job.id].set()
+            self._done.pop(job.id).set()  # later waits read the store
 
     def _finish(self, job: Job, state: str, result: dict[str, Any] | None = None, error: str | None = None) -> None:
         now = time.time()

@@ -152,13 +152,12 @@ def _step_template(step: StepSpec, settings: AdaptersSettings, cache_store: str 
             "retryPolicy": "Always",
             "backoff": {"duration": f"{step.backoff_seconds:g}s", "factor": "2"},
         }
-    env = [{"name": k, "value": v} for k, v in sorted(step.env.items())]
+    # The push that triggered the run, as the local runner passes it (the Sensor sets the parameter).
+    env = [{"name": "MESHSERVE_EVENT_SHA", "value": "{{workflow.parameters.revision}}"}]
+    env += [{"name": k, "value": v} for k, v in sorted(step.env.items())]
 
     def container(command: list[str]) -> dict[str, Any]:
-        c: dict[str, Any] = {"image": settings.image, "command": command}
-        if env:
-            c["env"] = env
-        return c
+        return {"image": settings.image, "command": command, "env": env}
 
     store = (step.freshness.store if step.freshness else None) or cache_store
     if step.kind in ("command", "evaluate"):

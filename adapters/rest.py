@@ -150,6 +150,10 @@ def add_routes(app: FastAPI, manager: Manager) -> None:
             parts = [f"===== step {p.stem} =====\n" + p.read_text(errors="replace")
                      for p in sorted((job_dir / "steps").glob("*.log"))]  # fmt: skip
             text = "".join(parts)
+        elif job.kind == "tuning":
+            trials = sorted(manager.store.list(parent=job.id, limit=1000), key=lambda j: j.created)
+            text = "".join(f"===== trial {t.name} ({t.id}, {t.state}) =====\n" + live_log(manager.job_dir(t.id))
+                           for t in trials)  # fmt: skip
         else:
             text = live_log(job_dir)
         return PlainTextResponse(text)

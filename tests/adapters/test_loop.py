@@ -254,6 +254,8 @@ def test_tuning_runs_trials_and_registers_the_best(client):
     assert sorted(t["params"]["scale"] for t in trials) == pytest.approx([0.1, 0.3, 0.5])  # the grid, once each
     assert job["result"]["best"]["params"]["scale"] == pytest.approx(0.3)
     children = client.get("/v1/adapters/jobs", params={"parent": job["id"]}).json()["jobs"]
+    logs = client.get(f"/v1/adapters/jobs/{job['id']}/logs").text
+    assert logs.count("===== trial scale-search-trial-") == 3 and "loss=" in logs
     assert len(children) == 3 and all(c["kind"] == "trial" and c["state"] == "succeeded" for c in children)
     r = client.post("/v2/models/tuned-scale/infer", json={"inputs": [
         {"name": "INPUT0", "datatype": "FP32", "shape": [1, 2], "data": [1, 10]}]})  # fmt: skip
