@@ -20,14 +20,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--http-port", type=int, help="REST port (default 8080)")
     s.add_argument("--grpc-port", type=int, help="gRPC port (default 8081)")
     s.add_argument("--max-request-bytes", type=int, help="largest request body accepted")
+    s.add_argument("--adapters", action="store_const", const=True, help="training/tuning/workflow/event routes")
     s.add_argument("--capacity-bytes", type=int, help="bytes of models this pod may hold (default: 70%% of memory)")
     s.add_argument("--min-churn-age", type=float, help="seconds a used model is safe from eviction")
     s.add_argument("--no-preload", action="store_const", const=False, dest="preload", help="load models on first use")
     s.add_argument("--log-level", help="debug, info, warning, error")
-    s.add_argument("--adapters", action="store_const", const=True, help="training/tuning/workflow/event routes")
     p = sub.add_parser("pull", help="fetch a model URI into the cache (an init-container step)")
     p.add_argument("uri", help="oci://registry/repo:tag, https://..., s3://bucket/prefix")
     _remote_flags(p)
+    from adapters.cli import add_parsers
+
+    add_parsers(sub)  # train, tune, workflow
     b = sub.add_parser("modelcar", help="build and push KServe modelcar images")
     bsub = b.add_subparsers(dest="modelcar_command", required=True)
     build = bsub.add_parser("build", help="build a modelcar image from a model directory and push it")
@@ -37,9 +40,6 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--busybox", type=Path, default=Path("/bin/busybox"), help="static busybox binary")
     build.add_argument("--uncompressed", action="store_true", help="plain tar layer: faster pulls, bigger pushes")
     _remote_flags(build)
-    from adapters.cli import add_parsers
-
-    add_parsers(sub)
     return parser
 
 
@@ -108,11 +108,11 @@ def main(argv: list[str] | None = None) -> int:
                 http_port=args.http_port,
                 grpc_port=args.grpc_port,
                 max_request_bytes=args.max_request_bytes,
+                adapters=args.adapters,
                 log_level=args.log_level,
                 capacity_bytes=args.capacity_bytes,
                 min_churn_age_seconds=args.min_churn_age,
                 preload=args.preload,
-                adapters=args.adapters,
             )
         except (ValidationError, OSError, ValueError) as e:
             print(f"meshserve: invalid settings: {e}", file=sys.stderr)
@@ -122,14 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     from protocol.errors import InferenceError
 
     try:
-        if args.command == "pull":
-            return _pull(args)
-        if args.command == "modelcar":
-            return _modelcar_build(args)
         if args.command in ("train", "tune", "workflow"):
             from adapters.cli import run_command
 
             return run_command(args)
+        if args.command == "pull":
+            return _pull(args)
+        if args.command == "modelcar":
+            return _modelcar_build(args)
     except InferenceError as e:
         print(f"meshserve {args.command}: {e.message}", file=sys.stderr)
         return 1
