@@ -179,6 +179,16 @@ def test_push_runs_the_pipeline_and_the_new_model_serves(client, base):
     assert 'meshserve_adapter_job_duration_seconds_count{kind="training",state="succeeded"} 1.0' in metrics
 
 
+def test_deploy_step_reloads_a_trained_model_and_fails_for_an_unknown_one(client):
+    wf = {"name": "redeploy", "steps": [{"name": "deploy", "kind": "deploy", "model": "linear-from-push"}]}
+    job = wait_job(client, client.post("/v1/adapters/workflows", json=wf).json()["id"])
+    assert job["state"] == "succeeded" and job["result"]["steps"]["deploy"]["result"] == "linear-from-push"
+    assert client.get("/v2/models/linear-from-push/ready").status_code == 200
+    wf["steps"][0]["model"] = "no-such-model"
+    job = wait_job(client, client.post("/v1/adapters/workflows", json=wf).json()["id"])
+    assert job["state"] == "failed" and "no model 'no-such-model'" in job["error"]
+
+
 def test_fresh_data_skips_ingestion(client, base):
     # The ingest step above stamped the cache store: within the window the data is fresh.
     wf = {"name": "fresh-check", "steps": [
