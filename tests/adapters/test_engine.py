@@ -295,6 +295,10 @@ def test_kubernetes_submission_posts_the_resource_with_the_token(tmp_path):
         created = client.create(job, "ml")
     finally:
         server.shutdown()
+    from adapters.kube import client_for
+
+    with pytest.raises(InvalidInput, match="kubeconfig"):
+        client_for(AdaptersSettings(state_dir=tmp_path))  # target kubernetes without a cluster: 400
     path, auth, body = seen[0]
     assert path == "/apis/kubeflow.org/v1/namespaces/ml/pytorchjobs" and auth == "Bearer tok-123"
     assert body == job and created["metadata"]["uid"] == "1"

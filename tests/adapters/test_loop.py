@@ -23,6 +23,8 @@ REPO_NAME = "acme/models"
 
 def _env(base: Path) -> dict[str, str]:
     return {
+        "MESHSERVE_ADAPTERS_KUBECONFIG": str(base / "kubeconfig"),
+        "MESHSERVE_ADAPTERS_NAMESPACE": "ml",
         "MESHSERVE_ADAPTERS_STATE_DIR": str(base / "state"),
         "MESHSERVE_ADAPTERS_GITHUB_SECRET": SECRET,
         "MESHSERVE_ADAPTERS_CACHE_STORE": f"file://{base / 'data-updated'}",
@@ -39,8 +41,49 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("loop")
 
 
+class KubeApi:
+    """A stand-in Kubernetes API on a real socket: records what is created."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        created = self.created = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                created.append((self.path, self.headers.get("Authorization"), body))
+                out = json.dumps(body).encode()
+                self.send_response(201)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def kubeconfig(self) -> str:
+        return json.dumps({
+            "current-context": "c", "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+            "clusters": [{"name": "k", "cluster": {"server": f"http://127.0.0.1:{self.server.server_port}"}}],
+            "users": [{"name": "u", "user": {"token": "sa-token"}}]})  # fmt: skip
+
+
 @pytest.fixture(scope="module")
-def srv(base: Path) -> Iterator[RunningServer]:
+def kube(base: Path) -> Iterator[KubeApi]:
+    api = KubeApi()
+    (base / "kubeconfig").write_text(api.kubeconfig())
+    yield api
+    api.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def srv(base: Path, kube: KubeApi) -> Iterator[RunningServer]:
     s = _start(base, "server")
     yield s
     s.stop()
@@ -272,14 +315,22 @@ def test_tuning_runs_trials_and_registers_the_best(client):
     assert r.json()["outputs"][0]["data"] == pytest.approx([0.3, 3.0])
 
 
-def test_render_routes_answer_with_resources(client):
+def test_render_routes_answer_with_resources(client, kube):
     r = client.post("/v1/adapters/training/render", json={"entrypoint": "a.b:c", "workers": 3})
     assert r.status_code == 200 and r.json()["kind"] == "PyTorchJob"
     assert r.json()["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 2
     items = client.get("/v1/adapters/triggers/seed/render").json()["items"]
     assert [i["kind"] for i in items] == ["EventSource", "Sensor", "ServiceAccount", "Role", "RoleBinding"]
-    r = client.post("/v1/adapters/training/jobs", json={"entrypoint": "a.b:c", "target": "kubernetes"})
-    assert r.status_code == 400 and "kubeconfig" in r.json()["error"]
+    # Scaled out: the same spec goes to the Kubernetes API as a PyTorchJob, no local job.
+    jobs_before = len(client.get("/v1/adapters/jobs", params={"limit": 1000}).json()["jobs"])
+    r = client.post("/v1/adapters/training/jobs", json={"name": "remote", "entrypoint": "a.b:c", "workers": 4,
+                                                         "target": "kubernetes"})  # fmt: skip
+    assert r.status_code == 201, r.text
+    assert r.json() == {"submitted": [{"kind": "PyTorchJob", "name": "remote"}]}
+    path, auth, body = kube.created[-1]
+    assert path == "/apis/kubeflow.org/v1/namespaces/ml/pytorchjobs" and auth == "Bearer sa-token"
+    assert body["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 3
+    assert len(client.get("/v1/adapters/jobs", params={"limit": 1000}).json()["jobs"]) == jobs_before
 
 
 def test_cli_submits_waits_and_renders(srv, base):
