@@ -3,7 +3,8 @@
 CSV columns: ``id`` (a row identifier), the features, and ``y`` last. Hyper-
 parameters: ``lr`` (0.05), ``epochs`` (5), ``batch_size`` (16), ``seed`` (0),
 ``dump_dir`` (write per-rank row ids and weights after the first step, for checks).
-Rank 0 saves a checkpoint per epoch, then a TorchScript model and model-settings.json;
+Rank 0 saves a checkpoint per epoch, then the model (a state dict of ``torch.nn.Linear``)
+and model-settings.json;
 every rank reports the all-reduced mean loss.
 """
 
@@ -87,12 +88,14 @@ def train() -> int:
     worker.report(loss=mse, rmse=mse**0.5)
     if rank == 0:
         out = worker.output_dir()
-        scripted = torch.jit.script(model.module)
-        scripted.save(str(out / "model.pt"))
+        # A state dict (loaded with weights_only) and the class to build: no pickled code.
+        torch.save(model.module.state_dict(), out / "model.pt")
         name = (worker.spec().get("model") or {}).get("name", "linear")
         features = x.shape[1]
         worker.write_model_settings({
             "name": name, "runtime": "torch",
+            "parameters": {"model_class": "torch.nn:Linear", "model_kwargs": {"in_features": features,
+                                                                              "out_features": 1}},
             "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, features]}],
             "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, 1]}],
         })  # fmt: skip
