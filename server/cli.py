@@ -20,6 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--http-port", type=int, help="REST port (default 8080)")
     s.add_argument("--grpc-port", type=int, help="gRPC port (default 8081)")
     s.add_argument("--max-request-bytes", type=int, help="largest request body accepted")
+    s.add_argument("--adapters", action="store_const", const=True, help="training/tuning/workflow/event routes")
     s.add_argument("--capacity-bytes", type=int, help="bytes of models this pod may hold (default: 70%% of memory)")
     s.add_argument("--min-churn-age", type=float, help="seconds a used model is safe from eviction")
     s.add_argument("--no-preload", action="store_const", const=False, dest="preload", help="load models on first use")
@@ -27,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pull", help="fetch a model URI into the cache (an init-container step)")
     p.add_argument("uri", help="oci://registry/repo:tag, https://..., s3://bucket/prefix")
     _remote_flags(p)
+    from adapters.cli import add_parsers
+
+    add_parsers(sub)  # train, tune, workflow
     b = sub.add_parser("modelcar", help="build and push KServe modelcar images")
     bsub = b.add_subparsers(dest="modelcar_command", required=True)
     build = bsub.add_parser("build", help="build a modelcar image from a model directory and push it")
@@ -104,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 http_port=args.http_port,
                 grpc_port=args.grpc_port,
                 max_request_bytes=args.max_request_bytes,
+                adapters=args.adapters,
                 log_level=args.log_level,
                 capacity_bytes=args.capacity_bytes,
                 min_churn_age_seconds=args.min_churn_age,
@@ -117,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     from protocol.errors import InferenceError
 
     try:
+        if args.command in ("train", "tune", "workflow"):
+            from adapters.cli import run_command
+
+            return run_command(args)
         if args.command == "pull":
             return _pull(args)
         if args.command == "modelcar":

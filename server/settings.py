@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     oci_platform: str = "linux/amd64"
     s3_endpoint: str | None = None  # else AWS_ENDPOINT_URL
     log_level: str = "info"
+    # Training, tuning, workflow and event adapters under /v1/adapters (adapters/):
+    # off by default, as they start processes and accept webhooks. Their own settings:
+    # adapters_config (a mapping) or MESHSERVE_ADAPTERS_* variables.
+    adapters: bool = False
+    adapters_config: dict[str, Any] = {}
     server_name: str = "meshserve"
 
     @field_validator("insecure_registries", mode="before")

@@ -56,6 +56,11 @@ def build_api(dp: DataPlane) -> FastAPI:
         log.exception("unhandled error")
         return error_response(500, "internal server error")
 
+    if dp.settings.adapters:  # training, tuning, workflows, events under /v1/adapters
+        from adapters.rest import mount
+
+        mount(app, dp)
+
     @app.get("/v2", summary="Server metadata")
     async def server_metadata() -> Response:
         return json_response(dp.server_metadata())

@@ -1,0 +1,316 @@
+"""The scaled-out forms of the adapters' specs, as Kubernetes resources (plain dicts):
+Kubeflow PyTorchJob (kubeflow.org/v1), Katib Experiment (kubeflow.org/v1beta1), Argo
+Workflow, Argo Events EventSource and Sensor (argoproj.io/v1alpha1), and the RBAC the
+Sensor needs to submit workflows."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shlex
+from typing import Any
+
+import yaml
+
+from adapters.settings import AdaptersSettings
+from adapters.specs import ExperimentSpec, StepSpec, TrainingSpec, TriggerSpec, WorkflowSpec
+
+MANAGED = {"app.kubernetes.io/managed-by": "meshserve"}
+MODELS_MOUNT = "/mnt/models"
+MODELS_PVC = "meshserve-models"
+EVENT_PORT = 12000
+
+
+def _meta(name: str, settings: AdaptersSettings, generate: bool = False) -> dict[str, Any]:
+    meta: dict[str, Any] = {"namespace": settings.namespace, "labels": dict(MANAGED)}
+    meta["generateName" if generate else "name"] = f"{name}-" if generate else name
+    return meta
+
+
+def _container_command(spec: TrainingSpec) -> list[str]:
+    if spec.command:
+        return list(spec.command)
+    if spec.entrypoint:
+        return ["python", "-m", "adapters.worker", spec.entrypoint]
+    return []
+
+
+def training_pod_template(spec: TrainingSpec, settings: AdaptersSettings, spec_json: str | None = None) -> dict:
+    env = [{"name": "MESHSERVE_TRAIN_SPEC_JSON", "value": spec_json or spec.model_dump_json()}]
+    if spec.model is not None:
+        env.append({"name": "MESHSERVE_OUTPUT_DIR", "value": f"{MODELS_MOUNT}/{spec.model.name}"})
+    env += [{"name": k, "value": v} for k, v in sorted(spec.env.items())]
+    container: dict[str, Any] = {
+        "name": "pytorch",
+        "image": spec.image or settings.image,
+        "imagePullPolicy": "IfNotPresent",
+        "env": env,
+        "volumeMounts": [{"name": "models", "mountPath": MODELS_MOUNT}],
+    }
+    command = _container_command(spec)
+    if command:
+        container["command"] = command
+    return {
+        "metadata": {"labels": dict(MANAGED)},
+        "spec": {
+            "containers": [container],
+            "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": MODELS_PVC}}],
+        },
+    }
+
+
+def pytorchjob(spec: TrainingSpec, settings: AdaptersSettings, spec_json: str | None = None) -> dict[str, Any]:
+    """A Kubeflow Training Operator PyTorchJob: one Master and workers-1 Workers; the
+    operator sets MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE as the local launcher does."""
+    template = training_pod_template(spec, settings, spec_json)
+    replicas: dict[str, Any] = {"Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": template}}
+    if spec.workers > 1:
+        worker = copy.deepcopy(template)
+        replicas["Worker"] = {"replicas": spec.workers - 1, "restartPolicy": "OnFailure", "template": worker}
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": _meta(spec.name, settings),
+        "spec": {
+            "runPolicy": {
+                "cleanPodPolicy": "None",
+                "backoffLimit": 0,
+                "activeDeadlineSeconds": int(spec.timeout_seconds),
+            },
+            "pytorchReplicaSpecs": replicas,
+        },
+    }
+
+
+def _feasible(p: Any) -> dict[str, Any]:
+    fs = p.feasibleSpace
+    if p.parameterType == "categorical":
+        return {"list": [str(v) for v in fs.list_ or []]}
+    out = {"min": str(fs.min), "max": str(fs.max)}
+    if fs.step is not None:
+        out["step"] = str(fs.step)
+    return out
+
+
+def katib_experiment(spec: ExperimentSpec, settings: AdaptersSettings) -> dict[str, Any]:
+    """A Katib Experiment whose trials are PyTorchJobs; metrics come from the trial's
+    stdout (the workers' ``name=value`` lines, Katib's StdOut collector format)."""
+    doc = dict(spec.trialTemplate.trialSpec)
+    doc.setdefault("name", spec.name)
+    doc["target"] = "kubernetes"
+    # The template's placeholders survive as text in the pod (Katib substitutes them per
+    # trial); the pod's shape comes from the template with sample values.
+    from adapters.tuning import sample_values, substitute
+
+    sample = TrainingSpec.model_validate(substitute(doc, sample_values(spec)))
+    job = pytorchjob(sample, settings, spec_json=json.dumps(doc, separators=(",", ":")))
+    job["metadata"] = {"labels": dict(MANAGED)}
+    objective: dict[str, Any] = {"type": spec.objective.type, "objectiveMetricName": spec.objective.objectiveMetricName}
+    if spec.objective.goal is not None:
+        objective["goal"] = spec.objective.goal
+    if spec.objective.additionalMetricNames:
+        objective["additionalMetricNames"] = list(spec.objective.additionalMetricNames)
+    algorithm: dict[str, Any] = {"algorithmName": spec.algorithm.algorithmName}
+    if spec.algorithm.algorithmSettings:
+        algorithm["algorithmSettings"] = spec.algorithm.algorithmSettings
+    return {
+        "apiVersion": "kubeflow.org/v1beta1",
+        "kind": "Experiment",
+        "metadata": _meta(spec.name, settings),
+        "spec": {
+            "objective": objective,
+            "algorithm": algorithm,
+            "parallelTrialCount": spec.parallelTrialCount,
+            "maxTrialCount": spec.maxTrialCount,
+            "maxFailedTrialCount": spec.maxFailedTrialCount,
+            "metricsCollectorSpec": {"collector": {"kind": "StdOut"}},
+            "parameters": [
+                {"name": p.name, "parameterType": p.parameterType, "feasibleSpace": _feasible(p)}
+                for p in spec.parameters
+            ],
+            "trialTemplate": {
+                "primaryContainerName": spec.trialTemplate.primaryContainerName,
+                "successCondition": 'status.conditions.#(type=="Succeeded")#|#(status=="True")#',
+                "failureCondition": 'status.conditions.#(type=="Failed")#|#(status=="True")#',
+                "trialParameters": [
+                    {"name": t.name, "reference": t.reference, **({"description": t.description} if t.description
+                                                                     else {})}
+                    for t in spec.trialTemplate.trialParameters
+                ],
+                "trialSpec": job,
+            },
+        },
+    }
+
+
+def _step_template(step: StepSpec, settings: AdaptersSettings, cache_store: str | None) -> dict[str, Any]:
+    name = step.name
+    t: dict[str, Any] = {"name": name, "activeDeadlineSeconds": int(step.timeout_seconds)}
+    if step.retries:
+        t["retryStrategy"] = {
+            "limit": str(step.retries),
+            "retryPolicy": "Always",
+            "backoff": {"duration": f"{step.backoff_seconds:g}s", "factor": "2"},
+        }
+    # The push that triggered the run, as the local runner passes it (the Sensor sets the parameter).
+    env = [{"name": "MESHSERVE_EVENT_SHA", "value": "{{workflow.parameters.revision}}"}]
+    env += [{"name": k, "value": v} for k, v in sorted(step.env.items())]
+
+    def container(command: list[str]) -> dict[str, Any]:
+        return {"image": settings.image, "command": command, "env": env}
+
+    store = (step.freshness.store if step.freshness else None) or cache_store
+    if step.kind in ("command", "evaluate"):
+        t["container"] = container(list(step.command or []))
+    elif step.kind == "ingest":
+        cmd = list(step.command or [])
+        if store:  # the data is fresh once ingestion succeeded
+            touch = ["python", "-m", "adapters.steps", "touch", "--store", store]
+            script = shlex.join(cmd) + " && " + shlex.join(touch)
+            cmd = ["sh", "-c", script]
+        t["container"] = container(cmd)
+    elif step.kind == "check-freshness":
+        window = step.freshness.window_seconds if step.freshness else 3600
+        t["container"] = container(["python", "-m", "adapters.steps", "check-freshness", "--store", str(store),
+                                    "--window-seconds", f"{window:g}"])  # fmt: skip
+    elif step.kind == "train":
+        assert step.train is not None
+        manifest = pytorchjob(step.train, settings)
+        manifest["metadata"] = {"generateName": f"{step.train.name}-", "labels": dict(MANAGED)}
+        t["resource"] = {
+            "action": "create",
+            "manifest": yaml.safe_dump(manifest, sort_keys=False),
+            "successCondition": "status.replicaStatuses.Master.succeeded > 0",
+            "failureCondition": "status.replicaStatuses.Master.failed > 0",
+        }
+    elif step.kind == "tune":
+        assert step.tune is not None
+        manifest = katib_experiment(step.tune, settings)
+        manifest["metadata"] = {"generateName": f"{step.tune.name}-", "labels": dict(MANAGED)}
+        t["resource"] = {
+            "action": "create",
+            "manifest": yaml.safe_dump(manifest, sort_keys=False),
+            "successCondition": "status.trialsSucceeded > 0",
+            "failureCondition": "status.trialsFailed > " + str(step.tune.maxFailedTrialCount),
+        }
+    elif step.kind == "deploy":
+        t["container"] = container(["python", "-m", "adapters.steps", "deploy", "--server",
+                                    settings.server_url, "--model", str(step.model)])  # fmt: skip
+    return t
+
+
+def argo_workflow(spec: WorkflowSpec, settings: AdaptersSettings) -> dict[str, Any]:
+    """An Argo Workflow with one DAG template; each step is its own template."""
+    tasks = []
+    for s in spec.steps:
+        task: dict[str, Any] = {"name": s.name, "template": s.name}
+        if s.depends:
+            task["dependencies"] = list(s.depends)
+        if s.when:
+            task["when"] = s.when
+        tasks.append(task)
+    return {
+        "apiVersion": "argoproj.io/v1alpha1",
+        "kind": "Workflow",
+        "metadata": _meta(spec.name, settings, generate=True),
+        "spec": {
+            "entrypoint": "main",
+            "serviceAccountName": settings.service_account,
+            "arguments": {"parameters": [{"name": "revision", "value": "HEAD"}]},
+            "templates": [{"name": "main", "dag": {"tasks": tasks}},
+                          *(_step_template(s, settings, settings.cache_store) for s in spec.steps)],
+        },
+    }  # fmt: skip
+
+
+def event_source(trigger: TriggerSpec, settings: AdaptersSettings) -> dict[str, Any]:
+    owner, repo = trigger.repository.split("/", 1)
+    return {
+        "apiVersion": "argoproj.io/v1alpha1",
+        "kind": "EventSource",
+        "metadata": _meta(trigger.name, settings),
+        "spec": {
+            "service": {"ports": [{"port": EVENT_PORT, "targetPort": EVENT_PORT}]},
+            "github": {
+                trigger.name: {
+                    "repositories": [{"owner": owner, "names": [repo]}],
+                    "webhook": {"endpoint": f"/{trigger.name}", "port": str(EVENT_PORT), "method": "POST",
+                                "url": settings.webhook_url},  # fmt: skip
+                    "events": ["push"],
+                    "webhookSecret": {"name": f"{trigger.name}-github", "key": "secret"},
+                    "insecure": False,
+                    "active": True,
+                    "contentType": "json",
+                }
+            },
+        },
+    }
+
+
+def sensor(trigger: TriggerSpec, settings: AdaptersSettings) -> dict[str, Any]:
+    """A Sensor that submits the workflow on a push to one of the trigger's branches."""
+    wf = argo_workflow(trigger.workflow, settings)
+    return {
+        "apiVersion": "argoproj.io/v1alpha1",
+        "kind": "Sensor",
+        "metadata": _meta(trigger.name, settings),
+        "spec": {
+            "template": {"serviceAccountName": f"{trigger.name}-sensor"},
+            "dependencies": [
+                {
+                    "name": "push",
+                    "eventSourceName": trigger.name,
+                    "eventName": trigger.name,
+                    "filters": {
+                        "data": [
+                            {"path": "body.ref", "type": "string",
+                             "value": [f"refs/heads/{b}" for b in trigger.branches]},
+                            {"path": "headers.X-Github-Event", "type": "string", "value": ["push"]},
+                        ]
+                    },
+                }
+            ],  # fmt: skip
+            "triggers": [
+                {
+                    "template": {
+                        "name": f"{trigger.workflow.name}-submit",
+                        "argoWorkflow": {
+                            "operation": "submit",
+                            "source": {"resource": wf},
+                            "parameters": [
+                                {"src": {"dependencyName": "push", "dataKey": "body.after"},
+                                 "dest": "spec.arguments.parameters.0.value"}
+                            ],
+                        },
+                    },
+                    "retryStrategy": {"steps": 3},
+                }
+            ],  # fmt: skip
+        },
+    }
+
+
+def sensor_rbac(trigger: TriggerSpec, settings: AdaptersSettings) -> list[dict[str, Any]]:
+    """The Sensor's service account may create Workflows in its namespace, nothing more."""
+    name = f"{trigger.name}-sensor"
+    meta = {"name": name, "namespace": settings.namespace, "labels": dict(MANAGED)}
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": meta,
+            "rules": [{"apiGroups": ["argoproj.io"], "resources": ["workflows"], "verbs": ["create", "get", "list"]}],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": meta,
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": settings.namespace}],
+        },
+    ]
+
+
+def trigger_resources(trigger: TriggerSpec, settings: AdaptersSettings) -> list[dict[str, Any]]:
+    return [event_source(trigger, settings), sensor(trigger, settings), *sensor_rbac(trigger, settings)]

@@ -1,0 +1,1 @@
+"""Built-in training entry points for the training adapter."""
