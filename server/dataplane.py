@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -12,6 +13,7 @@ from modelmesh import CacheEntry, ModelState
 from protocol.errors import InferenceError, ServerNotReady
 from protocol.types import InferenceRequest, InferenceResponse, ModelMetadata
 from server.repository import ModelRepository
+from server.security import check_model_name
 from server.settings import Settings
 from server.version import __version__
 
@@ -32,7 +34,11 @@ class DataPlane:
         self.metrics = build_metrics(self)
         self._started = False
         self._draining = False
+        self._stopping = False
         self._startup_keys: list[str] = []
+        # Awaited on SIGTERM after readiness turns false and before the servers close
+        # (e.g. deregistering from a fleet); each gets the grace period at most.
+        self.drain_hooks: list[Callable[[], Awaitable[None]]] = []
 
     # -- lifecycle ----------------------------------------------------------
     async def start(self) -> None:
@@ -62,12 +68,17 @@ class DataPlane:
         self._started = True
 
     async def stop(self) -> None:
-        self._draining = True
+        self._draining = self._stopping = True
         await self.cache.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     def drain(self) -> None:
+        """Readiness turns false; requests already on their way are still served."""
         self._draining = True
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     # -- health and metadata -------------------------------------------------
     def live(self) -> bool:
@@ -105,7 +116,7 @@ class DataPlane:
     # -- inference -----------------------------------------------------------
     async def infer(self, request: InferenceRequest, key: str | None = None) -> InferenceResponse:
         """``key``: the model's cache key when the front already resolved it."""
-        if self._draining:
+        if self._stopping:
             raise ServerNotReady("server is shutting down")
         if key is None:
             key = self.repository.resolve(request.model_name, request.model_version)
@@ -134,7 +145,9 @@ class DataPlane:
         return rows
 
     async def load_model(self, name: str, config: dict[str, Any] | None = None) -> None:
+        check_model_name(name)
         await self.repository.load(name, config)
 
     async def unload_model(self, name: str) -> None:
+        check_model_name(name)
         await self.repository.unload(name)

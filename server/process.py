@@ -14,6 +14,7 @@ import uvicorn
 from server.dataplane import DataPlane
 from server.grpc.servicer import build_grpc_server
 from server.rest import build_rest_app
+from server.security import grpc_server_credentials
 from server.settings import Settings
 
 log = logging.getLogger("meshserve")
@@ -30,8 +31,13 @@ class _UvicornServer(uvicorn.Server):
 async def run(settings: Settings, started: asyncio.Event | None = None) -> None:
     dataplane = DataPlane(settings)
     grpc_server = build_grpc_server(dataplane, settings.max_request_bytes)
+    credentials = grpc_server_credentials(settings)
+    address = f"{settings.host}:{settings.grpc_port}"
     try:
-        grpc_port = grpc_server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+        if credentials is not None:
+            grpc_port = grpc_server.add_secure_port(address, credentials)
+        else:
+            grpc_port = grpc_server.add_insecure_port(address)
     except RuntimeError:
         raise OSError(f"cannot bind gRPC to {settings.host}:{settings.grpc_port} (address in use?)") from None
     config = uvicorn.Config(
@@ -43,6 +49,9 @@ async def run(settings: Settings, started: asyncio.Event | None = None) -> None:
         log_config=None,
         http="httptools",
         timeout_graceful_shutdown=settings.shutdown_grace_seconds,
+        ssl_certfile=str(settings.tls_cert) if settings.tls_cert and settings.tls_key else None,
+        ssl_keyfile=str(settings.tls_key) if settings.tls_cert and settings.tls_key else None,
+        limit_concurrency=settings.max_connections,
     )
     http_server = _UvicornServer(config)
 
@@ -74,18 +83,35 @@ async def run(settings: Settings, started: asyncio.Event | None = None) -> None:
     waiter = asyncio.ensure_future(stop.wait())
     await asyncio.wait([waiter, http_task], return_when=asyncio.FIRST_COMPLETED)
 
-    log.info("shutting down")
-    dataplane.drain()
-    http_server.should_exit = True
-    await asyncio.gather(grpc_server.stop(settings.shutdown_grace_seconds), http_task, return_exceptions=True)
-    await dataplane.stop()
+    await shutdown(settings, dataplane, http_server, http_task, grpc_server)
     waiter.cancel()
+
+
+async def shutdown(
+    settings: Settings, dataplane: DataPlane, http_server: uvicorn.Server, http_task: asyncio.Future, grpc_server
+) -> None:
+    """Readiness false at once, the drain hooks, then close the listeners and give the
+    requests already accepted the grace period to finish; unload the models last."""
+    grace = settings.shutdown_grace_seconds
+    log.info("draining: not ready; finishing requests in flight (grace %gs)", grace)
+    dataplane.drain()
+    for hook in list(dataplane.drain_hooks):
+        try:
+            await asyncio.wait_for(hook(), grace or None)
+        except Exception:
+            log.exception("drain hook %r failed", hook)
+    http_server.should_exit = True
+    await asyncio.gather(grpc_server.stop(grace), http_task, return_exceptions=True)
+    await dataplane.stop()
+    log.info("stopped")
 
 
 def serve(settings: Settings | None = None) -> None:
     """Serve until SIGINT/SIGTERM (``from meshserve import serve``)."""
     settings = settings or Settings.load()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.observe import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format, settings.access_log)
     from server.memory import tune_allocator
 
     tune_allocator()

@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -58,6 +58,29 @@ class Settings(BaseSettings):
     s3_endpoint: str | None = None  # else AWS_ENDPOINT_URL
     log_level: str = "info"
     server_name: str = "meshserve"
+    # Production (README "Production"): logs, auth, TLS, timeouts, CORS, workers, tracing.
+    log_format: Literal["text", "json"] = "text"
+    access_log: bool = True
+    auth_token: SecretStr | None = None
+    auth_token_file: Path | None = None  # one token per line
+    auth_health: bool = False  # require the token on /v2/health/* and gRPC ServerLive/Ready too
+    auth_metrics: bool = False
+    tls_cert: Path | None = None  # PEM; with tls_key, REST and gRPC both serve TLS
+    tls_key: Path | None = None
+    request_timeout_seconds: float | None = Field(default=None, gt=0)  # whole request: 504 / DEADLINE_EXCEEDED
+    body_timeout_seconds: float = Field(default=30.0, gt=0)  # a client must send its body within this: 408
+    cors_origins: list[str] = []  # CORS off unless origins are listed ("*" for any)
+    max_connections: int | None = Field(default=None, ge=1)  # REST: 503 past this many open connections
+    workers: int = Field(default=1, ge=1)
+    tracing: bool = False  # OpenTelemetry spans (the `otel` extra); off: no cost
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            text = v.strip()
+            return json.loads(text) if text.startswith("[") else [o.strip() for o in text.split(",") if o.strip()]
+        return v
 
     @field_validator("insecure_registries", mode="before")
     @classmethod

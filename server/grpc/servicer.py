@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from time import perf_counter_ns
 
 import grpc
 
@@ -13,6 +14,8 @@ from protocol.grpc import grpc_service_pb2 as pb
 from protocol.grpc import grpc_service_pb2_grpc as pb_grpc
 from protocol.grpc.codec import decode_infer_request, encode_infer_response
 from server.dataplane import DataPlane
+from server.observe import clean_request_id, log_access
+from server.security import RequestTimeout, build_auth, grpc_auth_interceptor
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,8 @@ def _repository_config(params: dict) -> dict | None:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, dataplane: DataPlane) -> None:
         self.dp = dataplane
+        self.obs = getattr(dataplane, "observe", None)
+        self.timeout = dataplane.settings.request_timeout_seconds
 
     async def ServerLive(self, request, context):  # noqa: N802 - names fixed by the proto
         return pb.ServerLiveResponse(live=self.dp.live())
@@ -81,10 +86,43 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return encode_infer_response(response, raw=bool(request.raw_input_contents))
 
     async def ModelInfer(self, request, context):  # noqa: N802
+        t0 = perf_counter_ns()
+        name = request.model_name
+        stats = self.obs.front(name, "grpc") if self.obs is not None else None
+        if stats is not None:
+            stats.begin()
+        rid = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "x-request-id":
+                rid = value
+                break
+        rid = clean_request_id(rid)
+        context.set_trailing_metadata((("x-request-id", rid),))
+        code = "OK"
         try:
-            return await self._infer(request)
+            # The tighter of the server's timeout and the client's deadline.
+            timeout = self.timeout
+            left = context.time_remaining()
+            if left is not None and (timeout is None or left < timeout):
+                timeout = left
+            if timeout is None:
+                return await self._infer(request)
+            try:
+                async with asyncio.timeout(timeout):
+                    return await self._infer(request)
+            except TimeoutError:
+                raise RequestTimeout(f"request not served within {timeout:.3g}s") from None
         except Exception as e:
+            code = e.grpc_code if isinstance(e, InferenceError) else "INTERNAL"
             await _abort(context, e)
+        except BaseException:
+            code = "CANCELLED"
+            raise
+        finally:
+            elapsed = perf_counter_ns() - t0
+            if stats is not None:
+                stats.end(code, elapsed)
+            log_access(rid, "grpc", "infer", name, code, elapsed)
 
     async def ModelStreamInfer(  # noqa: N802
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context
@@ -135,13 +173,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
 
-def build_grpc_server(dataplane: DataPlane, max_message_bytes: int) -> grpc.aio.Server:
+def build_grpc_server(dataplane: DataPlane, max_message_bytes: int, reuse_port: bool = False) -> grpc.aio.Server:
+    auth = build_auth(dataplane.settings)
     server = grpc.aio.server(
+        interceptors=[grpc_auth_interceptor(auth)] if auth is not None else None,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ]
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ],
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane), server)
     return server

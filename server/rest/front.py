@@ -6,15 +6,28 @@ FastAPI's per-request machinery costs about 3x on small infer requests
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from time import perf_counter_ns
 from typing import Any
 
 from protocol.errors import InferenceError, InvalidInput, PayloadTooLarge
 from protocol.rest_codec import HEADER_LENGTH, decode_infer_request, encode_error, encode_infer_response
 from server.dataplane import DataPlane
+from server.observe import FrontStats, clean_request_id, log_access
 from server.rest.encoding import MIN_COMPRESSED_RESPONSE, decode_body, encode_body, response_encoding
+from server.security import (
+    HEALTH_PATHS,
+    METRICS_PATH,
+    WWW_AUTHENTICATE,
+    BodyTimeout,
+    RequestTimeout,
+    Unauthenticated,
+    build_auth,
+)
+from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +42,17 @@ _JOIN_BELOW = 64 * 1024
 
 
 class RestFront:
-    def __init__(self, dataplane: DataPlane, max_body: int) -> None:
+    def __init__(self, dataplane: DataPlane, max_body: int, settings: Settings | None = None) -> None:
         self.dataplane = dataplane
         self.max_body = max_body
         from server.rest.routes import build_api
 
         self.api = build_api(dataplane)
+        settings = settings or dataplane.settings
+        self.auth = build_auth(settings)
+        self.request_timeout = settings.request_timeout_seconds
+        self.body_timeout = settings.body_timeout_seconds
+        self.obs = getattr(dataplane, "observe", None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -43,17 +61,57 @@ class RestFront:
                 if m is not None:
                     await self._infer(scope, receive, send, m["name"], m["version"])
                     return
-            try:
-                declared = _declared_length(scope)
-                if declared is not None and declared > self.max_body:
-                    raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {self.max_body}")
-            except InferenceError as e:
-                await _send_json(send, e.http_status, encode_error(e.message))
-                return
-            receive = _limited(receive, self.max_body)
+            await self._other(scope, receive, send)
+            return
         await self.api(scope, receive, send)
 
+    async def _other(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Everything but infer: checks, then FastAPI, with the request id and an access line."""
+        t0 = perf_counter_ns()
+        rid = authorization = api_key = None
+        for key, value in scope["headers"]:
+            if key == b"x-request-id":
+                rid = value
+            elif key == b"authorization":
+                authorization = value
+            elif key == b"x-api-key":
+                api_key = value
+        rid = clean_request_id(rid)
+        rid_header = (b"x-request-id", rid.encode())
+        status = 500
+        try:
+            if self.auth is not None and self.auth.protects(scope["path"]):
+                if not self.auth.check(authorization, api_key):
+                    raise Unauthenticated("missing or invalid credentials")
+            declared = _declared_length(scope)
+            if declared is not None and declared > self.max_body:
+                raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {self.max_body}")
+        except InferenceError as e:
+            status = e.http_status
+            extra = _CHALLENGE if status == 401 else None
+            await _send_json(send, status, encode_error(e.message), rid_header, extra)
+            _log_other(rid, scope, status, t0)
+            return
+
+        async def tagged(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), rid_header]
+            await send(message)
+
+        try:
+            await self.api(scope, _limited(receive, self.max_body, self.body_timeout), tagged)
+        finally:
+            _log_other(rid, scope, status, t0)
+
     async def _infer(self, scope: Scope, receive: Receive, send: Send, name: str, version: str | None) -> None:
+        t0 = perf_counter_ns()
+        rid = authorization = api_key = None
+        stats = self.obs.front(name, "rest") if self.obs is not None else None
+        if stats is not None:
+            stats.begin()
+        status = 200
         try:
             header_length = declared = content_encoding = accept_encoding = None
             for key, value in scope["headers"]:
@@ -65,21 +123,49 @@ class RestFront:
                     content_encoding = value
                 elif key == b"accept-encoding":
                     accept_encoding = value
+                elif key == b"x-request-id":
+                    rid = value
+                elif key == b"authorization":
+                    authorization = value
+                elif key == b"x-api-key":
+                    api_key = value
+            rid = clean_request_id(rid)
+            if self.auth is not None and not self.auth.check(authorization, api_key):
+                raise Unauthenticated("missing or invalid credentials")
             if declared is not None and declared > self.max_body:
                 raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {self.max_body}")
-            body = await _read_body(receive, self.max_body)
+            try:
+                async with asyncio.timeout(self.body_timeout):
+                    body = await _read_body(receive, self.max_body)
+            except TimeoutError:
+                raise BodyTimeout(f"request body not received within {self.body_timeout:g}s") from None
             if content_encoding is not None:
                 body = decode_body(body, content_encoding, self.max_body)
-            parts, json_length = await run_infer(self.dataplane, body, name, version, header_length)
+            if self.request_timeout is None:
+                parts, json_length = await run_infer(self.dataplane, body, name, version, header_length)
+            else:
+                try:
+                    async with asyncio.timeout(self.request_timeout):
+                        parts, json_length = await run_infer(self.dataplane, body, name, version, header_length)
+                except TimeoutError:
+                    raise RequestTimeout(f"request not served within {self.request_timeout:g}s") from None
         except InferenceError as e:
-            await _send_json(send, e.http_status, encode_error(e.message))
+            status = e.http_status
+            extra = _CHALLENGE if status == 401 else None
+            await _send_json(send, status, encode_error(e.message), (b"x-request-id", str(rid).encode()), extra)
+            self._done(stats, rid, name, status, t0)
             return
         except Exception:
             log.exception("infer on %s failed", name)
-            await _send_json(send, 500, encode_error("internal server error"))
+            status = 500
+            await _send_json(send, 500, encode_error("internal server error"), (b"x-request-id", str(rid).encode()))
+            self._done(stats, rid, name, status, t0)
             return
         total = sum(len(p) for p in parts)
-        headers = [(b"content-type", b"application/json" if json_length is None else b"application/octet-stream")]
+        headers = [
+            (b"content-type", b"application/json" if json_length is None else b"application/octet-stream"),
+            (b"x-request-id", rid.encode()),
+        ]
         if json_length is not None:
             headers.append((_HEADER_LENGTH_B, str(json_length).encode()))
         if accept_encoding is not None and total >= MIN_COMPRESSED_RESPONSE:
@@ -89,12 +175,32 @@ class RestFront:
                 total = len(parts[0])
                 headers.append((b"content-encoding", encoding))
         headers.append((b"content-length", str(total).encode()))
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        if len(parts) > 1 and total <= _JOIN_BELOW:
-            parts = [b"".join(parts)]  # one write beats several for small bodies
-        last = len(parts) - 1
-        for i, part in enumerate(parts):
-            await send({"type": "http.response.body", "body": part, "more_body": i < last})
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            if len(parts) > 1 and total <= _JOIN_BELOW:
+                parts = [b"".join(parts)]  # one write beats several for small bodies
+            last = len(parts) - 1
+            for i, part in enumerate(parts):
+                await send({"type": "http.response.body", "body": part, "more_body": i < last})
+        finally:
+            self._done(stats, rid, name, status, t0)
+
+    @staticmethod
+    def _done(stats: FrontStats | None, rid: str | None, name: str, status: int, t0: int) -> None:
+        elapsed = perf_counter_ns() - t0
+        if stats is not None:
+            stats.end(status, elapsed)
+        log_access(rid or "-", "rest", "infer", name, status, elapsed)
+
+
+_CHALLENGE = (b"www-authenticate", WWW_AUTHENTICATE)
+
+
+def _log_other(rid: str | None, scope: Scope, status: int, t0: int) -> None:
+    path = scope["path"]
+    if path in HEALTH_PATHS or path == METRICS_PATH:
+        return  # probes and scrapes every few seconds would drown the access log
+    log_access(rid or "-", "rest", f"{scope['method']} {path}", "", status, perf_counter_ns() - t0)
 
 
 async def run_infer(
@@ -145,13 +251,17 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _limited(receive: Receive, limit: int) -> Receive:
-    """Wrap receive so a streamed body past the limit ends the request."""
+def _limited(receive: Receive, limit: int, timeout: float) -> Receive:
+    """Wrap receive so a streamed body past the limit, or one that stalls, ends the request."""
     seen = 0
 
     async def wrapped() -> dict[str, Any]:
         nonlocal seen
-        message = await receive()
+        try:
+            async with asyncio.timeout(timeout):
+                message = await receive()
+        except TimeoutError:
+            raise BodyTimeout(f"request body not received within {timeout:g}s") from None
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > limit:
@@ -161,16 +271,22 @@ def _limited(receive: Receive, limit: int) -> Receive:
     return wrapped
 
 
-async def _send_json(send: Send, status: int, body: bytes) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [*_JSON, (b"content-length", str(len(body)).encode())],
-        }
-    )
+async def _send_json(send: Send, status: int, body: bytes, *extra: tuple[bytes, bytes] | None) -> None:
+    headers = [*_JSON, (b"content-length", str(len(body)).encode())]
+    headers.extend(h for h in extra if h is not None)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
-def build_rest_app(dataplane: DataPlane, max_body: int) -> RestFront:
-    return RestFront(dataplane, max_body)
+def build_rest_app(dataplane: DataPlane, max_body: int) -> Any:
+    """The front, wrapped in CORS when origins are configured (off by default)."""
+    front = RestFront(dataplane, max_body)
+    origins = dataplane.settings.cors_origins
+    if not origins:
+        return front
+    from starlette.middleware.cors import CORSMiddleware
+
+    return CORSMiddleware(
+        front, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["*"], expose_headers=["x-request-id", HEADER_LENGTH],
+    )  # fmt: skip

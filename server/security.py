@@ -1,0 +1,149 @@
+"""Security basics shared by both fronts: bearer-token / API-key auth, request timeouts,
+model-name checks, TLS material.
+
+Tokens come from ``--auth-token`` (or MESHSERVE_AUTH_TOKEN) and/or a file with one token
+per line (``--auth-token-file``, re-read at start; several lines allow rotation). A
+request carries one as ``Authorization: Bearer <token>`` or ``x-api-key: <token>`` (REST
+header or gRPC metadata); each is compared in constant time. Health and metrics stay
+open unless ``auth_health`` / ``auth_metrics`` say otherwise (Kubernetes probes and
+Prometheus scrapes rarely carry tokens).
+"""
+
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from protocol.errors import InferenceError, InvalidInput
+
+if TYPE_CHECKING:
+    import grpc
+
+    from server.settings import Settings
+
+HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
+METRICS_PATH = "/metrics"
+GRPC_HEALTH_METHODS = (
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+    "/inference.GRPCInferenceService/ModelReady",
+)
+WWW_AUTHENTICATE = b'Bearer realm="meshserve"'
+
+
+class Unauthenticated(InferenceError):
+    http_status = 401
+    grpc_code = "UNAUTHENTICATED"
+
+
+class BodyTimeout(InferenceError):
+    """The client did not send its whole body in time (a slow or stalled client)."""
+
+    http_status = 408
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
+class RequestTimeout(InferenceError):
+    """The server did not finish the request within the per-request timeout."""
+
+    http_status = 504
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
+class Auth:
+    """The accepted tokens; ``None`` from :func:`build_auth` when auth is off."""
+
+    def __init__(self, tokens: list[bytes], health: bool, metrics: bool) -> None:
+        self.tokens = tokens
+        self.health = health
+        self.metrics = metrics
+
+    def protects(self, path: str) -> bool:
+        if path in HEALTH_PATHS:
+            return self.health
+        if path == METRICS_PATH:
+            return self.metrics
+        return True
+
+    def check(self, authorization: bytes | None, api_key: bytes | None) -> bool:
+        """Whether a request's credentials match a token (constant time per token)."""
+        given = api_key
+        if authorization is not None:
+            scheme, _, rest = authorization.strip().partition(b" ")
+            if scheme.lower() == b"bearer":
+                given = rest.strip()
+        if not given:
+            return False
+        ok = False
+        for token in self.tokens:
+            ok |= hmac.compare_digest(given, token)
+        return ok
+
+
+def build_auth(settings: Settings) -> Auth | None:
+    tokens: list[bytes] = []
+    if settings.auth_token is not None and settings.auth_token.get_secret_value():
+        tokens.append(settings.auth_token.get_secret_value().encode())
+    if settings.auth_token_file is not None:
+        for line in Path(settings.auth_token_file).read_text().splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                tokens.append(line.strip().encode())
+    if not tokens:
+        return None
+    return Auth(tokens, settings.auth_health, settings.auth_metrics)
+
+
+def check_model_name(name: str, what: str = "model name") -> None:
+    """Names become cache keys and, for the repository API, may meet paths: no separators,
+    no dot-dot, no control characters."""
+    if (
+        not name
+        or len(name) > 256
+        or "/" in name
+        or "\\" in name
+        or name in (".", "..")
+        or name.startswith(".")
+        or not name.isprintable()
+    ):
+        raise InvalidInput(f"invalid {what} {name[:64]!r}: use letters, digits, '-', '_' and '.' (not leading)")
+
+
+def grpc_auth_interceptor(auth: Auth) -> grpc.aio.ServerInterceptor:
+    import grpc
+
+    async def _deny_async(request: object, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid credentials")
+
+    async def _deny_stream(request_iterator: object, context: grpc.aio.ServicerContext):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid credentials")
+        yield  # pragma: no cover - a generator for the streaming signature
+
+    unary = grpc.unary_unary_rpc_method_handler(_deny_async)
+    stream = grpc.stream_stream_rpc_method_handler(_deny_stream)
+
+    class AuthInterceptor(grpc.aio.ServerInterceptor):
+        async def intercept_service(self, continuation, details):
+            if not auth.health and details.method in GRPC_HEALTH_METHODS:
+                return await continuation(details)
+            authorization = api_key = None
+            for key, value in details.invocation_metadata or ():
+                if key == "authorization":
+                    authorization = value.encode() if isinstance(value, str) else value
+                elif key == "x-api-key":
+                    api_key = value.encode() if isinstance(value, str) else value
+            if auth.check(authorization, api_key):
+                return await continuation(details)
+            return stream if details.method.endswith("StreamInfer") else unary
+
+    return AuthInterceptor()
+
+
+def grpc_server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    import grpc
+
+    key = Path(settings.tls_key).read_bytes()
+    cert = Path(settings.tls_cert).read_bytes()
+    return grpc.ssl_server_credentials([(key, cert)])
