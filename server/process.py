@@ -100,6 +100,8 @@ async def shutdown(
             await asyncio.wait_for(hook(), grace or None)
         except Exception:
             log.exception("drain hook %r failed", hook)
+    if settings.drain_seconds:
+        await asyncio.sleep(settings.drain_seconds)
     http_server.should_exit = True
     await asyncio.gather(grpc_server.stop(grace), http_task, return_exceptions=True)
     await dataplane.stop()

@@ -22,6 +22,7 @@ def add_flags(s: argparse.ArgumentParser) -> None:
     g.add_argument("--cors-origins", help="comma-separated allowed origins ('*' for any); CORS is off without it")
     g.add_argument("--max-connections", type=int, help="REST: answer 503 past this many concurrent connections")
     g.add_argument("--shutdown-grace", type=float, help="seconds in-flight requests get after SIGTERM (default 10)")
+    g.add_argument("--drain-seconds", type=float, help="after SIGTERM, seconds not ready but still accepting")
     g.add_argument("--workers", type=int, help="serving processes; each model lives in one of them (default 1)")
     g.add_argument("--tracing", action="store_const", const=True, help="OpenTelemetry spans (the otel extra)")
 
@@ -42,6 +43,7 @@ def values(args: argparse.Namespace) -> dict[str, Any]:
         "cors_origins": [o.strip() for o in origins.split(",") if o.strip()] if origins else None,
         "max_connections": args.max_connections,
         "shutdown_grace_seconds": args.shutdown_grace,
+        "drain_seconds": args.drain_seconds,
         "workers": args.workers,
         "tracing": args.tracing,
     }

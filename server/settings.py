@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     predict_threads: int = Field(default=min(32, (os.cpu_count() or 1) + 4), ge=1)
     strict_readiness: bool = True
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    # After SIGTERM: seconds not-ready but still accepting (endpoints need time to drop the pod).
+    drain_seconds: float = Field(default=0.0, ge=0)
     # The model cache (modelmesh): bytes of models one pod may hold; None: from the
     # container's memory limit (cgroup) or the machine's memory, times capacity_fraction.
     capacity_bytes: int | None = Field(default=None, ge=1)
