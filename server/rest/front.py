@@ -88,7 +88,7 @@ class RestFront:
                 raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {self.max_body}")
         except InferenceError as e:
             status = e.http_status
-            extra = _CHALLENGE if status == 401 else None
+            extra = _CHALLENGE if status == 401 else _CLOSE if status == 413 else None
             await _send_json(send, status, encode_error(e.message), rid_header, extra)
             _log_other(rid, scope, status, t0)
             return
@@ -98,6 +98,8 @@ class RestFront:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", ()), rid_header]
+                if status in (408, 413):
+                    message["headers"].append(_CLOSE)
             await send(message)
 
         try:
@@ -151,7 +153,7 @@ class RestFront:
                     raise RequestTimeout(f"request not served within {self.request_timeout:g}s") from None
         except InferenceError as e:
             status = e.http_status
-            extra = _CHALLENGE if status == 401 else None
+            extra = _CHALLENGE if status == 401 else _CLOSE if status in (408, 413) else None
             await _send_json(send, status, encode_error(e.message), (b"x-request-id", str(rid).encode()), extra)
             self._done(stats, rid, name, status, t0)
             return
@@ -194,6 +196,7 @@ class RestFront:
 
 
 _CHALLENGE = (b"www-authenticate", WWW_AUTHENTICATE)
+_CLOSE = (b"connection", b"close")  # the rest of the body will not be read: end the connection
 
 
 def _log_other(rid: str | None, scope: Scope, status: int, t0: int) -> None:
