@@ -39,6 +39,8 @@ class DataPlane:
         # Awaited on SIGTERM after readiness turns false and before the servers close
         # (e.g. deregistering from a fleet); each gets the grace period at most.
         self.drain_hooks: list[Callable[[], Awaitable[None]]] = []
+        # Which models this process serves (all, unless it is one of several workers).
+        self.owns: Callable[[str], bool] = lambda name: True
 
     # -- lifecycle ----------------------------------------------------------
     async def start(self) -> None:
@@ -49,7 +51,7 @@ class DataPlane:
         self._startup_keys = keys
         log.info("registered %d models in %.2fs", len(keys), time.monotonic() - started)
         if self.settings.preload:
-            entries = [e for e in (self.cache.get(k) for k in keys) if e is not None]
+            entries = [e for e in (self.cache.get(k) for k in keys) if e is not None and self.owns(e.spec.name)]
             entries.sort(key=lambda e: not e.pinned)
             slots = asyncio.Semaphore(PRELOAD_CONCURRENCY)
 
@@ -92,6 +94,7 @@ class DataPlane:
         # The models configured at start must have loaded (Triton's strict readiness);
         # one added later through the repository API that fails does not take the pod out.
         entries = (self.cache.get(k) for k in self._startup_keys)
+        entries = (e for e in entries if e is None or self.owns(e.spec.name))
         return all(e is not None and e.state is not ModelState.FAILED for e in entries)
 
     def server_metadata(self) -> dict[str, Any]:

@@ -173,8 +173,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
 
-def build_grpc_server(dataplane: DataPlane, max_message_bytes: int, reuse_port: bool = False) -> grpc.aio.Server:
-    auth = build_auth(dataplane.settings)
+def build_grpc_server(
+    dataplane: DataPlane, max_message_bytes: int, reuse_port: bool = False, router=None, peer: bool = False
+) -> grpc.aio.Server:
+    """``router``: forward calls for other workers' models; ``peer``: the private server
+    other workers forward to (they checked the credentials)."""
+    auth = None if peer else build_auth(dataplane.settings)
     server = grpc.aio.server(
         interceptors=[grpc_auth_interceptor(auth)] if auth is not None else None,
         options=[
@@ -183,5 +187,94 @@ def build_grpc_server(dataplane: DataPlane, max_message_bytes: int, reuse_port: 
             ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane), server)
+    servicer = InferenceServicer(dataplane) if router is None else RoutingServicer(dataplane, router)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     return server
+
+
+_PASSED_ON = ("authorization", "x-api-key", "x-request-id", "traceparent", "tracestate")
+
+
+class RoutingServicer(InferenceServicer):
+    """One of several workers: calls for a model another worker owns go to that worker
+    (server/workers.py) over its private socket; the message is passed on as it is."""
+
+    def __init__(self, dataplane: DataPlane, router) -> None:
+        super().__init__(dataplane)
+        self.router = router
+        self._calls: dict[tuple[int, str], grpc.aio.UnaryUnaryMultiCallable] = {}
+
+    def _call(self, owner: int, method: str, response_cls) -> grpc.aio.UnaryUnaryMultiCallable:
+        call = self._calls.get((owner, method))
+        if call is None:
+            call = self._calls[(owner, method)] = self.router.channel(owner).unary_unary(
+                f"/inference.GRPCInferenceService/{method}",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=response_cls.FromString,
+            )
+        return call
+
+    async def _forward(self, name: str, method: str, request, response_cls, context):
+        owner = self.router.owner(name)
+        metadata = tuple((k, v) for k, v in context.invocation_metadata() or () if k in _PASSED_ON)
+        call = self._call(owner, method, response_cls)(request, metadata=metadata, timeout=context.time_remaining())
+        try:
+            response = await call
+            trailing = await call.trailing_metadata()
+        except grpc.aio.AioRpcError as e:
+            trailing = e.trailing_metadata()
+            if trailing:
+                context.set_trailing_metadata(tuple(trailing))
+            await context.abort(e.code(), e.details() or "")
+        if trailing:
+            context.set_trailing_metadata(tuple(trailing))
+        return response
+
+    async def ModelInfer(self, request, context):  # noqa: N802
+        if not self.router.mine(request.model_name):
+            return await self._forward(request.model_name, "ModelInfer", request, pb.ModelInferResponse, context)
+        return await super().ModelInfer(request, context)
+
+    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        if self.router.mine(request.model_name):
+            return await super()._infer(request)
+        call = self._call(self.router.owner(request.model_name), "ModelInfer", pb.ModelInferResponse)
+        try:
+            return await call(request)
+        except grpc.aio.AioRpcError as e:
+            raise InferenceError(e.details() or str(e.code())) from None
+
+    async def ModelReady(self, request, context):  # noqa: N802
+        if not self.router.mine(request.name):
+            return await self._forward(request.name, "ModelReady", request, pb.ModelReadyResponse, context)
+        return await super().ModelReady(request, context)
+
+    async def ModelMetadata(self, request, context):  # noqa: N802
+        if not self.router.mine(request.name):
+            return await self._forward(request.name, "ModelMetadata", request, pb.ModelMetadataResponse, context)
+        return await super().ModelMetadata(request, context)
+
+    async def RepositoryModelLoad(self, request, context):  # noqa: N802
+        if not self.router.mine(request.model_name):
+            r = pb.RepositoryModelLoadResponse
+            return await self._forward(request.model_name, "RepositoryModelLoad", request, r, context)
+        return await super().RepositoryModelLoad(request, context)
+
+    async def RepositoryModelUnload(self, request, context):  # noqa: N802
+        if not self.router.mine(request.model_name):
+            r = pb.RepositoryModelUnloadResponse
+            return await self._forward(request.model_name, "RepositoryModelUnload", request, r, context)
+        return await super().RepositoryModelUnload(request, context)
+
+    async def RepositoryIndex(self, request, context):  # noqa: N802
+        own = await super().RepositoryIndex(request, context)
+        rows = [m for m in own.models if self.router.mine(m.name)]
+        for i, _ in self.router.peers():
+            call = self._call(i, "RepositoryIndex", pb.RepositoryIndexResponse)
+            try:
+                theirs = await call(request, timeout=context.time_remaining())
+            except grpc.aio.AioRpcError:
+                continue
+            rows += [m for m in theirs.models if self.router.owner(m.name) == i]
+        rows.sort(key=lambda m: (m.name, m.version))
+        return pb.RepositoryIndexResponse(models=rows)

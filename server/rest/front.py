@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from time import perf_counter_ns
 from typing import Any
 
-from protocol.errors import InferenceError, InvalidInput, PayloadTooLarge
+from protocol.errors import InferenceError, InvalidInput, PayloadTooLarge, ServerNotReady
 from protocol.rest_codec import HEADER_LENGTH, decode_infer_request, encode_error, encode_infer_response
 from server.dataplane import DataPlane
 from server.observe import FrontStats, clean_request_id, log_access
@@ -28,6 +28,7 @@ from server.security import (
     build_auth,
 )
 from server.settings import Settings
+from server.workers import MODEL_PATH, Router
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,11 @@ _JOIN_BELOW = 64 * 1024
 
 
 class RestFront:
-    def __init__(self, dataplane: DataPlane, max_body: int, settings: Settings | None = None) -> None:
+    def __init__(
+        self, dataplane: DataPlane, max_body: int, settings: Settings | None = None, router: Router | None = None
+    ) -> None:
         self.dataplane = dataplane
+        self.router = router
         self.max_body = max_body
         from server.rest.routes import build_api
 
@@ -56,6 +60,15 @@ class RestFront:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            if self.router is not None:
+                path = scope["path"]
+                m = MODEL_PATH.match(path)
+                if m is not None and not self.router.mine(m["name"]):
+                    await self._forward(scope, receive, send, self.router.owner(m["name"]))
+                    return
+                if path in (METRICS_PATH, "/v2/repository/index", "/v2/health/ready"):
+                    await self._gather(scope, receive, send)
+                    return
             if scope["method"] == "POST":
                 m = INFER_PATH.match(scope["path"])
                 if m is not None:
@@ -187,6 +200,84 @@ class RestFront:
         finally:
             self._done(stats, rid, name, status, t0)
 
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, owner: int) -> None:
+        """Pass the request to the worker that owns its model, bytes through."""
+        assert self.router is not None
+        headers = scope["headers"]
+        try:
+            self._check_auth(scope)
+            declared = _declared_length(scope)
+            if declared is not None and declared > self.max_body:
+                raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {self.max_body}")
+            try:
+                async with asyncio.timeout(self.body_timeout):
+                    body = await _read_body(receive, self.max_body)
+            except TimeoutError:
+                raise BodyTimeout(f"request body not received within {self.body_timeout:g}s") from None
+            target = scope["raw_path"] or scope["path"].encode()
+            if scope["query_string"]:
+                target += b"?" + scope["query_string"]
+            try:
+                status, out, data = await self.router.http(owner).request(
+                    scope["method"].encode(), target, headers, body
+                )
+            except OSError:
+                log.warning("worker %d unreachable", owner)
+                raise ServerNotReady(f"the worker serving this model ({owner}) is unavailable") from None
+        except InferenceError as e:
+            extra = _CHALLENGE if e.http_status == 401 else _CLOSE if e.http_status in (408, 413) else None
+            await _send_json(send, e.http_status, encode_error(e.message), extra)
+            return
+        out.append((b"content-length", str(len(data)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": out})
+        await send({"type": "http.response.body", "body": data})
+
+    async def _gather(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """/metrics and the repository index over every worker."""
+        assert self.router is not None
+        try:
+            self._check_auth(scope)
+            body = await _read_body(receive, self.max_body)
+            fwd = [(k, v) for k, v in scope["headers"] if k in (b"authorization", b"x-api-key")]
+            if scope["path"] == "/v2/health/ready":
+                # The pod is ready when every worker is (each answers for its own models).
+                ok = self.dataplane.ready() and await self.router.all_ready(fwd)
+                await _send_json(send, 200 if ok else 503, b'{"ready":true}' if ok else b'{"ready":false}')
+                return
+            if scope["path"] == METRICS_PATH:
+                from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+                text = await self.router.metrics(generate_latest(self.dataplane.metrics), fwd)
+                ctype = CONTENT_TYPE_LATEST.encode()
+            else:
+                from protocol.rest_codec import dumps, loads_object
+
+                ready = (loads_object(body) if body.strip() else {}).get("ready", False)
+                if not isinstance(ready, bool):
+                    raise InvalidInput("'ready' must be a boolean")
+                own = self.dataplane.repository_index(ready_only=ready)
+                fwd.append((b"content-type", b"application/json"))
+                text = dumps(await self.router.repository_index(own, body, fwd))
+                ctype = b"application/json"
+        except InferenceError as e:
+            await _send_json(send, e.http_status, encode_error(e.message), _CHALLENGE if e.http_status == 401 else None)
+            return
+        headers = [(b"content-type", ctype), (b"content-length", str(len(text)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": text})
+
+    def _check_auth(self, scope: Scope) -> None:
+        if self.auth is None or not self.auth.protects(scope["path"]):
+            return
+        authorization = api_key = None
+        for key, value in scope["headers"]:
+            if key == b"authorization":
+                authorization = value
+            elif key == b"x-api-key":
+                api_key = value
+        if not self.auth.check(authorization, api_key):
+            raise Unauthenticated("missing or invalid credentials")
+
     @staticmethod
     def _done(stats: FrontStats | None, rid: str | None, name: str, status: int, t0: int) -> None:
         elapsed = perf_counter_ns() - t0
@@ -281,9 +372,9 @@ async def _send_json(send: Send, status: int, body: bytes, *extra: tuple[bytes, 
     await send({"type": "http.response.body", "body": body})
 
 
-def build_rest_app(dataplane: DataPlane, max_body: int) -> Any:
+def build_rest_app(dataplane: DataPlane, max_body: int, router: Router | None = None) -> Any:
     """The front, wrapped in CORS when origins are configured (off by default)."""
-    front = RestFront(dataplane, max_body)
+    front = RestFront(dataplane, max_body, router=router)
     origins = dataplane.settings.cors_origins
     if not origins:
         return front
