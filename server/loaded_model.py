@@ -16,6 +16,7 @@ import numpy as np
 from protocol.datatypes import DTYPES, as_bytes, bytes_array
 from protocol.errors import InferenceError, InvalidInput, ModelExecutionError
 from protocol.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor, TensorMetadata
+from server import tracing
 from server.batching import DynamicBatcher
 from server.runtimes.base import Model
 
@@ -81,6 +82,8 @@ class LoadedModel:
                 if self.timers is not None:
                     self.batcher.on_batch = self._on_batch
             return await self.batcher.submit(request)
+        if tracing.TRACER is not None:
+            return await self._traced(request, executor, tracing.TRACER)
         if self.timers is None:
             async with self.semaphore:
                 return await self._call(request, executor)
@@ -88,6 +91,18 @@ class LoadedModel:
         async with self.semaphore:
             self.timers.queue((time.perf_counter_ns() - t) / 1e9)
             return await self._call(request, executor)
+
+    async def _traced(self, request: InferenceRequest, executor: Executor, tracer: Any) -> InferenceResponse:
+        t = time.perf_counter_ns()
+        with tracer.start_as_current_span("queue"):
+            await self.semaphore.acquire()
+        try:
+            if self.timers is not None:
+                self.timers.queue((time.perf_counter_ns() - t) / 1e9)
+            with tracer.start_as_current_span("predict", attributes={"meshserve.model": self.name}):
+                return await self._call(request, executor)
+        finally:
+            self.semaphore.release()
 
     def _on_batch(self, rows: int, arrivals: list[float]) -> None:
         now = asyncio.get_running_loop().time()

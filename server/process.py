@@ -148,6 +148,9 @@ def serve(settings: Settings | None = None, router: Router | None = None) -> Non
     from server.observe import configure_logging
 
     configure_logging(settings.log_level, settings.log_format, settings.access_log)
+    from server import tracing
+
+    tracing.setup(settings.tracing, settings.server_name)
     from server.memory import tune_allocator
 
     tune_allocator()
@@ -163,6 +166,7 @@ def serve(settings: Settings | None = None, router: Router | None = None) -> Non
         raise SystemExit(supervise(settings))
     try:
         asyncio.run(run(settings, router=router))
+        tracing.shutdown()
     except OSError as e:
         log.error("%s", e)
         raise SystemExit(1) from None

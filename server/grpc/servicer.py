@@ -13,6 +13,7 @@ from protocol.errors import InferenceError, InvalidInput
 from protocol.grpc import grpc_service_pb2 as pb
 from protocol.grpc import grpc_service_pb2_grpc as pb_grpc
 from protocol.grpc.codec import decode_infer_request, encode_infer_response
+from server import tracing
 from server.dataplane import DataPlane
 from server.observe import clean_request_id, log_access
 from server.security import RequestTimeout, build_auth, grpc_auth_interceptor
@@ -85,17 +86,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # Answer in the form the client used: raw contents for raw requests.
         return encode_infer_response(response, raw=bool(request.raw_input_contents))
 
+    async def _traced_infer(self, request: pb.ModelInferRequest, traceparent: str | None) -> pb.ModelInferResponse:
+        tracer = tracing.TRACER
+        with tracing.request_span(f"infer {request.model_name}", traceparent, "grpc", request.model_name):
+            with tracer.start_as_current_span("decode"):
+                decoded = decode_infer_request(request)
+            response = await self.dp.infer(decoded)
+            with tracer.start_as_current_span("encode"):
+                return encode_infer_response(response, raw=bool(request.raw_input_contents))
+
     async def ModelInfer(self, request, context):  # noqa: N802
         t0 = perf_counter_ns()
         name = request.model_name
         stats = self.obs.front(name, "grpc") if self.obs is not None else None
         if stats is not None:
             stats.begin()
-        rid = None
+        rid = traceparent = None
         for key, value in context.invocation_metadata() or ():
             if key == "x-request-id":
                 rid = value
-                break
+            elif key == "traceparent":
+                traceparent = value
         rid = clean_request_id(rid)
         context.set_trailing_metadata((("x-request-id", rid),))
         code = "OK"
@@ -105,11 +116,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             left = context.time_remaining()
             if left is not None and (timeout is None or left < timeout):
                 timeout = left
+            work = self._infer(request) if tracing.TRACER is None else self._traced_infer(request, traceparent)
             if timeout is None:
-                return await self._infer(request)
+                return await work
             try:
                 async with asyncio.timeout(timeout):
-                    return await self._infer(request)
+                    return await work
             except TimeoutError:
                 raise RequestTimeout(f"request not served within {timeout:.3g}s") from None
         except Exception as e:

@@ -15,6 +15,7 @@ from typing import Any
 
 from protocol.errors import InferenceError, InvalidInput, PayloadTooLarge, ServerNotReady
 from protocol.rest_codec import HEADER_LENGTH, decode_infer_request, encode_error, encode_infer_response
+from server import tracing
 from server.dataplane import DataPlane
 from server.observe import FrontStats, clean_request_id, log_access
 from server.rest.encoding import MIN_COMPRESSED_RESPONSE, decode_body, encode_body, response_encoding
@@ -122,7 +123,7 @@ class RestFront:
 
     async def _infer(self, scope: Scope, receive: Receive, send: Send, name: str, version: str | None) -> None:
         t0 = perf_counter_ns()
-        rid = authorization = api_key = None
+        rid = authorization = api_key = traceparent = None
         stats = self.obs.front(name, "rest") if self.obs is not None else None
         if stats is not None:
             stats.begin()
@@ -144,6 +145,8 @@ class RestFront:
                     authorization = value
                 elif key == b"x-api-key":
                     api_key = value
+                elif key == b"traceparent":
+                    traceparent = value
             rid = clean_request_id(rid)
             if self.auth is not None and not self.auth.check(authorization, api_key):
                 raise Unauthenticated("missing or invalid credentials")
@@ -156,12 +159,16 @@ class RestFront:
                 raise BodyTimeout(f"request body not received within {self.body_timeout:g}s") from None
             if content_encoding is not None:
                 body = decode_body(body, content_encoding, self.max_body)
+            if tracing.TRACER is None:
+                work = run_infer(self.dataplane, body, name, version, header_length)
+            else:
+                work = _traced_infer(self.dataplane, body, name, version, header_length, traceparent)
             if self.request_timeout is None:
-                parts, json_length = await run_infer(self.dataplane, body, name, version, header_length)
+                parts, json_length = await work
             else:
                 try:
                     async with asyncio.timeout(self.request_timeout):
-                        parts, json_length = await run_infer(self.dataplane, body, name, version, header_length)
+                        parts, json_length = await work
                 except TimeoutError:
                     raise RequestTimeout(f"request not served within {self.request_timeout:g}s") from None
         except InferenceError as e:
@@ -305,6 +312,20 @@ async def run_infer(
     request = decode_infer_request(body, name, version, header_length)
     response = await dp.infer(request, key)
     return encode_infer_response(response, request)
+
+
+async def _traced_infer(
+    dp: DataPlane, body: bytes, name: str, version: str | None, header_length: int | None, traceparent: bytes | None
+) -> tuple[list[bytes | memoryview], int | None]:
+    """run_infer with spans (server/tracing.py): decode, the model's queue and predict, encode."""
+    tracer = tracing.TRACER
+    with tracing.request_span(f"infer {name}", traceparent, "rest", name):
+        key = dp.repository.resolve(name, version)
+        with tracer.start_as_current_span("decode"):
+            request = decode_infer_request(body, name, version, header_length)
+        response = await dp.infer(request, key)
+        with tracer.start_as_current_span("encode"):
+            return encode_infer_response(response, request)
 
 
 def _int_header(value: bytes, name: str) -> int:
