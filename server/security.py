@@ -24,11 +24,7 @@ if TYPE_CHECKING:
 
 HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
 METRICS_PATH = "/metrics"
-GRPC_HEALTH_METHODS = (
-    "/inference.GRPCInferenceService/ServerLive",
-    "/inference.GRPCInferenceService/ServerReady",
-    "/inference.GRPCInferenceService/ModelReady",
-)
+GRPC_HEALTH_METHODS = ("/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady")
 WWW_AUTHENTICATE = b'Bearer realm="meshserve"'
 
 

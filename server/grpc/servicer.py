@@ -136,6 +136,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 stats.end(code, elapsed)
             log_access(rid, "grpc", "infer", name, code, elapsed)
 
+    def _local(self, name: str) -> bool:
+        return True
+
+    async def _stream_one(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        """One request of a stream, counted like a unary one (by the worker that serves it)."""
+        stats = self.obs.front(request.model_name, "grpc") if self.obs and self._local(request.model_name) else None
+        if stats is None:
+            return await self._infer(request)
+        t0 = perf_counter_ns()
+        stats.begin()
+        code = "OK"
+        try:
+            return await self._infer(request)
+        except InferenceError as e:
+            code = e.grpc_code
+            raise
+        except BaseException:
+            code = "INTERNAL"
+            raise
+        finally:
+            stats.end(code, perf_counter_ns() - t0)
+
     async def ModelStreamInfer(  # noqa: N802
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
@@ -146,7 +168,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    await pending.put(asyncio.ensure_future(self._infer(request)))
+                    await pending.put(asyncio.ensure_future(self._stream_one(request)))
             finally:
                 await pending.put(None)
 
@@ -241,6 +263,9 @@ class RoutingServicer(InferenceServicer):
         if trailing:
             context.set_trailing_metadata(tuple(trailing))
         return response
+
+    def _local(self, name: str) -> bool:
+        return self.router.mine(name)
 
     async def ModelInfer(self, request, context):  # noqa: N802
         if not self.router.mine(request.model_name):

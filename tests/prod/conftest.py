@@ -98,3 +98,34 @@ def grpc_stub(channel):
     from protocol.grpc import grpc_service_pb2_grpc as pb_grpc
 
     return pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def spawn_server(model_dir: Path, log: Path, *args: str, probe, env: dict | None = None, timeout: float = 60):
+    """A server started like tests/support/server.py's, ready when ``probe(server)`` is true
+    (for servers the plain readiness poll cannot reach: TLS, tokens on health)."""
+    import os
+    import subprocess
+    import time
+
+    from tests.support.server import REPO, RunningServer, free_port, meshserve_command
+
+    http_port, grpc_port = free_port(), free_port()
+    cmd = [*meshserve_command(), "serve", "--host", "127.0.0.1", "--http-port", str(http_port),
+           "--grpc-port", str(grpc_port), "--model-dir", str(model_dir), *args]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=REPO
+    )
+    srv = RunningServer(proc, http_port, grpc_port, log)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"meshserve exited with {proc.returncode}:\n{srv.log()}")
+        try:
+            if probe(srv):
+                return srv
+        except Exception:
+            pass
+        if time.monotonic() > deadline:
+            srv.stop()
+            raise RuntimeError(f"meshserve not ready after {timeout}s:\n{srv.log()}")
+        time.sleep(0.1)

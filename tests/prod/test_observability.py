@@ -45,8 +45,13 @@ def test_rest_and_grpc_counts_phases_and_in_flight(srv):
             with pytest.raises(grpc.RpcError) as e:
                 stub.ModelInfer(grpc_infer_request("missing", [1]))
             assert e.value.code() == grpc.StatusCode.NOT_FOUND
-        text = http.get("/metrics").text
-    count = "meshserve_inference_requests_total"
+        count = "meshserve_inference_requests_total"
+        deadline = time.monotonic() + 5  # a gRPC error reaches the client before its handler returns
+        while True:
+            text = http.get("/metrics").text
+            if scrape(text, count, protocol="grpc") == 3 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     assert scrape(text, count, model="hooks", protocol="rest", status="200") == 3
     assert scrape(text, count, model="hooks", protocol="rest", status="400") == 1
     assert scrape(text, count, model="hooks", protocol="grpc", status="OK") == 2
@@ -112,3 +117,15 @@ def test_request_ids_returned_and_logged_as_json(srv):
     assert by_id[generated]["model"] == "hooks"
     # Every line of the log is JSON (no stray text lines).
     assert all(line.startswith("{") for line in srv.log().splitlines() if line.strip())
+
+
+def test_stream_requests_are_counted(srv):
+    with httpx.Client(base_url=srv.http_url, timeout=10) as http, grpc.insecure_channel(srv.grpc_address) as channel:
+        count = "meshserve_inference_requests_total"
+        before = scrape(http.get("/metrics").text, count, model="hooks", protocol="grpc", status="OK")
+        requests = [grpc_infer_request("hooks", [i]) for i in range(3)] + [grpc_infer_request("typo", [1])]
+        replies = list(grpc_stub(channel).ModelStreamInfer(iter(requests), timeout=10))
+        assert [bool(r.error_message) for r in replies] == [False, False, False, True]
+        text = http.get("/metrics").text
+        assert scrape(text, count, model="hooks", protocol="grpc", status="OK") - before == 3
+        assert scrape(text, count, model="", protocol="grpc", status="NOT_FOUND") >= 1

@@ -7,7 +7,6 @@ import datetime
 import gzip
 import socket
 import ssl
-import subprocess
 import time
 from pathlib import Path
 
@@ -16,8 +15,8 @@ import httpx
 import orjson
 import pytest
 
-from tests.prod.conftest import grpc_infer_request, grpc_stub, infer_doc
-from tests.support.server import RunningServer, free_port, meshserve_command, start_server
+from tests.prod.conftest import grpc_infer_request, grpc_stub, infer_doc, spawn_server
+from tests.support.server import RunningServer, start_server
 
 TOKEN = "s3cret-token-do-not-echo"
 ROTATED = "second-token"
@@ -77,6 +76,8 @@ def test_grpc_tokens(srv):
             for call, req in [
                 (stub.ModelInfer, grpc_infer_request("slow", [1])),
                 (stub.ModelMetadata, pb.ModelMetadataRequest(name="slow")),
+                (stub.ModelReady, pb.ModelReadyRequest(name="slow")),
+                (stub.RepositoryIndex, pb.RepositoryIndexRequest()),
                 (stub.RepositoryModelUnload, pb.RepositoryModelUnloadRequest(model_name="slow")),
             ]:
                 with pytest.raises(grpc.RpcError) as e:
@@ -91,6 +92,24 @@ def test_grpc_tokens(srv):
         assert list(out.outputs[0].contents.fp32_contents) == [6.0]
         assert stub.ModelInfer(grpc_infer_request("slow", [1]), metadata=(("x-api-key", ROTATED),)).outputs
         assert stub.ServerReady(pb.ServerReadyRequest()).ready  # health: open by default
+
+
+def test_health_and_metrics_can_require_the_token(prod_models, tmp_path):
+    s = spawn_server(
+        prod_models, tmp_path / "log", "--auth-health", "--auth-metrics", env={"MESHSERVE_AUTH_TOKEN": TOKEN},
+        probe=lambda s: httpx.get(s.http_url + "/v2/health/ready", headers=AUTH).status_code == 200,
+    )  # fmt: skip
+    try:
+        for path in ("/v2/health/ready", "/v2/health/live", "/metrics"):
+            assert httpx.get(s.http_url + path).status_code == 401
+            assert httpx.get(s.http_url + path, headers=AUTH).status_code in (200, 503)
+        from protocol.grpc import grpc_service_pb2 as pb
+
+        with grpc.insecure_channel(s.grpc_address) as channel, pytest.raises(grpc.RpcError) as e:
+            grpc_stub(channel).ServerLive(pb.ServerLiveRequest(), timeout=5)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        s.stop()
 
 
 def test_request_timeout_and_grpc_deadline(srv, http):
@@ -294,25 +313,14 @@ def _self_signed(d: Path) -> tuple[Path, Path]:
 
 def test_tls_on_rest_and_grpc(prod_models, tmp_path):
     cert, key = _self_signed(tmp_path)
-    http_port, grpc_port = free_port(), free_port()
-    cmd = [*meshserve_command(), "serve", "--host", "127.0.0.1", "--http-port", str(http_port),
-           "--grpc-port", str(grpc_port), "--model-dir", str(prod_models), "--tls-cert", str(cert),
-           "--tls-key", str(key)]  # fmt: skip
-    log = tmp_path / "tls.log"
-    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-    srv = RunningServer(proc, http_port, grpc_port, log)
     ctx = ssl.create_default_context(cafile=str(cert))
+    srv = spawn_server(
+        prod_models, tmp_path / "tls.log", "--tls-cert", str(cert), "--tls-key", str(key),
+        probe=lambda s: httpx.get(f"https://127.0.0.1:{s.http_port}/v2/health/ready", verify=ctx).status_code == 200,
+    )  # fmt: skip
+    http_port, grpc_port = srv.http_port, srv.grpc_port
     url = f"https://127.0.0.1:{http_port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, srv.log()
-            try:
-                if httpx.get(f"{url}/v2/health/ready", verify=ctx, timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, srv.log()
-                time.sleep(0.1)
         r = httpx.post(f"{url}/v2/models/slow/infer", json=infer_doc([2]), verify=ctx)
         assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [4.0]
         with pytest.raises(httpx.ConnectError):  # an unknown CA is refused

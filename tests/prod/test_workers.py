@@ -3,7 +3,9 @@ metrics summed over workers, one copy of each model in memory."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -111,6 +113,19 @@ def test_two_workers_share_ports_and_models(tmp_path):
         rss0, rss1 = (_rss(p) for p in pids)
         assert abs((rss0 - rss1) - 2 * SIZE) < 0.5 * SIZE, (rss0 / MB, rss1 / MB)
         assert rss0 + rss1 < 2 * (rss1 - SIZE) + len(names) * SIZE + 100 * MB
+        # A worker that dies is started again; its models come back with it.
+        os.kill(pids[1], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with httpx.Client(timeout=5) as c:
+                    if c.get(f"{srv.http_url}/v2/health/ready").status_code == 200 and rest(one[0]) == 2.0:
+                        break
+            except (httpx.TransportError, AssertionError):
+                pass
+            assert time.monotonic() < deadline, srv.log()
+            time.sleep(0.2)
+        assert "worker 1" in srv.log() and "restarting" in srv.log()
         assert srv.stop() == 0
         assert not any(Path(f"/proc/{p}").exists() for p in pids)
     finally:
