@@ -10,16 +10,21 @@ Model labels only ever hold registered model names; anything else is counted und
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
 from itertools import count
 from typing import Any
 
 import orjson
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 # Seconds; from 100 us (small tabular models) to a minute (LLM generations).
 LATENCY_BUCKETS = (
@@ -36,82 +41,82 @@ access_log = logging.getLogger("meshserve.access")
 CURRENT: RequestMetrics | None = None
 
 
+class _Hist:
+    """A histogram kept as plain numbers: observed on the event loop only (both fronts,
+    the batcher and the phase timers run there), read at scrape time, so no locks."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out, total = [], 0
+        for bound, n in zip(self.bounds, self.counts, strict=False):
+            total += n
+            out.append((floatToGoString(bound), total))
+        out.append(("+Inf", total + self.counts[-1]))
+        return out
+
+
 class FrontStats:
-    """The pre-resolved children for one (model, protocol)."""
+    """The figures of one (model, protocol), resolved once and kept."""
 
-    __slots__ = ("model", "protocol", "_in_flight", "_duration", "_by_status", "_counter")
+    __slots__ = ("model", "protocol", "in_flight", "duration", "by_status")
 
-    def __init__(self, m: RequestMetrics, model: str, protocol: str) -> None:
+    def __init__(self, model: str, protocol: str) -> None:
         self.model = model
         self.protocol = protocol
-        self._in_flight = m.in_flight.labels(model, protocol)
-        self._duration = m.duration.labels(model, protocol)
-        self._counter = m.requests
-        self._by_status: dict[Any, Any] = {}
+        self.in_flight = 0
+        self.duration = _Hist(LATENCY_BUCKETS)
+        self.by_status: dict[int | str, int] = {}
 
     def begin(self) -> None:
-        self._in_flight.inc()
+        self.in_flight += 1
 
     def end(self, status: int | str, elapsed_ns: int) -> None:
-        self._in_flight.dec()
-        self._duration.observe(elapsed_ns / 1e9)
-        child = self._by_status.get(status)
-        if child is None:
-            child = self._by_status[status] = self._counter.labels(self.model, self.protocol, str(status))
-        child.inc()
+        self.in_flight -= 1
+        self.duration.observe(elapsed_ns / 1e9)
+        by_status = self.by_status
+        by_status[status] = by_status.get(status, 0) + 1
 
 
 class PhaseTimers:
-    """Queue / preprocess / predict / postprocess histograms of one model (seconds)."""
+    """Queue / preprocess / predict / postprocess histograms of one model (seconds), and
+    its batch sizes; each attribute is the ``observe`` to call."""
 
-    __slots__ = ("queue", "preprocess", "predict", "postprocess", "batch")
+    __slots__ = ("hists", "queue", "preprocess", "predict", "postprocess", "batch")
 
-    def __init__(self, m: RequestMetrics, model: str) -> None:
-        self.queue = m.queue.labels(model).observe
-        self.preprocess = m.preprocess.labels(model).observe
-        self.predict = m.predict.labels(model).observe
-        self.postprocess = m.postprocess.labels(model).observe
-        self.batch = m.batch_size.labels(model).observe
+    def __init__(self) -> None:
+        self.hists = {name: _Hist(LATENCY_BUCKETS) for name in PHASES}
+        self.hists["batch"] = _Hist(BATCH_BUCKETS)
+        for name, hist in self.hists.items():
+            setattr(self, name, hist.observe)
 
 
-class RequestMetrics:
+PHASES = {
+    "queue": "waiting for an execution slot or a batch",
+    "preprocess": "in the model's preprocess",
+    "predict": "in the model's predict",
+    "postprocess": "in the model's postprocess",
+}
+
+
+class RequestMetrics(Collector):
+    """Per-request figures, registered in the server's registry and read at scrape time."""
+
     def __init__(self, registry: CollectorRegistry, known: Callable[[str], bool]) -> None:
         self._known = known
-        self.requests = Counter(
-            "meshserve_inference_requests", "Inference requests by model, protocol and status (HTTP or gRPC code).",
-            ["model", "protocol", "status"], registry=registry,
-        )  # fmt: skip
-        self.duration = Histogram(
-            "meshserve_inference_request_duration_seconds", "Inference request time, first byte in to last byte out.",
-            ["model", "protocol"], buckets=LATENCY_BUCKETS, registry=registry,
-        )  # fmt: skip
-        self.in_flight = Gauge(
-            "meshserve_inference_requests_in_flight", "Inference requests being served now.",
-            ["model", "protocol"], registry=registry,
-        )  # fmt: skip
-        phase = "Time {} (seconds), per model."
-        self.queue = Histogram(
-            "meshserve_inference_queue_duration_seconds", phase.format("waiting for an execution slot or a batch"),
-            ["model"], buckets=LATENCY_BUCKETS, registry=registry,
-        )  # fmt: skip
-        self.preprocess = Histogram(
-            "meshserve_inference_preprocess_duration_seconds", phase.format("in the model's preprocess"),
-            ["model"], buckets=LATENCY_BUCKETS, registry=registry,
-        )  # fmt: skip
-        self.predict = Histogram(
-            "meshserve_inference_predict_duration_seconds", phase.format("in the model's predict"),
-            ["model"], buckets=LATENCY_BUCKETS, registry=registry,
-        )  # fmt: skip
-        self.postprocess = Histogram(
-            "meshserve_inference_postprocess_duration_seconds", phase.format("in the model's postprocess"),
-            ["model"], buckets=LATENCY_BUCKETS, registry=registry,
-        )  # fmt: skip
-        self.batch_size = Histogram(
-            "meshserve_inference_batch_size", "Rows per model execution of a dynamically batched model.",
-            ["model"], buckets=BATCH_BUCKETS, registry=registry,
-        )  # fmt: skip
         self._fronts: dict[tuple[str, str], FrontStats] = {}
+        self._all: list[FrontStats] = []
         self._phases: dict[str, PhaseTimers] = {}
+        registry.register(self)
 
     def front(self, model: str, protocol: str) -> FrontStats:
         stats = self._fronts.get((model, protocol))
@@ -119,7 +124,8 @@ class RequestMetrics:
             label = model if self._known(model) else ""
             stats = self._fronts.get((label, protocol))
             if stats is None:
-                stats = self._fronts[(label, protocol)] = FrontStats(self, label, protocol)
+                stats = self._fronts[(label, protocol)] = FrontStats(label, protocol)
+                self._all.append(stats)
             if label:
                 self._fronts[(model, protocol)] = stats
         return stats
@@ -127,8 +133,48 @@ class RequestMetrics:
     def phases(self, model: str) -> PhaseTimers:
         timers = self._phases.get(model)
         if timers is None:
-            timers = self._phases[model] = PhaseTimers(self, model)
+            timers = self._phases[model] = PhaseTimers()
         return timers
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "meshserve_inference_requests", "Inference requests by model, protocol and status (HTTP or gRPC code).",
+            labels=["model", "protocol", "status"],
+        )  # fmt: skip
+        duration = HistogramMetricFamily(
+            "meshserve_inference_request_duration_seconds", "Inference request time, first byte in to last byte out.",
+            labels=["model", "protocol"],
+        )  # fmt: skip
+        in_flight = GaugeMetricFamily(
+            "meshserve_inference_requests_in_flight", "Inference requests being served now.",
+            labels=["model", "protocol"],
+        )  # fmt: skip
+        for f in list(self._all):
+            labels = [f.model, f.protocol]
+            for status, n in list(f.by_status.items()):
+                requests.add_metric([*labels, str(status)], n)
+            duration.add_metric(labels, f.duration.buckets(), f.duration.sum)
+            in_flight.add_metric(labels, f.in_flight)
+        yield requests
+        yield duration
+        yield in_flight
+        for phase, what in PHASES.items():
+            fam = HistogramMetricFamily(
+                f"meshserve_inference_{phase}_duration_seconds", f"Time {what} (seconds), per model.", labels=["model"]
+            )
+            for model, timers in list(self._phases.items()):
+                hist = timers.hists[phase]
+                fam.add_metric([model], hist.buckets(), hist.sum)
+            yield fam
+        batch = HistogramMetricFamily(
+            "meshserve_inference_batch_size", "Rows per model execution of a dynamically batched model.",
+            labels=["model"],
+        )  # fmt: skip
+        for model, timers in list(self._phases.items()):
+            hist = timers.hists["batch"]
+            if any(hist.counts):
+                batch.add_metric([model], hist.buckets(), hist.sum)
+        yield batch
 
 
 # -- request ids ---------------------------------------------------------------
@@ -154,16 +200,85 @@ def clean_request_id(value: bytes | str | None) -> str:
     return new_request_id()
 
 
+class AccessLog:
+    """Access lines, formatted here and written in batches (every 50 ms, or at 64 KiB):
+    the logging module and a write per request would cost more than the request itself.
+    Called on the event loop only. JSON lines carry the same fields as other JSON logs."""
+
+    def __init__(self, fmt: str, stream: Any = None) -> None:
+        self.json = fmt == "json"
+        self.stream = stream or sys.stderr
+        self.buffer: list[bytes] = []
+        self.size = 0
+        self.scheduled = False
+        self._sec = -1
+        self._stamp = ""
+
+    def _ts(self) -> str:
+        now = time.time()
+        sec = int(now)
+        if sec != self._sec:
+            self._sec = sec
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) if self.json else (
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec)))  # fmt: skip
+        ms = int((now - sec) * 1000)
+        return f"{self._stamp}.{ms:03d}Z" if self.json else f"{self._stamp},{ms:03d}"
+
+    def write(self, rid: str, protocol: str, method: str, model: str, status: int | str, elapsed_ns: int) -> None:
+        ms = round(elapsed_ns / 1e6, 3)
+        if self.json:
+            line = orjson.dumps(
+                {
+                    "ts": self._ts(), "level": "info", "logger": "meshserve.access",
+                    "msg": f"{protocol} {method} {model or '-'} {status} {ms}ms", "request_id": rid,
+                    "protocol": protocol, "method": method, "model": model, "status": status, "latency_ms": ms,
+                }
+            ) + b"\n"  # fmt: skip
+        else:
+            text = f"{self._ts()} INFO meshserve.access: {protocol} {method} {model or '-'} {status} {ms}ms id={rid}\n"
+            line = text.encode()
+        self.buffer.append(line)
+        self.size += len(line)
+        if self.size >= 65536:
+            self.flush()
+        elif not self.scheduled:
+            try:
+                asyncio.get_running_loop().call_later(0.05, self.flush)
+                self.scheduled = True
+            except RuntimeError:  # no loop: write now
+                self.flush()
+
+    def flush(self) -> None:
+        self.scheduled = False
+        if not self.buffer:
+            return
+        data = b"".join(self.buffer)
+        self.buffer.clear()
+        self.size = 0
+        try:
+            out = getattr(self.stream, "buffer", None)
+            if out is not None:
+                self.stream.flush()
+                out.write(data)
+                out.flush()
+            else:
+                self.stream.write(data.decode())
+                self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+ACCESS: AccessLog | None = None
+
+
 def log_access(request_id: str, protocol: str, method: str, model: str, status: int | str, elapsed_ns: int) -> None:
-    if access_log.isEnabledFor(logging.INFO):
-        access_log.info(
-            "%s %s %s %s %.3fms",
-            protocol, method, model or "-", status, elapsed_ns / 1e6,
-            extra={
-                "request_id": request_id, "protocol": protocol, "method": method, "model": model,
-                "status": status, "latency_ms": round(elapsed_ns / 1e6, 3),
-            },
-        )  # fmt: skip
+    if ACCESS is not None:
+        ACCESS.write(request_id, protocol, method, model, status, elapsed_ns)
+
+
+def flush_access_log() -> None:
+    if ACCESS is not None:
+        ACCESS.flush()
 
 
 # -- log formats -----------------------------------------------------------------
@@ -199,4 +314,11 @@ def configure_logging(level: str, fmt: str, access: bool = True) -> None:
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    access_log.disabled = not access
+    global ACCESS
+    if ACCESS is not None:
+        ACCESS.flush()
+    ACCESS = AccessLog(fmt) if access and access_log.isEnabledFor(logging.INFO) else None
+    if ACCESS is not None:
+        import atexit
+
+        atexit.register(ACCESS.flush)

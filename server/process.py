@@ -120,6 +120,9 @@ async def run(settings: Settings, started: asyncio.Event | None = None, router: 
         await router.close()
     await dataplane.stop()
     log.info("stopped")
+    from server.observe import flush_access_log
+
+    flush_access_log()
     waiter.cancel()
 
 

@@ -11,6 +11,7 @@ Prometheus scrapes rarely carry tokens).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,6 +46,58 @@ class RequestTimeout(InferenceError):
 
     http_status = 504
     grpc_code = "DEADLINE_EXCEEDED"
+
+
+class Deadlines:
+    """Cheap timeouts for many short awaits (reading request bodies): a dict entry per
+    await, and one task that wakes every ``period`` seconds to cancel the overdue.
+    ``asyncio.timeout`` costs ~9 us per use under uvloop (a timer each); this, well under 1 us.
+
+        task = deadlines.arm(seconds)
+        try:
+            ...await...
+        except asyncio.CancelledError:
+            if deadlines.fired(task): raise SomeTimeout(...)
+            raise
+        finally:
+            deadlines.disarm(task)
+    """
+
+    def __init__(self, period: float = 0.1) -> None:
+        self.period = period
+        self._due: dict[asyncio.Task, float] = {}
+        self._fired: set[asyncio.Task] = set()
+        self._runner: asyncio.Task | None = None
+
+    def arm(self, seconds: float) -> asyncio.Task:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = task.get_loop()
+        self._due[task] = loop.time() + seconds
+        if self._runner is None or self._runner.done():
+            self._runner = loop.create_task(self._run())
+        return task
+
+    def disarm(self, task: asyncio.Task) -> None:
+        self._due.pop(task, None)
+
+    def fired(self, task: asyncio.Task) -> bool:
+        if task in self._fired:
+            self._fired.discard(task)
+            task.uncancel()
+            return True
+        return False
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._due:
+            await asyncio.sleep(self.period)
+            now = loop.time()
+            for task, due in list(self._due.items()):
+                if due <= now:
+                    del self._due[task]
+                    self._fired.add(task)
+                    task.cancel()
 
 
 class Auth:

@@ -24,6 +24,7 @@ from server.security import (
     METRICS_PATH,
     WWW_AUTHENTICATE,
     BodyTimeout,
+    Deadlines,
     RequestTimeout,
     Unauthenticated,
     build_auth,
@@ -58,6 +59,7 @@ class RestFront:
         self.request_timeout = settings.request_timeout_seconds
         self.body_timeout = settings.body_timeout_seconds
         self.obs = getattr(dataplane, "observe", None)
+        self.deadlines = Deadlines()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -152,11 +154,7 @@ class RestFront:
                 raise Unauthenticated("missing or invalid credentials")
             if declared is not None and declared > self.max_body:
                 raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {self.max_body}")
-            try:
-                async with asyncio.timeout(self.body_timeout):
-                    body = await _read_body(receive, self.max_body)
-            except TimeoutError:
-                raise BodyTimeout(f"request body not received within {self.body_timeout:g}s") from None
+            body = await self._read_body(receive)
             if content_encoding is not None:
                 body = decode_body(body, content_encoding, self.max_body)
             if tracing.TRACER is None:
@@ -216,11 +214,7 @@ class RestFront:
             declared = _declared_length(scope)
             if declared is not None and declared > self.max_body:
                 raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {self.max_body}")
-            try:
-                async with asyncio.timeout(self.body_timeout):
-                    body = await _read_body(receive, self.max_body)
-            except TimeoutError:
-                raise BodyTimeout(f"request body not received within {self.body_timeout:g}s") from None
+            body = await self._read_body(receive)
             target = scope["raw_path"] or scope["path"].encode()
             if scope["query_string"]:
                 target += b"?" + scope["query_string"]
@@ -272,6 +266,19 @@ class RestFront:
         headers = [(b"content-type", ctype), (b"content-length", str(len(text)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": text})
+
+    async def _read_body(self, receive: Receive) -> bytes:
+        """The whole body, within the size limit and the body timeout (a stalled or
+        trickling client gets 408)."""
+        task = self.deadlines.arm(self.body_timeout)
+        try:
+            return await _read_body(receive, self.max_body)
+        except asyncio.CancelledError:
+            if self.deadlines.fired(task):
+                raise BodyTimeout(f"request body not received within {self.body_timeout:g}s") from None
+            raise
+        finally:
+            self.deadlines.disarm(task)
 
     def _check_auth(self, scope: Scope) -> None:
         if self.auth is None or not self.auth.protects(scope["path"]):
