@@ -111,6 +111,7 @@ def test_two_workers_share_ports_and_models(tmp_path):
                 assert scrape(text, "meshserve_models_resident") == len(names)
         # One copy of each model: worker 0 holds 3, worker 1 holds 1.
         rss0, rss1 = (_rss(p) for p in pids)
+        print(f"worker RSS: {rss0 / MB:.0f} MiB (3 models of {SIZE // MB} MiB), {rss1 / MB:.0f} MiB (1 model)")
         assert abs((rss0 - rss1) - 2 * SIZE) < 0.5 * SIZE, (rss0 / MB, rss1 / MB)
         assert rss0 + rss1 < 2 * (rss1 - SIZE) + len(names) * SIZE + 100 * MB
         # A worker that dies is started again; its models come back with it.
