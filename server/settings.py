@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     tls_key: Path | None = None
     request_timeout_seconds: float | None = Field(default=None, gt=0)  # whole request: 504 / DEADLINE_EXCEEDED
     body_timeout_seconds: float = Field(default=30.0, gt=0)  # a client must send its body within this: 408
-    cors_origins: list[str] = []  # CORS off unless origins are listed ("*" for any)
+    cors_origins: list[str] | str = []  # CORS off unless origins are listed ("*" for any)
     max_connections: int | None = Field(default=None, ge=1)  # REST: 503 past this many open connections
     workers: int = Field(default=1, ge=1)
     tracing: bool = False  # OpenTelemetry spans (the `otel` extra); off: no cost

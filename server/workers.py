@@ -236,7 +236,7 @@ def merge_metrics(texts: list[bytes]) -> bytes:
 
     class _Merged:
         def collect(self):
-            return list(families.values())
+            return [f for f in families.values() if f.samples]
 
     registry = CollectorRegistry()
     registry.register(_Merged())
