@@ -13,7 +13,7 @@ from modelmesh import CacheEntry, ModelState
 from protocol.errors import InferenceError, ServerNotReady
 from protocol.types import InferenceRequest, InferenceResponse, ModelMetadata
 from server.repository import ModelRepository
-from server.security import check_model_name
+from server.security import check_load_uri, check_model_name
 from server.settings import Settings
 from server.version import __version__
 
@@ -149,6 +149,7 @@ class DataPlane:
 
     async def load_model(self, name: str, config: dict[str, Any] | None = None) -> None:
         check_model_name(name)
+        check_load_uri(config, self.settings)
         await self.repository.load(name, config)
 
     async def unload_model(self, name: str) -> None:

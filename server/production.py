@@ -24,6 +24,10 @@ def add_flags(s: argparse.ArgumentParser) -> None:
     g.add_argument("--shutdown-grace", type=float, help="seconds in-flight requests get after SIGTERM (default 10)")
     g.add_argument("--drain-seconds", type=float, help="after SIGTERM, seconds not ready but still accepting")
     g.add_argument("--workers", type=int, help="serving processes; each model lives in one of them (default 1)")
+    g.add_argument(
+        "--repository-uris", choices=["any", "model-dir", "none"],
+        help="where a repository load may point a model's uri (default any)",
+    )  # fmt: skip
     g.add_argument("--tracing", action="store_const", const=True, help="OpenTelemetry spans (the otel extra)")
 
 
@@ -46,4 +50,5 @@ def values(args: argparse.Namespace) -> dict[str, Any]:
         "drain_seconds": args.drain_seconds,
         "workers": args.workers,
         "tracing": args.tracing,
+        "repository_uris": args.repository_uris,
     }

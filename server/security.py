@@ -158,6 +158,28 @@ def check_model_name(name: str, what: str = "model name") -> None:
         raise InvalidInput(f"invalid {what} {name[:64]!r}: use letters, digits, '-', '_' and '.' (not leading)")
 
 
+def check_load_uri(config: dict | None, settings: Settings) -> None:
+    """With ``--repository-uris model-dir``, a repository load may only name a directory
+    inside the model directory; with ``none``, no URI at all (only models already known)."""
+    mode = settings.repository_uris
+    uri = config.get("uri") if config else None
+    if uri is None or mode == "any" or not isinstance(uri, str):
+        return
+    if mode == "none":
+        raise InvalidInput("loading a model from a URI through the repository API is disabled on this server")
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(uri)
+    base = settings.model_dir
+    if base is None or parsed.scheme not in ("", "file"):
+        raise InvalidInput("this server only loads models from inside its model directory")
+    path = Path(unquote(parsed.path) if parsed.scheme == "file" else uri)
+    if not path.is_absolute():
+        path = Path(base) / path
+    if not path.resolve().is_relative_to(Path(base).resolve()):
+        raise InvalidInput("the model uri must name a directory inside the model directory")
+
+
 def grpc_auth_interceptor(auth: Auth) -> grpc.aio.ServerInterceptor:
     import grpc
 

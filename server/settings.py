@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     cors_origins: list[str] | str = []  # CORS off unless origins are listed ("*" for any)
     max_connections: int | None = Field(default=None, ge=1)  # REST: 503 past this many open connections
     workers: int = Field(default=1, ge=1)
+    # Where a repository load's config may point its uri: anywhere, inside model_dir, or nowhere.
+    repository_uris: Literal["any", "model-dir", "none"] = "any"
     tracing: bool = False  # OpenTelemetry spans (the `otel` extra); off: no cost
 
     @field_validator("cors_origins", mode="before")

@@ -336,3 +336,30 @@ def test_tls_on_rest_and_grpc(prod_models, tmp_path):
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         srv.stop()
+
+
+def test_repository_loads_confined_to_the_model_dir(prod_models, tmp_path):
+    s = start_server(prod_models, tmp_path / "log", "--repository-uris", "model-dir")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    try:
+        with httpx.Client(base_url=s.http_url, timeout=30) as http:
+            for uri in ["/etc", str(outside), "../../etc", f"file://{outside}", "oci://registry.example/m:1",
+                        "https://example.com/m.tar", "slow/../../outside"]:  # fmt: skip
+                doc = {"parameters": {"config": {"name": "copy", "uri": uri, "implementation": "model.py:Slow"}}}
+                r = http.post("/v2/repository/models/copy/load", json=doc)
+                assert r.status_code == 400 and "model directory" in r.json()["error"], (uri, r.text)
+                assert str(outside) not in r.text
+            ok = {"parameters": {"config": {"name": "copy", "uri": "slow", "implementation": "model.py:Slow"}}}
+            assert http.post("/v2/repository/models/copy/load", json=ok).status_code == 200
+            assert http.post("/v2/models/copy/infer", json=infer_doc([2])).json()["outputs"][0]["data"] == [4.0]
+        from protocol.grpc import grpc_service_pb2 as pb
+
+        with grpc.insecure_channel(s.grpc_address) as channel:
+            req = pb.RepositoryModelLoadRequest(model_name="copy2")
+            req.parameters["config"].string_param = '{"name": "copy2", "uri": "/etc"}'
+            with pytest.raises(grpc.RpcError) as e:
+                grpc_stub(channel).RepositoryModelLoad(req)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        s.stop()
