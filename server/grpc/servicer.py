@@ -303,6 +303,19 @@ class RoutingServicer(InferenceServicer):
             return await self._forward(request.model_name, "RepositoryModelUnload", request, r, context)
         return await super().RepositoryModelUnload(request, context)
 
+    async def ServerReady(self, request, context):  # noqa: N802
+        """Ready when every worker is (each answers for its own models)."""
+        if not self.dp.ready():
+            return pb.ServerReadyResponse(ready=False)
+        for i, _ in self.router.peers():
+            try:
+                theirs = await self._call(i, "ServerReady", pb.ServerReadyResponse)(request, timeout=5)
+            except grpc.aio.AioRpcError:
+                return pb.ServerReadyResponse(ready=False)
+            if not theirs.ready:
+                return pb.ServerReadyResponse(ready=False)
+        return pb.ServerReadyResponse(ready=True)
+
     async def RepositoryIndex(self, request, context):  # noqa: N802
         own = await super().RepositoryIndex(request, context)
         rows = [m for m in own.models if self.router.mine(m.name)]

@@ -90,6 +90,13 @@ def test_two_workers_share_ports_and_models(tmp_path):
                 assert dict(call.trailing_metadata())["x-request-id"] == f"id-{name}"
                 return out.outputs[0].contents.fp64_contents[0]
 
+        from protocol.grpc import grpc_service_pb2 as pb
+
+        for _ in range(4):
+            with grpc.insecure_channel(srv.grpc_address) as channel:
+                assert grpc_stub(channel).ServerReady(pb.ServerReadyRequest(), timeout=5).ready
+                index = grpc_stub(channel).RepositoryIndex(pb.RepositoryIndexRequest(), timeout=5)
+                assert sorted((m.name, m.state) for m in index.models) == sorted((x, "READY") for x in names)
         with ThreadPoolExecutor(8) as pool:
             assert list(pool.map(rest, names * n)) == [2.0] * len(names) * n
             assert list(pool.map(rpc, names * n)) == [2.0] * len(names) * n
