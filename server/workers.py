@@ -264,6 +264,19 @@ def _worker_main(settings: Settings, index: int, rundir: str) -> None:
 def supervise(settings: Settings) -> int:
     """Start the workers, restart one that dies, pass SIGTERM/SIGINT on; 0 when all drained."""
     n = settings.workers
+    # A port held by another program: fail now, as one process would (workers share
+    # ports with SO_REUSEPORT, which would not notice a stranger that set it too).
+    for attr in ("http_port", "grpc_port"):
+        port = getattr(settings, attr)
+        if port:
+            family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind((settings.host, port))
+                except OSError:
+                    log.error("cannot bind %s:%d (address in use?)", settings.host, port)
+                    return 1
     rundir = tempfile.mkdtemp(prefix="meshserve-workers-")
     # Every worker must bind the same ports: resolve port 0 once, here.
     probe = []
@@ -282,10 +295,13 @@ def supervise(settings: Settings) -> int:
     procs: dict[int, multiprocessing.process.BaseProcess] = {}
     stopping = False
 
+    started: dict[int, float] = {}
+
     def start(i: int) -> None:
         p = ctx.Process(target=_worker_main, args=(settings, i, rundir), name=f"meshserve-worker-{i}")
         p.start()
         procs[i] = p
+        started[i] = time.monotonic()
 
     def on_signal(signum: int, _frame: Any) -> None:
         nonlocal stopping
@@ -301,7 +317,7 @@ def supervise(settings: Settings) -> int:
     for s in probe:
         s.close()
     log.info("started %d workers (%s)", n, ", ".join(str(p.pid) for p in procs.values()))
-    restarts: dict[int, float] = {}
+    quick_failures = 0
     rc = 0
     try:
         while True:
@@ -318,10 +334,18 @@ def supervise(settings: Settings) -> int:
                 break
             for i, p in list(procs.items()):
                 if not p.is_alive() and not stopping:
-                    wait = 1.0 if time.monotonic() - restarts.get(i, 0) > 30 else 5.0
+                    # A worker that dies soon after starting, again and again, will not get
+                    # better: give up (exit 1) and let the orchestrator back off.
+                    quick = time.monotonic() - started[i] < 30
+                    quick_failures = quick_failures + 1 if quick else 0
+                    if quick_failures >= 5:
+                        log.error("workers keep exiting at start; stopping")
+                        on_signal(signal.SIGTERM, None)
+                        rc = 1
+                        break
+                    wait = 5.0 if quick_failures > 1 else 1.0
                     log.error("worker %d (pid %s) exited with %s; restarting in %gs", i, p.pid, p.exitcode, wait)
                     time.sleep(wait)
-                    restarts[i] = time.monotonic()
                     if not stopping:
                         start(i)
     finally:

@@ -138,3 +138,20 @@ def test_two_workers_share_ports_and_models(tmp_path):
         assert not any(Path(f"/proc/{p}").exists() for p in pids)
     finally:
         srv.stop()
+
+
+def test_a_port_in_use_fails_at_once(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from tests.support.server import REPO, free_port
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--http-port", str(port),
+               "--grpc-port", str(free_port()), "--workers", "2", "--model-dir", str(tmp_path)]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 1 and "address in use" in out.stderr
