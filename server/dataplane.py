@@ -13,7 +13,7 @@ from modelmesh import CacheEntry, ModelState
 from protocol.errors import InferenceError, ServerNotReady
 from protocol.types import InferenceRequest, InferenceResponse, ModelMetadata
 from server.repository import ModelRepository
-from server.security import check_load_uri, check_model_name
+from server.security import check_load_uri, check_model_name, redact
 from server.settings import Settings
 from server.version import __version__
 
@@ -138,7 +138,7 @@ class DataPlane:
                     "name": spec.name,
                     "version": spec.version or "",
                     "state": entry.state.value,
-                    "reason": entry.reason,
+                    "reason": redact(entry.reason) if entry.reason else entry.reason,
                     "size_bytes": entry.size_bytes,
                     "last_used": entry.last_used_wall(),
                     "pinned": entry.pinned,

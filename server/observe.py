@@ -226,6 +226,10 @@ class AccessLog:
 
     def write(self, rid: str, protocol: str, method: str, model: str, status: int | str, elapsed_ns: int) -> None:
         ms = round(elapsed_ns / 1e6, 3)
+        # Names and ids come from clients: no secrets, and one line stays one line.
+        model, rid = redact(model), redact(rid)
+        if not model.isprintable():
+            model = repr(model)
         if self.json:
             line = orjson.dumps(
                 {
@@ -300,7 +304,18 @@ class JsonFormatter(logging.Formatter):
                 doc[key] = value
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(doc, default=str).decode()
+        return redact(orjson.dumps(doc, default=str).decode())
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+def redact(text: str) -> str:
+    from server.security import redact as _redact
+
+    return _redact(text)
 
 
 def configure_logging(level: str, fmt: str, access: bool = True) -> None:
@@ -308,7 +323,7 @@ def configure_logging(level: str, fmt: str, access: bool = True) -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,26 @@ HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
 METRICS_PATH = "/metrics"
 GRPC_HEALTH_METHODS = ("/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady")
 WWW_AUTHENTICATE = b'Bearer realm="meshserve"'
+
+
+# scheme://user:password@host -> scheme://***@host
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^\s/@]+@")
+_SECRETS: set[str] = set()
+
+
+def register_secrets(*values: str | None) -> None:
+    """Values never to show in an error or a log line (tokens, registry passwords)."""
+    _SECRETS.update(v for v in values if v and len(v) >= 4)
+
+
+def redact(text: str) -> str:
+    """An error message or log line without credentials: those in URLs, and known secrets."""
+    if "@" in text:
+        text = _URL_CREDENTIALS.sub(r"\1***@", text)
+    for secret in _SECRETS:
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text
 
 
 class Unauthenticated(InferenceError):
@@ -132,12 +153,14 @@ class Auth:
 
 def build_auth(settings: Settings) -> Auth | None:
     tokens: list[bytes] = []
+    register_secrets(settings.registry_password)
     if settings.auth_token is not None and settings.auth_token.get_secret_value():
         tokens.append(settings.auth_token.get_secret_value().encode())
     if settings.auth_token_file is not None:
         for line in Path(settings.auth_token_file).read_text().splitlines():
             if line.strip() and not line.lstrip().startswith("#"):
                 tokens.append(line.strip().encode())
+    register_secrets(*(t.decode(errors="replace") for t in tokens))
     if not tokens:
         return None
     return Auth(tokens, settings.auth_health, settings.auth_metrics)

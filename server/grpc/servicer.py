@@ -16,7 +16,7 @@ from protocol.grpc.codec import decode_infer_request, encode_infer_response
 from server import tracing
 from server.dataplane import DataPlane
 from server.observe import clean_request_id, log_access
-from server.security import RequestTimeout, build_auth, grpc_auth_interceptor
+from server.security import RequestTimeout, build_auth, grpc_auth_interceptor, redact
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ STREAM_WINDOW = 64  # requests of one stream in flight at once
 
 async def _abort(context: grpc.aio.ServicerContext, e: Exception) -> None:
     if isinstance(e, InferenceError):
-        await context.abort(getattr(grpc.StatusCode, e.grpc_code), e.message)
+        await context.abort(getattr(grpc.StatusCode, e.grpc_code), redact(e.message))
     log.exception("unexpected error in gRPC handler")
     await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
 
@@ -178,7 +178,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 try:
                     yield pb.ModelStreamInferResponse(infer_response=await task)
                 except InferenceError as e:
-                    yield pb.ModelStreamInferResponse(error_message=e.message)
+                    yield pb.ModelStreamInferResponse(error_message=redact(e.message))
                 except Exception:
                     log.exception("stream infer failed")
                     yield pb.ModelStreamInferResponse(error_message="internal server error")

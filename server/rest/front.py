@@ -28,6 +28,7 @@ from server.security import (
     RequestTimeout,
     Unauthenticated,
     build_auth,
+    redact,
 )
 from server.settings import Settings
 from server.workers import MODEL_PATH, Router
@@ -105,7 +106,7 @@ class RestFront:
         except InferenceError as e:
             status = e.http_status
             extra = _CHALLENGE if status == 401 else _CLOSE if status == 413 else None
-            await _send_json(send, status, encode_error(e.message), rid_header, extra)
+            await _send_json(send, status, encode_error(redact(e.message)), rid_header, extra)
             _log_other(rid, scope, status, t0)
             return
 
@@ -172,7 +173,7 @@ class RestFront:
         except InferenceError as e:
             status = e.http_status
             extra = _CHALLENGE if status == 401 else _CLOSE if status in (408, 413) else None
-            await _send_json(send, status, encode_error(e.message), (b"x-request-id", str(rid).encode()), extra)
+            await _send_json(send, status, encode_error(redact(e.message)), (b"x-request-id", str(rid).encode()), extra)
             self._done(stats, rid, name, status, t0)
             return
         except Exception:
@@ -227,7 +228,7 @@ class RestFront:
                 raise ServerNotReady(f"the worker serving this model ({owner}) is unavailable") from None
         except InferenceError as e:
             extra = _CHALLENGE if e.http_status == 401 else _CLOSE if e.http_status in (408, 413) else None
-            await _send_json(send, e.http_status, encode_error(e.message), extra)
+            await _send_json(send, e.http_status, encode_error(redact(e.message)), extra)
             return
         out.append((b"content-length", str(len(data)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": out})
@@ -261,7 +262,9 @@ class RestFront:
                 text = dumps(await self.router.repository_index(own, body, fwd))
                 ctype = b"application/json"
         except InferenceError as e:
-            await _send_json(send, e.http_status, encode_error(e.message), _CHALLENGE if e.http_status == 401 else None)
+            await _send_json(
+                send, e.http_status, encode_error(redact(e.message)), _CHALLENGE if e.http_status == 401 else None
+            )
             return
         headers = [(b"content-type", ctype), (b"content-length", str(len(text)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})

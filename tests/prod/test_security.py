@@ -112,6 +112,30 @@ def test_health_and_metrics_can_require_the_token(prod_models, tmp_path):
         s.stop()
 
 
+def test_errors_and_logs_never_carry_credentials(srv, http):
+    leaky = "https://user:hunter2-pw@127.0.0.1:1/model.tar.gz"
+    doc = {"parameters": {"config": {"name": "leaky", "uri": leaky}}}
+    r = http.post("/v2/repository/models/leaky/load", json=doc, headers=AUTH)
+    assert r.status_code >= 400 and "hunter2-pw" not in r.text and "***@127.0.0.1" in r.json()["error"], r.text
+    index = http.post("/v2/repository/index", headers=AUTH).text
+    assert "leaky" in index and "hunter2-pw" not in index
+    # A token used as a model name is not echoed back either.
+    r = http.post(f"/v2/models/{TOKEN}/infer", json=infer_doc([1]), headers=AUTH)
+    assert r.status_code == 404 and TOKEN not in r.text
+    with grpc.insecure_channel(srv.grpc_address) as channel:
+        from protocol.grpc import grpc_service_pb2 as pb
+
+        md = (("authorization", f"Bearer {TOKEN}"),)
+        rows = grpc_stub(channel).RepositoryIndex(pb.RepositoryIndexRequest(), metadata=md)
+        assert "hunter2-pw" not in str(rows)
+        with pytest.raises(grpc.RpcError) as e:
+            grpc_stub(channel).ModelInfer(grpc_infer_request(f"x\n{TOKEN}", [1]), metadata=md)
+        assert TOKEN not in e.value.details()
+    time.sleep(0.2)  # access lines are written every 50 ms
+    assert "hunter2-pw" not in srv.log() and TOKEN not in srv.log()
+    assert not any(line.startswith(TOKEN) for line in srv.log().splitlines())
+
+
 def test_request_timeout_and_grpc_deadline(srv, http):
     t = time.monotonic()
     r = http.post("/v2/models/slow/infer", json=infer_doc([1], sleep=3), headers=AUTH)
