@@ -90,6 +90,8 @@ class DynamicBatcher:
         self._running: set[asyncio.Task] = set()
         self.batches = 0  # calls made, for metrics and tests
         self.rows = 0
+        # Called per batch with its rows and its requests' arrival times (loop.time()).
+        self.on_batch: Callable[[int, list[float]], None] | None = None
 
     async def submit(self, request: InferenceRequest) -> InferenceResponse:
         key = batch_key(request)
@@ -155,6 +157,8 @@ class DynamicBatcher:
             rows = [p.rows for p in batch]
             self.batches += 1
             self.rows += sum(rows)
+            if self.on_batch is not None:
+                self.on_batch(sum(rows), [p.arrived for p in batch])
             if len(batch) == 1:
                 responses: Any = [await self._run(requests[0])]
             else:

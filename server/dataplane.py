@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -12,6 +13,7 @@ from modelmesh import CacheEntry, ModelState
 from protocol.errors import InferenceError, ServerNotReady
 from protocol.types import InferenceRequest, InferenceResponse, ModelMetadata
 from server.repository import ModelRepository
+from server.security import check_load_uri, check_model_name, redact
 from server.settings import Settings
 from server.version import __version__
 
@@ -32,7 +34,13 @@ class DataPlane:
         self.metrics = build_metrics(self)
         self._started = False
         self._draining = False
+        self._stopping = False
         self._startup_keys: list[str] = []
+        # Awaited on SIGTERM after readiness turns false and before the servers close
+        # (e.g. deregistering from a fleet); each gets the grace period at most.
+        self.drain_hooks: list[Callable[[], Awaitable[None]]] = []
+        # Which models this process serves (all, unless it is one of several workers).
+        self.owns: Callable[[str], bool] = lambda name: True
 
     # -- lifecycle ----------------------------------------------------------
     async def start(self) -> None:
@@ -43,7 +51,7 @@ class DataPlane:
         self._startup_keys = keys
         log.info("registered %d models in %.2fs", len(keys), time.monotonic() - started)
         if self.settings.preload:
-            entries = [e for e in (self.cache.get(k) for k in keys) if e is not None]
+            entries = [e for e in (self.cache.get(k) for k in keys) if e is not None and self.owns(e.spec.name)]
             entries.sort(key=lambda e: not e.pinned)
             slots = asyncio.Semaphore(PRELOAD_CONCURRENCY)
 
@@ -62,12 +70,17 @@ class DataPlane:
         self._started = True
 
     async def stop(self) -> None:
-        self._draining = True
+        self._draining = self._stopping = True
         await self.cache.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     def drain(self) -> None:
+        """Readiness turns false; requests already on their way are still served."""
         self._draining = True
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     # -- health and metadata -------------------------------------------------
     def live(self) -> bool:
@@ -81,6 +94,7 @@ class DataPlane:
         # The models configured at start must have loaded (Triton's strict readiness);
         # one added later through the repository API that fails does not take the pod out.
         entries = (self.cache.get(k) for k in self._startup_keys)
+        entries = (e for e in entries if e is None or self.owns(e.spec.name))
         return all(e is not None and e.state is not ModelState.FAILED for e in entries)
 
     def server_metadata(self) -> dict[str, Any]:
@@ -105,7 +119,7 @@ class DataPlane:
     # -- inference -----------------------------------------------------------
     async def infer(self, request: InferenceRequest, key: str | None = None) -> InferenceResponse:
         """``key``: the model's cache key when the front already resolved it."""
-        if self._draining:
+        if self._stopping:
             raise ServerNotReady("server is shutting down")
         if key is None:
             key = self.repository.resolve(request.model_name, request.model_version)
@@ -124,7 +138,7 @@ class DataPlane:
                     "name": spec.name,
                     "version": spec.version or "",
                     "state": entry.state.value,
-                    "reason": entry.reason,
+                    "reason": redact(entry.reason) if entry.reason else entry.reason,
                     "size_bytes": entry.size_bytes,
                     "last_used": entry.last_used_wall(),
                     "pinned": entry.pinned,
@@ -134,7 +148,10 @@ class DataPlane:
         return rows
 
     async def load_model(self, name: str, config: dict[str, Any] | None = None) -> None:
+        check_model_name(name)
+        check_load_uri(config, self.settings)
         await self.repository.load(name, config)
 
     async def unload_model(self, name: str) -> None:
+        check_model_name(name)
         await self.repository.unload(name)

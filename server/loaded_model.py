@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
@@ -15,6 +16,7 @@ import numpy as np
 from protocol.datatypes import DTYPES, as_bytes, bytes_array
 from protocol.errors import InferenceError, InvalidInput, ModelExecutionError
 from protocol.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor, TensorMetadata
+from server import tracing
 from server.batching import DynamicBatcher
 from server.runtimes.base import Model
 
@@ -44,6 +46,9 @@ class LoadedModel:
         settings = model.settings
         self.batcher: DynamicBatcher | None = None
         self._batching = settings.max_batch_size > 1 and model.supports_batching
+        from server import observe
+
+        self.timers = observe.CURRENT.phases(self.name) if observe.CURRENT is not None else None
 
     def validate(self, request: InferenceRequest) -> None:
         """Check the request against the declared inputs/outputs, if any are declared."""
@@ -74,9 +79,37 @@ class LoadedModel:
                     self.name, lambda r: self._call(r, executor), self.semaphore,
                     settings.max_batch_size, settings.max_batch_latency,
                 )  # fmt: skip
+                if self.timers is not None:
+                    self.batcher.on_batch = self._on_batch
             return await self.batcher.submit(request)
+        if tracing.TRACER is not None:
+            return await self._traced(request, executor, tracing.TRACER)
+        if self.timers is None:
+            async with self.semaphore:
+                return await self._call(request, executor)
+        t = time.perf_counter_ns()
         async with self.semaphore:
+            self.timers.queue((time.perf_counter_ns() - t) / 1e9)
             return await self._call(request, executor)
+
+    async def _traced(self, request: InferenceRequest, executor: Executor, tracer: Any) -> InferenceResponse:
+        t = time.perf_counter_ns()
+        with tracer.start_as_current_span("queue"):
+            await self.semaphore.acquire()
+        try:
+            if self.timers is not None:
+                self.timers.queue((time.perf_counter_ns() - t) / 1e9)
+            with tracer.start_as_current_span("predict", attributes={"meshserve.model": self.name}):
+                return await self._call(request, executor)
+        finally:
+            self.semaphore.release()
+
+    def _on_batch(self, rows: int, arrivals: list[float]) -> None:
+        now = asyncio.get_running_loop().time()
+        queue = self.timers.queue
+        for arrived in arrivals:
+            queue(now - arrived)
+        self.timers.batch(rows)
 
     async def _call(self, request: InferenceRequest, executor: Executor) -> InferenceResponse:
         """One call into the model (a request, or a merged batch of them) and its response."""
@@ -90,6 +123,8 @@ class LoadedModel:
         return self._response(result, request)
 
     async def _run(self, request: InferenceRequest, executor: Executor) -> Any:
+        if self.timers is not None:
+            return await self._run_timed(request, executor, self.timers)
         if self._pre is not None:
             request = await _maybe_await(self._pre(request))
         if self._predict_async:
@@ -98,6 +133,24 @@ class LoadedModel:
             result = await asyncio.get_running_loop().run_in_executor(executor, self.model.predict, request)
         if self._post is not None:
             result = await _maybe_await(self._post(result))
+        return result
+
+    async def _run_timed(self, request: InferenceRequest, executor: Executor, timers: Any) -> Any:
+        clock = time.perf_counter_ns
+        if self._pre is not None:
+            t = clock()
+            request = await _maybe_await(self._pre(request))
+            timers.preprocess((clock() - t) / 1e9)
+        t = clock()
+        if self._predict_async:
+            result = await self.model.predict(request)
+        else:
+            result = await asyncio.get_running_loop().run_in_executor(executor, self.model.predict, request)
+        timers.predict((clock() - t) / 1e9)
+        if self._post is not None:
+            t = clock()
+            result = await _maybe_await(self._post(result))
+            timers.postprocess((clock() - t) / 1e9)
         return result
 
     def _response(self, result: Any, request: InferenceRequest) -> InferenceResponse:

@@ -61,4 +61,21 @@ def build_metrics(dataplane: DataPlane) -> CollectorRegistry:
         "meshserve_model_load_seconds", "Time to load a model.", buckets=LOAD_BUCKETS, registry=registry
     )
     dataplane.cache.on_load = load_time.observe
+    from server import observe
+
+    # Per-request figures (server/observe.py): counts, latency phases, in-flight, batch sizes.
+    dataplane.observe = observe.CURRENT = observe.RequestMetrics(registry, _registered(dataplane))
     return registry
+
+
+def _registered(dataplane: DataPlane):
+    """Whether a name is a registered model (only those become metric labels)."""
+    from protocol.errors import InferenceError
+
+    def known(name: str) -> bool:
+        try:
+            return bool(dataplane.repository.keys_of(name))
+        except InferenceError:
+            return False
+
+    return known

@@ -8,13 +8,18 @@ import gc
 import logging
 import signal
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
 from server.dataplane import DataPlane
 from server.grpc.servicer import build_grpc_server
 from server.rest import build_rest_app
+from server.security import grpc_server_credentials
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from server.workers import Router
 
 log = logging.getLogger("meshserve")
 
@@ -27,24 +32,50 @@ class _UvicornServer(uvicorn.Server):
         yield
 
 
-async def run(settings: Settings, started: asyncio.Event | None = None) -> None:
+async def run(settings: Settings, started: asyncio.Event | None = None, router: Router | None = None) -> None:
+    """Serve until SIGINT/SIGTERM. With ``router`` this is one of several workers
+    (server/workers.py): shared ports, plus private sockets its peers forward to."""
     dataplane = DataPlane(settings)
-    grpc_server = build_grpc_server(dataplane, settings.max_request_bytes)
+    if router is not None:
+        dataplane.owns = router.mine
+    grpc_server = build_grpc_server(dataplane, settings.max_request_bytes, reuse_port=router is not None, router=router)
+    credentials = grpc_server_credentials(settings)
+    address = f"{settings.host}:{settings.grpc_port}"
     try:
-        grpc_port = grpc_server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+        if credentials is not None:
+            grpc_port = grpc_server.add_secure_port(address, credentials)
+        else:
+            grpc_port = grpc_server.add_insecure_port(address)
     except RuntimeError:
         raise OSError(f"cannot bind gRPC to {settings.host}:{settings.grpc_port} (address in use?)") from None
+    tls = settings.tls_cert is not None and settings.tls_key is not None
+    common: dict[str, Any] = dict(
+        lifespan="off", access_log=False, log_config=None, http="httptools",
+        timeout_graceful_shutdown=settings.shutdown_grace_seconds,
+    )  # fmt: skip
     config = uvicorn.Config(
-        build_rest_app(dataplane, settings.max_request_bytes),
+        build_rest_app(dataplane, settings.max_request_bytes, router),
         host=settings.host,
         port=settings.http_port,
-        lifespan="off",
-        access_log=False,
-        log_config=None,
-        http="httptools",
-        timeout_graceful_shutdown=settings.shutdown_grace_seconds,
+        ssl_certfile=str(settings.tls_cert) if tls else None,
+        ssl_keyfile=str(settings.tls_key) if tls else None,
+        limit_concurrency=settings.max_connections,
+        **common,
     )
     http_server = _UvicornServer(config)
+    private: list[tuple[uvicorn.Server, Any]] = []  # (REST, gRPC) on Unix sockets, for peers
+    sockets = None
+    if router is not None:
+        from server.workers import worker_sockets
+
+        shared, uds = worker_sockets(settings, router)
+        sockets = [shared]
+        private_rest = _UvicornServer(
+            uvicorn.Config(build_rest_app(dataplane, settings.max_request_bytes), uds=uds, **common)
+        )
+        private_grpc = build_grpc_server(dataplane, settings.max_request_bytes, peer=True)
+        private_grpc.add_insecure_port(f"unix:{router.grpc_socket(router.index)}")
+        private.append((private_rest, private_grpc))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -53,14 +84,19 @@ async def run(settings: Settings, started: asyncio.Event | None = None) -> None:
             loop.add_signal_handler(sig, stop.set)
 
     await grpc_server.start()
-    http_task = asyncio.ensure_future(http_server.serve())
-    while not http_server.started:
-        if http_task.done():
-            await grpc_server.stop(None)
-            http_task.result()
-            raise OSError(f"REST server on {settings.host}:{settings.http_port} did not start")
-        await asyncio.sleep(0.01)
-    log.info("REST on %s:%d, gRPC on %s:%d", settings.host, settings.http_port, settings.host, grpc_port)
+    tasks = [asyncio.ensure_future(http_server.serve(sockets=sockets))]
+    for rest, grpc_private in private:
+        await grpc_private.start()
+        tasks.append(asyncio.ensure_future(rest.serve()))
+    for server, task in zip([http_server, *(r for r, _ in private)], tasks, strict=True):
+        while not server.started:
+            if task.done():
+                await grpc_server.stop(None)
+                task.result()
+                raise OSError(f"REST server on {settings.host}:{settings.http_port} did not start")
+            await asyncio.sleep(0.01)
+    who = f"worker {router.index}/{router.workers}: " if router is not None else ""
+    log.info("%sREST on %s:%d, gRPC on %s:%d", who, settings.host, settings.http_port, settings.host, grpc_port)
 
     await dataplane.start()
     # Everything imported and loaded so far lives as long as the process: keep it out of the
@@ -72,20 +108,52 @@ async def run(settings: Settings, started: asyncio.Event | None = None) -> None:
     if started is not None:
         started.set()
     waiter = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([waiter, http_task], return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait([waiter, tasks[0]], return_when=asyncio.FIRST_COMPLETED)
 
-    log.info("shutting down")
-    dataplane.drain()
-    http_server.should_exit = True
-    await asyncio.gather(grpc_server.stop(settings.shutdown_grace_seconds), http_task, return_exceptions=True)
+    await shutdown(settings, dataplane, http_server, tasks[0], grpc_server)
+    for (rest, grpc_private), task in zip(private, tasks[1:], strict=True):
+        # Peers may still forward requests they accepted before closing: these go last.
+        await asyncio.sleep(1.0)
+        rest.should_exit = True
+        await asyncio.gather(grpc_private.stop(settings.shutdown_grace_seconds), task, return_exceptions=True)
+    if router is not None:
+        await router.close()
     await dataplane.stop()
+    log.info("stopped")
+    from server.observe import flush_access_log
+
+    flush_access_log()
     waiter.cancel()
 
 
-def serve(settings: Settings | None = None) -> None:
+async def shutdown(
+    settings: Settings, dataplane: DataPlane, http_server: uvicorn.Server, http_task: asyncio.Future, grpc_server
+) -> None:
+    """Readiness false at once, the drain hooks, then close the listeners and give the
+    requests already accepted the grace period to finish (the caller unloads the models)."""
+    grace = settings.shutdown_grace_seconds
+    log.info("shutting down: draining (not ready), finishing requests in flight (grace %gs)", grace)
+    dataplane.drain()
+    for hook in list(dataplane.drain_hooks):
+        try:
+            await asyncio.wait_for(hook(), grace or None)
+        except Exception:
+            log.exception("drain hook %r failed", hook)
+    if settings.drain_seconds:
+        await asyncio.sleep(settings.drain_seconds)
+    http_server.should_exit = True
+    await asyncio.gather(grpc_server.stop(grace), http_task, return_exceptions=True)
+
+
+def serve(settings: Settings | None = None, router: Router | None = None) -> None:
     """Serve until SIGINT/SIGTERM (``from meshserve import serve``)."""
     settings = settings or Settings.load()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.observe import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format, settings.access_log)
+    from server import tracing
+
+    tracing.setup(settings.tracing, settings.server_name)
     from server.memory import tune_allocator
 
     tune_allocator()
@@ -95,8 +163,13 @@ def serve(settings: Settings | None = None) -> None:
         uvloop.install()
     except ImportError:
         pass
+    if settings.workers > 1 and router is None:
+        from server.workers import supervise
+
+        raise SystemExit(supervise(settings))
     try:
-        asyncio.run(run(settings))
+        asyncio.run(run(settings, router=router))
+        tracing.shutdown()
     except OSError as e:
         log.error("%s", e)
         raise SystemExit(1) from None

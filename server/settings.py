@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     predict_threads: int = Field(default=min(32, (os.cpu_count() or 1) + 4), ge=1)
     strict_readiness: bool = True
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    # After SIGTERM: seconds not-ready but still accepting (endpoints need time to drop the pod).
+    drain_seconds: float = Field(default=0.0, ge=0)
     # The model cache (modelmesh): bytes of models one pod may hold; None: from the
     # container's memory limit (cgroup) or the machine's memory, times capacity_fraction.
     capacity_bytes: int | None = Field(default=None, ge=1)
@@ -63,6 +65,31 @@ class Settings(BaseSettings):
     adapters: bool = False
     adapters_config: dict[str, Any] = {}
     server_name: str = "meshserve"
+    # Production (README "Production"): logs, auth, TLS, timeouts, CORS, workers, tracing.
+    log_format: Literal["text", "json"] = "text"
+    access_log: bool = True
+    auth_token: SecretStr | None = None
+    auth_token_file: Path | None = None  # one token per line
+    auth_health: bool = False  # require the token on /v2/health/* and gRPC ServerLive/Ready too
+    auth_metrics: bool = False
+    tls_cert: Path | None = None  # PEM; with tls_key, REST and gRPC both serve TLS
+    tls_key: Path | None = None
+    request_timeout_seconds: float | None = Field(default=None, gt=0)  # whole request: 504 / DEADLINE_EXCEEDED
+    body_timeout_seconds: float = Field(default=30.0, gt=0)  # a client must send its body within this: 408
+    cors_origins: list[str] | str = []  # CORS off unless origins are listed ("*" for any)
+    max_connections: int | None = Field(default=None, ge=1)  # REST: 503 past this many open connections
+    workers: int = Field(default=1, ge=1)
+    # Where a repository load's config may point its uri: anywhere, inside model_dir, or nowhere.
+    repository_uris: Literal["any", "model-dir", "none"] = "any"
+    tracing: bool = False  # OpenTelemetry spans (the `otel` extra); off: no cost
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            text = v.strip()
+            return json.loads(text) if text.startswith("[") else [o.strip() for o in text.split(",") if o.strip()]
+        return v
 
     @field_validator("insecure_registries", mode="before")
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from time import perf_counter_ns
 
 import grpc
 
@@ -12,7 +13,10 @@ from protocol.errors import InferenceError, InvalidInput
 from protocol.grpc import grpc_service_pb2 as pb
 from protocol.grpc import grpc_service_pb2_grpc as pb_grpc
 from protocol.grpc.codec import decode_infer_request, encode_infer_response
+from server import tracing
 from server.dataplane import DataPlane
+from server.observe import clean_request_id, log_access
+from server.security import RequestTimeout, build_auth, grpc_auth_interceptor, redact
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +25,7 @@ STREAM_WINDOW = 64  # requests of one stream in flight at once
 
 async def _abort(context: grpc.aio.ServicerContext, e: Exception) -> None:
     if isinstance(e, InferenceError):
-        await context.abort(getattr(grpc.StatusCode, e.grpc_code), e.message)
+        await context.abort(getattr(grpc.StatusCode, e.grpc_code), redact(e.message))
     log.exception("unexpected error in gRPC handler")
     await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
 
@@ -43,6 +47,8 @@ def _repository_config(params: dict) -> dict | None:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, dataplane: DataPlane) -> None:
         self.dp = dataplane
+        self.obs = getattr(dataplane, "observe", None)
+        self.timeout = dataplane.settings.request_timeout_seconds
 
     async def ServerLive(self, request, context):  # noqa: N802 - names fixed by the proto
         return pb.ServerLiveResponse(live=self.dp.live())
@@ -80,11 +86,77 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # Answer in the form the client used: raw contents for raw requests.
         return encode_infer_response(response, raw=bool(request.raw_input_contents))
 
+    async def _traced_infer(self, request: pb.ModelInferRequest, traceparent: str | None) -> pb.ModelInferResponse:
+        tracer = tracing.TRACER
+        with tracing.request_span(f"infer {request.model_name}", traceparent, "grpc", request.model_name):
+            with tracer.start_as_current_span("decode"):
+                decoded = decode_infer_request(request)
+            response = await self.dp.infer(decoded)
+            with tracer.start_as_current_span("encode"):
+                return encode_infer_response(response, raw=bool(request.raw_input_contents))
+
     async def ModelInfer(self, request, context):  # noqa: N802
+        t0 = perf_counter_ns()
+        name = request.model_name
+        stats = self.obs.front(name, "grpc") if self.obs is not None else None
+        if stats is not None:
+            stats.begin()
+        rid = traceparent = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "x-request-id":
+                rid = value
+            elif key == "traceparent":
+                traceparent = value
+        rid = clean_request_id(rid)
+        context.set_trailing_metadata((("x-request-id", rid),))
+        code = "OK"
+        try:
+            # The tighter of the server's timeout and the client's deadline.
+            timeout = self.timeout
+            left = context.time_remaining()
+            if left is not None and (timeout is None or left < timeout):
+                timeout = left
+            work = self._infer(request) if tracing.TRACER is None else self._traced_infer(request, traceparent)
+            if timeout is None:
+                return await work
+            try:
+                async with asyncio.timeout(timeout):
+                    return await work
+            except TimeoutError:
+                raise RequestTimeout(f"request not served within {timeout:.3g}s") from None
+        except Exception as e:
+            code = e.grpc_code if isinstance(e, InferenceError) else "INTERNAL"
+            await _abort(context, e)
+        except BaseException:
+            code = "CANCELLED"
+            raise
+        finally:
+            elapsed = perf_counter_ns() - t0
+            if stats is not None:
+                stats.end(code, elapsed)
+            log_access(rid, "grpc", "infer", name, code, elapsed)
+
+    def _local(self, name: str) -> bool:
+        return True
+
+    async def _stream_one(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        """One request of a stream, counted like a unary one (by the worker that serves it)."""
+        stats = self.obs.front(request.model_name, "grpc") if self.obs and self._local(request.model_name) else None
+        if stats is None:
+            return await self._infer(request)
+        t0 = perf_counter_ns()
+        stats.begin()
+        code = "OK"
         try:
             return await self._infer(request)
-        except Exception as e:
-            await _abort(context, e)
+        except InferenceError as e:
+            code = e.grpc_code
+            raise
+        except BaseException:
+            code = "INTERNAL"
+            raise
+        finally:
+            stats.end(code, perf_counter_ns() - t0)
 
     async def ModelStreamInfer(  # noqa: N802
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context
@@ -96,7 +168,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    await pending.put(asyncio.ensure_future(self._infer(request)))
+                    await pending.put(asyncio.ensure_future(self._stream_one(request)))
             finally:
                 await pending.put(None)
 
@@ -106,7 +178,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 try:
                     yield pb.ModelStreamInferResponse(infer_response=await task)
                 except InferenceError as e:
-                    yield pb.ModelStreamInferResponse(error_message=e.message)
+                    yield pb.ModelStreamInferResponse(error_message=redact(e.message))
                 except Exception:
                     log.exception("stream infer failed")
                     yield pb.ModelStreamInferResponse(error_message="internal server error")
@@ -135,13 +207,124 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
 
-def build_grpc_server(dataplane: DataPlane, max_message_bytes: int) -> grpc.aio.Server:
+def build_grpc_server(
+    dataplane: DataPlane, max_message_bytes: int, reuse_port: bool = False, router=None, peer: bool = False
+) -> grpc.aio.Server:
+    """``router``: forward calls for other workers' models; ``peer``: the private server
+    other workers forward to (they checked the credentials)."""
+    auth = None if peer else build_auth(dataplane.settings)
     server = grpc.aio.server(
+        interceptors=[grpc_auth_interceptor(auth)] if auth is not None else None,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ]
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ],
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane), server)
+    servicer = InferenceServicer(dataplane) if router is None else RoutingServicer(dataplane, router)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     return server
+
+
+_PASSED_ON = ("authorization", "x-api-key", "x-request-id", "traceparent", "tracestate")
+
+
+class RoutingServicer(InferenceServicer):
+    """One of several workers: calls for a model another worker owns go to that worker
+    (server/workers.py) over its private socket; the message is passed on as it is."""
+
+    def __init__(self, dataplane: DataPlane, router) -> None:
+        super().__init__(dataplane)
+        self.router = router
+        self._calls: dict[tuple[int, str], grpc.aio.UnaryUnaryMultiCallable] = {}
+
+    def _call(self, owner: int, method: str, response_cls) -> grpc.aio.UnaryUnaryMultiCallable:
+        call = self._calls.get((owner, method))
+        if call is None:
+            call = self._calls[(owner, method)] = self.router.channel(owner).unary_unary(
+                f"/inference.GRPCInferenceService/{method}",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=response_cls.FromString,
+            )
+        return call
+
+    async def _forward(self, name: str, method: str, request, response_cls, context):
+        owner = self.router.owner(name)
+        metadata = tuple((k, v) for k, v in context.invocation_metadata() or () if k in _PASSED_ON)
+        call = self._call(owner, method, response_cls)(request, metadata=metadata, timeout=context.time_remaining())
+        try:
+            response = await call
+            trailing = await call.trailing_metadata()
+        except grpc.aio.AioRpcError as e:
+            trailing = e.trailing_metadata()
+            if trailing:
+                context.set_trailing_metadata(tuple(trailing))
+            await context.abort(e.code(), e.details() or "")
+        if trailing:
+            context.set_trailing_metadata(tuple(trailing))
+        return response
+
+    def _local(self, name: str) -> bool:
+        return self.router.mine(name)
+
+    async def ModelInfer(self, request, context):  # noqa: N802
+        if not self.router.mine(request.model_name):
+            return await self._forward(request.model_name, "ModelInfer", request, pb.ModelInferResponse, context)
+        return await super().ModelInfer(request, context)
+
+    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        if self.router.mine(request.model_name):
+            return await super()._infer(request)
+        call = self._call(self.router.owner(request.model_name), "ModelInfer", pb.ModelInferResponse)
+        try:
+            return await call(request)
+        except grpc.aio.AioRpcError as e:
+            raise InferenceError(e.details() or str(e.code())) from None
+
+    async def ModelReady(self, request, context):  # noqa: N802
+        if not self.router.mine(request.name):
+            return await self._forward(request.name, "ModelReady", request, pb.ModelReadyResponse, context)
+        return await super().ModelReady(request, context)
+
+    async def ModelMetadata(self, request, context):  # noqa: N802
+        if not self.router.mine(request.name):
+            return await self._forward(request.name, "ModelMetadata", request, pb.ModelMetadataResponse, context)
+        return await super().ModelMetadata(request, context)
+
+    async def RepositoryModelLoad(self, request, context):  # noqa: N802
+        if not self.router.mine(request.model_name):
+            r = pb.RepositoryModelLoadResponse
+            return await self._forward(request.model_name, "RepositoryModelLoad", request, r, context)
+        return await super().RepositoryModelLoad(request, context)
+
+    async def RepositoryModelUnload(self, request, context):  # noqa: N802
+        if not self.router.mine(request.model_name):
+            r = pb.RepositoryModelUnloadResponse
+            return await self._forward(request.model_name, "RepositoryModelUnload", request, r, context)
+        return await super().RepositoryModelUnload(request, context)
+
+    async def ServerReady(self, request, context):  # noqa: N802
+        """Ready when every worker is (each answers for its own models)."""
+        if not self.dp.ready():
+            return pb.ServerReadyResponse(ready=False)
+        for i, _ in self.router.peers():
+            try:
+                theirs = await self._call(i, "ServerReady", pb.ServerReadyResponse)(request, timeout=5)
+            except grpc.aio.AioRpcError:
+                return pb.ServerReadyResponse(ready=False)
+            if not theirs.ready:
+                return pb.ServerReadyResponse(ready=False)
+        return pb.ServerReadyResponse(ready=True)
+
+    async def RepositoryIndex(self, request, context):  # noqa: N802
+        own = await super().RepositoryIndex(request, context)
+        rows = [m for m in own.models if self.router.mine(m.name)]
+        for i, _ in self.router.peers():
+            call = self._call(i, "RepositoryIndex", pb.RepositoryIndexResponse)
+            try:
+                theirs = await call(request, timeout=context.time_remaining())
+            except grpc.aio.AioRpcError:
+                continue
+            rows += [m for m in theirs.models if self.router.owner(m.name) == i]
+        rows.sort(key=lambda m: (m.name, m.version))
+        return pb.RepositoryIndexResponse(models=rows)

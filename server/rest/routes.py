@@ -23,7 +23,9 @@ def json_response(doc: Any, status: int = 200) -> Response:
 
 
 def error_response(status: int, message: str) -> Response:
-    return Response(encode_error(message), status_code=status, media_type="application/json")
+    from server.security import redact
+
+    return Response(encode_error(redact(message)), status_code=status, media_type="application/json")
 
 
 async def _optional_json(request: Request) -> dict[str, Any]:

@@ -393,3 +393,19 @@ def test_jobs_survive_a_restart_and_interrupted_ones_are_failed(base, srv, clien
             assert c2.get("/v1/adapters/triggers").json()["triggers"][0]["name"] == "seed"
     finally:
         again.stop()
+
+
+def test_bearer_token_guards_adapter_routes_but_webhooks_use_their_signature(base):
+    """With auth on, GitHub (which cannot send a bearer token) still reaches the webhook,
+    which checks its HMAC; every other adapter route wants the token."""
+    env = {**_env(base), "MESHSERVE_AUTH_TOKEN": "op-token", "MESHSERVE_ADAPTERS_STATE_DIR": str(base / "authed")}
+    srv = start_server(base / "models", base / "authed.log", "--adapters", env=env)
+    try:
+        with httpx.Client(base_url=srv.http_url, timeout=30) as c:
+            assert c.get("/v1/adapters/jobs").status_code == 401
+            ok = c.get("/v1/adapters/jobs", headers={"Authorization": "Bearer op-token"})
+            assert ok.status_code == 200 and ok.json()["jobs"] == []
+            assert push(c, event="ping").json() == {"pong": True}  # signed, no bearer token
+            assert push(c, secret="wrong", event="ping").status_code == 401
+    finally:
+        srv.stop()

@@ -1,0 +1,54 @@
+"""The ``meshserve serve`` flags for production settings (README "Production")."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def add_flags(s: argparse.ArgumentParser) -> None:
+    g = s.add_argument_group("production")
+    g.add_argument("--log-format", choices=["text", "json"], help="log lines as text (default) or JSON")
+    g.add_argument("--no-access-log", action="store_const", const=False, dest="access_log", help="no per-request line")
+    g.add_argument("--auth-token", help="require this bearer token / API key (prefer MESHSERVE_AUTH_TOKEN or a file)")
+    g.add_argument("--auth-token-file", type=Path, help="accepted tokens, one per line")
+    g.add_argument("--auth-health", action="store_const", const=True, help="require the token on health endpoints")
+    g.add_argument("--auth-metrics", action="store_const", const=True, help="require the token on /metrics")
+    g.add_argument("--tls-cert", type=Path, help="PEM certificate (chain): REST and gRPC serve TLS")
+    g.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
+    g.add_argument("--request-timeout", type=float, help="seconds a request may take (504 / DEADLINE_EXCEEDED)")
+    g.add_argument("--body-timeout", type=float, help="seconds a client has to send its body (408; default 30)")
+    g.add_argument("--cors-origins", help="comma-separated allowed origins ('*' for any); CORS is off without it")
+    g.add_argument("--max-connections", type=int, help="REST: answer 503 past this many concurrent connections")
+    g.add_argument("--shutdown-grace", type=float, help="seconds in-flight requests get after SIGTERM (default 10)")
+    g.add_argument("--drain-seconds", type=float, help="after SIGTERM, seconds not ready but still accepting")
+    g.add_argument("--workers", type=int, help="serving processes; each model lives in one of them (default 1)")
+    g.add_argument(
+        "--repository-uris", choices=["any", "model-dir", "none"],
+        help="where a repository load may point a model's uri (default any)",
+    )  # fmt: skip
+    g.add_argument("--tracing", action="store_const", const=True, help="OpenTelemetry spans (the otel extra)")
+
+
+def values(args: argparse.Namespace) -> dict[str, Any]:
+    origins = args.cors_origins
+    return {
+        "log_format": args.log_format,
+        "access_log": args.access_log,
+        "auth_token": args.auth_token,
+        "auth_token_file": args.auth_token_file,
+        "auth_health": args.auth_health,
+        "auth_metrics": args.auth_metrics,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "request_timeout_seconds": args.request_timeout,
+        "body_timeout_seconds": args.body_timeout,
+        "cors_origins": [o.strip() for o in origins.split(",") if o.strip()] if origins else None,
+        "max_connections": args.max_connections,
+        "shutdown_grace_seconds": args.shutdown_grace,
+        "drain_seconds": args.drain_seconds,
+        "workers": args.workers,
+        "tracing": args.tracing,
+        "repository_uris": args.repository_uris,
+    }

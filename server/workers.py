@@ -1,0 +1,361 @@
+"""Several serving processes without a copy of every model in each (``--workers N``).
+
+MLServer's parallel inference loads every model in every worker: memory grows as
+models x workers. Here each model has one owner worker, chosen by rendezvous hashing
+of its name (stable across processes and restarts; adding a worker moves 1/N of the
+models). All workers accept connections on the same REST and gRPC ports
+(SO_REUSEPORT: the kernel spreads connections); a worker that receives a request for
+a model it does not own passes it to the owner over that owner's private Unix
+sockets, bytes through (REST: the raw request and response; gRPC: the message
+re-sent as is), so only the owner decodes, queues, batches and predicts. Each worker
+preloads only its own models and gets 1/N of the pod's model capacity.
+
+``/metrics`` on any worker gathers every worker's figures (over the private sockets)
+and sums samples with the same name and labels; the repository index takes each
+model's row from its owner. The supervisor (the first process) starts the workers,
+restarts one that dies, and on SIGTERM passes the signal on and exits 0 once they
+have drained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MODEL_PATH = re.compile(r"^/v2/(?:repository/)?models/(?P<name>[^/]+)")
+_HOP = {
+    b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"host", b"te", b"upgrade",
+    b"proxy-connection", b"date", b"server",
+}  # fmt: skip
+
+
+def owner_of(name: str, workers: int) -> int:
+    """Rendezvous (highest random weight) hashing: the worker with the top score owns it."""
+    best, owner = b"", 0
+    for i in range(workers):
+        score = hashlib.blake2b(f"{i}\0{name}".encode(), digest_size=8).digest()
+        if score > best:
+            best, owner = score, i
+    return owner
+
+
+class LocalHttp:
+    """A tiny HTTP/1.1 client over one worker's Unix socket, with kept-alive connections."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def request(
+        self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        head = [method, b" ", target, b" HTTP/1.1\r\nhost: meshserve\r\n"]
+        for k, v in headers:
+            if k not in _HOP:
+                head += [k, b": ", v, b"\r\n"]
+        head += [b"content-length: ", str(len(body)).encode(), b"\r\n\r\n"]
+        request = b"".join(head) + body
+        while True:
+            pooled = bool(self._idle)
+            reader, writer = self._idle.pop() if pooled else await asyncio.open_unix_connection(self.path)
+            try:
+                writer.write(request)
+                status_head = await reader.readuntil(b"\r\n\r\n")
+            except (ConnectionError, asyncio.IncompleteReadError) as e:
+                writer.close()
+                # A kept-alive connection the server closed meanwhile: the request never
+                # got in (nothing came back), so it is safe to send again on a new one.
+                if pooled and (not isinstance(e, asyncio.IncompleteReadError) or not e.partial):
+                    continue
+                raise
+            break
+        lines = status_head[:-4].split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        out: list[tuple[bytes, bytes]] = []
+        length = None
+        chunked = close = False
+        for line in lines[1:]:
+            k, _, v = line.partition(b":")
+            k, v = k.strip().lower(), v.strip()
+            if k == b"content-length":
+                length = int(v)
+            elif k == b"transfer-encoding":
+                chunked = b"chunked" in v.lower()
+            elif k == b"connection":
+                close = v.lower() == b"close"
+            if k not in _HOP:
+                out.append((k, v))
+        if chunked:
+            parts = []
+            while True:
+                size = int((await reader.readuntil(b"\r\n"))[:-2].split(b";")[0], 16)
+                if size == 0:
+                    await reader.readuntil(b"\r\n")
+                    break
+                parts.append(await reader.readexactly(size))
+                await reader.readexactly(2)
+            data = b"".join(parts)
+        else:
+            data = await reader.readexactly(length or 0)
+        if close:
+            writer.close()
+        else:
+            self._idle.append((reader, writer))
+        return status, out, data
+
+    def close(self) -> None:
+        for _, writer in self._idle:
+            writer.close()
+        self._idle.clear()
+
+
+class Router:
+    """This worker's place among its peers: who owns what, and how to reach them."""
+
+    def __init__(self, index: int, workers: int, rundir: str) -> None:
+        self.index = index
+        self.workers = workers
+        self.rundir = rundir
+        self._owners: dict[str, int] = {}
+        self._http = {i: LocalHttp(self.http_socket(i)) for i in range(workers) if i != index}
+        self._channels: dict[int, Any] = {}
+
+    def http_socket(self, i: int) -> str:
+        return os.path.join(self.rundir, f"w{i}.http")
+
+    def grpc_socket(self, i: int) -> str:
+        return os.path.join(self.rundir, f"w{i}.grpc")
+
+    def owner(self, name: str) -> int:
+        o = self._owners.get(name)
+        if o is None:
+            if len(self._owners) > 65536:
+                self._owners.clear()
+            o = self._owners[name] = owner_of(name, self.workers)
+        return o
+
+    def mine(self, name: str) -> bool:
+        return self.owner(name) == self.index
+
+    def peers(self) -> Iterator[tuple[int, LocalHttp]]:
+        return iter(self._http.items())
+
+    def http(self, i: int) -> LocalHttp:
+        return self._http[i]
+
+    def channel(self, i: int) -> Any:
+        ch = self._channels.get(i)
+        if ch is None:
+            import grpc
+
+            ch = self._channels[i] = grpc.aio.insecure_channel(f"unix:{self.grpc_socket(i)}")
+        return ch
+
+    async def close(self) -> None:
+        for h in self._http.values():
+            h.close()
+        for ch in self._channels.values():
+            await ch.close()
+
+    # -- gathered views -------------------------------------------------------
+    async def metrics(self, own: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+        texts = [own]
+        for _, peer in self.peers():
+            try:
+                status, _, body = await peer.request(b"GET", b"/metrics", headers, b"")
+            except OSError:
+                continue  # a worker restarting: its figures are back at the next scrape
+            if status == 200:
+                texts.append(body)
+        return merge_metrics(texts)
+
+    async def all_ready(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        for _, peer in self.peers():
+            try:
+                status, _, _ = await peer.request(b"GET", b"/v2/health/ready", headers, b"")
+            except OSError:
+                return False
+            if status != 200:
+                return False
+        return True
+
+    async def repository_index(
+        self, own: list[dict[str, Any]], body: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> list[dict[str, Any]]:
+        import orjson
+
+        rows = [r for r in own if self.mine(r["name"])]
+        for i, peer in self.peers():
+            status, _, data = await peer.request(b"POST", b"/v2/repository/index", headers, body)
+            if status == 200:
+                rows += [r for r in orjson.loads(data) if self.owner(r["name"]) == i]
+        rows.sort(key=lambda r: (r["name"], r.get("version") or ""))
+        return rows
+
+
+def merge_metrics(texts: list[bytes]) -> bytes:
+    """Sum samples with the same name and labels across workers (counters, histogram
+    buckets, sums and counts, gauges); ``_created`` timestamps are left out."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, Metric] = {}
+    sums: dict[str, dict[tuple, float]] = {}
+    for text in texts:
+        for fam in text_string_to_metric_families(text.decode()):
+            if fam.name not in families:
+                families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+                sums[fam.name] = {}
+            acc = sums[fam.name]
+            for s in fam.samples:
+                if s.name.endswith("_created"):
+                    continue
+                key = (s.name, tuple(sorted(s.labels.items())))
+                acc[key] = acc.get(key, 0.0) + s.value
+    for name, fam in families.items():
+        for (sample, labels), value in sums[name].items():
+            fam.add_sample(sample, dict(labels), value)
+
+    class _Merged:
+        def collect(self):
+            return [f for f in families.values() if f.samples]
+
+    registry = CollectorRegistry()
+    registry.register(_Merged())
+    return generate_latest(registry)
+
+
+# -- processes ---------------------------------------------------------------------
+def reuseport_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _worker_main(settings: Settings, index: int, rundir: str) -> None:
+    from server.process import serve
+
+    serve(settings, Router(index, settings.workers, rundir))
+
+
+def supervise(settings: Settings) -> int:
+    """Start the workers, restart one that dies, pass SIGTERM/SIGINT on; 0 when all drained."""
+    n = settings.workers
+    # A port held by another program: fail now, as one process would (workers share
+    # ports with SO_REUSEPORT, which would not notice a stranger that set it too).
+    for attr in ("http_port", "grpc_port"):
+        port = getattr(settings, attr)
+        if port:
+            family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind((settings.host, port))
+                except OSError:
+                    log.error("cannot bind %s:%d (address in use?)", settings.host, port)
+                    return 1
+    rundir = tempfile.mkdtemp(prefix="meshserve-workers-")
+    # Every worker must bind the same ports: resolve port 0 once, here.
+    probe = []
+    for attr in ("http_port", "grpc_port"):
+        if getattr(settings, attr) == 0:
+            s = reuseport_socket(settings.host, 0)
+            probe.append(s)
+            settings = settings.model_copy(update={attr: s.getsockname()[1]})
+    if settings.capacity_bytes is None:
+        from server.capacity import default_capacity
+
+        settings = settings.model_copy(update={"capacity_bytes": max(1, default_capacity(settings.capacity_fraction))})
+    # Each worker holds its own models: a 1/N share of the pod's model memory.
+    settings = settings.model_copy(update={"capacity_bytes": max(1, settings.capacity_bytes // n)})
+    ctx = multiprocessing.get_context("spawn")
+    procs: dict[int, multiprocessing.process.BaseProcess] = {}
+    stopping = False
+
+    started: dict[int, float] = {}
+
+    def start(i: int) -> None:
+        p = ctx.Process(target=_worker_main, args=(settings, i, rundir), name=f"meshserve-worker-{i}")
+        p.start()
+        procs[i] = p
+        started[i] = time.monotonic()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for p in procs.values():
+            if p.pid and p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    for i in range(n):
+        start(i)
+    for s in probe:
+        s.close()
+    log.info("started %d workers (%s)", n, ", ".join(str(p.pid) for p in procs.values()))
+    quick_failures = 0
+    rc = 0
+    try:
+        while True:
+            time.sleep(0.2)
+            if stopping:
+                deadline = time.monotonic() + settings.shutdown_grace_seconds + settings.drain_seconds + 15
+                for p in procs.values():
+                    p.join(max(0.1, deadline - time.monotonic()))
+                    if p.is_alive():
+                        p.kill()
+                        rc = 1
+                    elif p.exitcode not in (0, -signal.SIGTERM):
+                        rc = 1
+                break
+            for i, p in list(procs.items()):
+                if not p.is_alive() and not stopping:
+                    # A worker that dies soon after starting, again and again, will not get
+                    # better: give up (exit 1) and let the orchestrator back off.
+                    quick = time.monotonic() - started[i] < 30
+                    quick_failures = quick_failures + 1 if quick else 0
+                    if quick_failures >= 5:
+                        log.error("workers keep exiting at start; stopping")
+                        on_signal(signal.SIGTERM, None)
+                        rc = 1
+                        break
+                    wait = 5.0 if quick_failures > 1 else 1.0
+                    log.error("worker %d (pid %s) exited with %s; restarting in %gs", i, p.pid, p.exitcode, wait)
+                    time.sleep(wait)
+                    if not stopping:
+                        start(i)
+    finally:
+        shutil.rmtree(rundir, ignore_errors=True)
+    return rc
+
+
+def worker_sockets(settings: Settings, router: Router) -> tuple[socket.socket, str]:
+    """The shared REST socket and this worker's private one (a stale file is removed)."""
+    private = router.http_socket(router.index)
+    Path(private).unlink(missing_ok=True)
+    Path(router.grpc_socket(router.index)).unlink(missing_ok=True)
+    return reuseport_socket(settings.host, settings.http_port), private
