@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--min-churn-age", type=float, help="seconds a used model is safe from eviction")
     s.add_argument("--no-preload", action="store_const", const=False, dest="preload", help="load models on first use")
     s.add_argument("--log-level", help="debug, info, warning, error")
+    s.add_argument("--store", help="etcd://host:port/prefix: join the pods sharing it into one mesh")
     p = sub.add_parser("pull", help="fetch a model URI into the cache (an init-container step)")
     p.add_argument("uri", help="oci://registry/repo:tag, https://..., s3://bucket/prefix")
     _remote_flags(p)
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 capacity_bytes=args.capacity_bytes,
                 min_churn_age_seconds=args.min_churn_age,
                 preload=args.preload,
+                store=args.store,
             )
         except (ValidationError, OSError, ValueError) as e:
             print(f"meshserve: invalid settings: {e}", file=sys.stderr)

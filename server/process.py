@@ -75,6 +75,7 @@ async def run(settings: Settings, started: asyncio.Event | None = None) -> None:
     await asyncio.wait([waiter, http_task], return_when=asyncio.FIRST_COMPLETED)
 
     log.info("shutting down")
+    await dataplane.leave()
     dataplane.drain()
     http_server.should_exit = True
     await asyncio.gather(grpc_server.stop(settings.shutdown_grace_seconds), http_task, return_exceptions=True)

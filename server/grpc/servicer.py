@@ -21,7 +21,11 @@ STREAM_WINDOW = 64  # requests of one stream in flight at once
 
 async def _abort(context: grpc.aio.ServicerContext, e: Exception) -> None:
     if isinstance(e, InferenceError):
-        await context.abort(getattr(grpc.StatusCode, e.grpc_code), e.message)
+        # The error's class rides in a trailer: a pod that forwarded the call tells a
+        # load failure or a full pod (try another) from the model's own answer.
+        await context.abort(
+            getattr(grpc.StatusCode, e.grpc_code), e.message, trailing_metadata=(("meshserve-error", type(e).__name__),)
+        )
     log.exception("unexpected error in gRPC handler")
     await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
 
@@ -74,7 +78,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[T(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.outputs],
         )
 
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def _infer(self, request: pb.ModelInferRequest, context=None) -> pb.ModelInferResponse:
+        if self.dp.fleet is not None and context is not None:
+            return await self.dp.fleet.grpc_infer(request, context)
         decoded = decode_infer_request(request)
         response = await self.dp.infer(decoded)
         # Answer in the form the client used: raw contents for raw requests.
@@ -82,7 +88,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):  # noqa: N802
         try:
-            return await self._infer(request)
+            return await self._infer(request, context)
         except Exception as e:
             await _abort(context, e)
 
@@ -96,7 +102,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    await pending.put(asyncio.ensure_future(self._infer(request)))
+                    await pending.put(asyncio.ensure_future(self._infer(request, context)))
             finally:
                 await pending.put(None)
 
@@ -122,6 +128,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryModelLoad(self, request, context):  # noqa: N802
         try:
+            fleet = self.dp.fleet
+            if fleet is not None and any(k == "meshserve-forwarded" for k, _ in context.invocation_metadata() or ()):
+                await fleet.internal_load(request.model_name)  # a copy another pod asked for
+                return pb.RepositoryModelLoadResponse()
             await self.dp.load_model(request.model_name, _repository_config(request.parameters))
         except Exception as e:
             await _abort(context, e)

@@ -14,6 +14,7 @@ from typing import Any
 from protocol.errors import InferenceError, InvalidInput, PayloadTooLarge
 from protocol.rest_codec import HEADER_LENGTH, decode_infer_request, encode_error, encode_infer_response
 from server.dataplane import DataPlane
+from server.fleet import ROUTE
 from server.rest.encoding import MIN_COMPRESSED_RESPONSE, decode_body, encode_body, response_encoding
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class RestFront:
             return
         total = sum(len(p) for p in parts)
         headers = [(b"content-type", b"application/json" if json_length is None else b"application/octet-stream")]
+        if self.dataplane.fleet is not None:  # local, forwarded or miss: where the fleet served it
+            headers.append((b"meshserve-route", ROUTE.get().encode()))
         if json_length is not None:
             headers.append((_HEADER_LENGTH_B, str(json_length).encode()))
         if accept_encoding is not None and total >= MIN_COMPRESSED_RESPONSE:
