@@ -14,7 +14,7 @@ system-deps:
 	@missing=0; for b in $(SYSTEM_BINS); do [ -x $$b ] || missing=1; done; \
 	if [ $$missing = 1 ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    docker-registry skopeo umoci busybox-static >/dev/null; \
+	    docker-registry skopeo umoci busybox-static etcd-server >/dev/null; \
 	fi
 .PHONY: serve test install examples lint bench bench-batching clean system-deps
 

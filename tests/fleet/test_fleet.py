@@ -86,7 +86,9 @@ def test_load_failure_moves_on_and_is_recorded(pods):
         r = httpx.post(f"{pods[2].http_url}/v2/repository/models/{m}/load", timeout=30)
         assert r.status_code == 200, r.text
     wait_for(
-        lambda: all(p["models"] >= 3 for p in httpx.get(f"{pods[0].http_url}/v2/fleet/pods").json() if p["id"] == "pod-2"),
+        lambda: all(
+            p["models"] >= 3 for p in httpx.get(f"{pods[0].http_url}/v2/fleet/pods").json() if p["id"] == "pod-2"
+        ),
         what="pod-2's record to count its models",
     )
     r = infer(pods[0], "flaky", 1.0)
