@@ -359,6 +359,8 @@ class ModelCache(Generic[H]):
         entry.transition = asyncio.get_running_loop().create_future()
         self._lru.pop(entry.key, None)
         self._used -= entry.size_bytes  # promised free: the load that evicts waits for it
+        if self.on_change is not None:  # no longer a copy to send requests to
+            self.on_change(entry)
 
     async def _finish_unload(self, entry: CacheEntry[H], final: ModelState, reason: str) -> None:
         done = entry.transition

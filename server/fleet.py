@@ -56,7 +56,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-MARKER = "meshserve-forwarded"  # metadata: serve this here, do not route again
+# Metadata on a forwarded call: serve it here, do not route it again. Its value says why it
+# came: "forwarded" (the sender saw a copy here; if it is gone, say so and the sender tries
+# elsewhere) or "miss" (this pod was chosen to load the model).
+MARKER = "meshserve-forwarded"
 ERROR_KEY = "meshserve-error"  # trailing metadata: the InferenceError class a pod answered with
 # How the last request of this task was served: local, forwarded (to a holder) or miss (a load).
 ROUTE: contextvars.ContextVar[str] = contextvars.ContextVar("meshserve_route", default="local")
@@ -255,6 +258,13 @@ class Fleet:
             return
         self._pending[entry.key] = held
         self._wake.set()
+        if held and entry.key not in self.view.models:  # registered here through the repository API
+            doc = entry.spec.model_dump(mode="json", exclude_defaults=True)
+            asyncio.ensure_future(self._register_quietly({entry.key: doc}))
+
+    async def _register_quietly(self, docs: dict[str, dict[str, Any]]) -> None:
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.register(docs)
 
     async def _writer(self) -> None:
         """Holder records, written in batches, in order, retried while etcd is away."""
@@ -357,7 +367,7 @@ class Fleet:
                 await stub.RepositoryModelLoad(
                     pb.RepositoryModelLoadRequest(model_name=key),
                     timeout=self.settings.forward_timeout_seconds,
-                    metadata=((MARKER, self.id),),
+                    metadata=((MARKER, "copy"),),
                 )
                 log.info("copy of %s loaded on %s (%s)", key, pod.id, why)
                 return True
@@ -480,7 +490,7 @@ class Fleet:
         self,
         key: str,
         local: Callable[[], Awaitable[T]],
-        forward: Callable[[pb_grpc.GRPCInferenceServiceStub, float], Awaitable[T]],
+        forward: Callable[[pb_grpc.GRPCInferenceServiceStub, float, str], Awaitable[T]],
         timeout: float | None,
     ) -> T:
         """Serve a request for ``key`` here or on another pod, retrying on pods that fail."""
@@ -515,7 +525,7 @@ class Fleet:
             self.counts[kind] += 1
             try:
                 _, stub = self._stub(pod)
-                return await forward(stub, remaining)
+                return await forward(stub, remaining, kind)
             except grpc.aio.AioRpcError as e:
                 err = _remote_error(e)
             if isinstance(err, _Unreachable):
@@ -560,11 +570,11 @@ class Fleet:
             ROUTE.set("local")
             return await self.dp.local_infer(request, key)
 
-        async def forward(stub: pb_grpc.GRPCInferenceServiceStub, timeout: float) -> InferenceResponse:
+        async def forward(stub: pb_grpc.GRPCInferenceServiceStub, timeout: float, kind: str) -> InferenceResponse:
             msg = encode_infer_request(request)
             msg.model_name = entry.spec.name
             msg.model_version = entry.spec.version or ""
-            reply = await stub.ModelInfer(msg, timeout=timeout, metadata=((MARKER, self.id),))
+            reply = await stub.ModelInfer(msg, timeout=timeout, metadata=((MARKER, kind),))
             return decode_infer_response(reply)
 
         return await self.serve(key, lambda: self.dp.local_infer(request, key), forward, None)
@@ -574,15 +584,20 @@ class Fleet:
         key = self.dp.repository.resolve(msg.model_name, msg.model_version or None)
         entry = self.cache.get(key)
         raw = bool(msg.raw_input_contents)
-        if self.serves_here(entry) or _forwarded(context):
+        if self.serves_here(entry):
             self.counts["local"] += 1
+            return encode_infer_response(await self.dp.local_infer(decode_infer_request(msg), key), raw=raw)
+        why = _forwarded(context)
+        if why is not None:  # another pod routed it here: serve it here, or say why not
+            if why == "forwarded" and entry.state is not ModelState.LOADING and entry.state is not ModelState.READY:
+                raise ModelNotReady(f"model {key!r} is no longer held by pod {self.id}")
             return encode_infer_response(await self.dp.local_infer(decode_infer_request(msg), key), raw=raw)
 
         async def local() -> pb.ModelInferResponse:
             return encode_infer_response(await self.dp.local_infer(decode_infer_request(msg), key), raw=raw)
 
-        async def forward(stub: pb_grpc.GRPCInferenceServiceStub, timeout: float) -> pb.ModelInferResponse:
-            return await stub.ModelInfer(msg, timeout=timeout, metadata=((MARKER, self.id),))
+        async def forward(stub: pb_grpc.GRPCInferenceServiceStub, timeout: float, kind: str) -> pb.ModelInferResponse:
+            return await stub.ModelInfer(msg, timeout=timeout, metadata=((MARKER, kind),))
 
         return await self.serve(key, local, forward, context.time_remaining())
 
@@ -647,8 +662,9 @@ def _load_failed_here(entry: CacheEntry | None) -> bool:
     return entry is not None and entry.state is ModelState.FAILED
 
 
-def _forwarded(context: grpc.aio.ServicerContext) -> bool:
-    return any(k == MARKER for k, _ in context.invocation_metadata() or ())
+def _forwarded(context: grpc.aio.ServicerContext) -> str | None:
+    """Why another pod sent this call here, or None for a client's call."""
+    return next((v for k, v in context.invocation_metadata() or () if k == MARKER), None)
 
 
 def store_lease(store: CoordinationStore, settings: Settings) -> float:

@@ -72,6 +72,15 @@ class Settings(BaseSettings):
     log_level: str = "info"
     server_name: str = "meshserve"
 
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: str | None) -> str | None:
+        if v and v != "inprocess":
+            from modelmesh.store import parse_store_url
+
+            parse_store_url(v)  # ValueError: the settings error says what is wrong
+        return v
+
     @field_validator("insecure_registries", mode="before")
     @classmethod
     def _registries(cls, v: Any) -> Any:

@@ -188,3 +188,13 @@ def test_stale_record_of_a_dead_pod(etcd, fleet_models, tmp_path):
     finally:
         for p in pods:
             p.stop()
+
+
+def test_bad_store_url_is_a_settings_error(fleet_models, tmp_path):
+    for url in ("http://127.0.0.1:2379/x", "etcd://127.0.0.1:port/x"):
+        try:
+            start_server(fleet_models, tmp_path / "bad.log", "--store", url)
+            raise AssertionError("a bad store URL must stop the server")
+        except RuntimeError as e:
+            assert "exited with 2" in str(e)
+            assert "invalid settings" in str(e) and "store" in str(e)
