@@ -135,6 +135,26 @@ class Traffic:
         return sum(len(v) for v in self.lat.values())
 
 
+async def etcd_put(etcd, key: bytes, value: bytes) -> None:
+    import aetcd
+
+    client = aetcd.Client(host="127.0.0.1", port=etcd.client_port, timeout=3)
+    try:
+        await client.put(key, value)
+    finally:
+        await client.close()
+
+
+async def etcd_delete(etcd, key: bytes) -> None:
+    import aetcd
+
+    client = aetcd.Client(host="127.0.0.1", port=etcd.client_port, timeout=3)
+    try:
+        await client.delete(key)
+    finally:
+        await client.close()
+
+
 async def index(session: aiohttp.ClientSession, pod: Pod) -> list[dict]:
     async with session.post(pod.url + "/v2/repository/index", json={}) as r:
         return await r.json()
@@ -157,8 +177,11 @@ async def main(args: argparse.Namespace) -> None:
         p /= p.sum()
         order = np.random.default_rng(42).permutation(args.models)
 
+        draws = np.random.default_rng(7).choice(args.models, size=200_000, p=p)  # cheap picks: cumsum once
+        names = [f"m{order[i]:05d}" for i in draws]
+
         def pick(rng: np.random.Generator) -> str:
-            return f"m{order[rng.choice(args.models, p=p)]:05d}"
+            return names[int(rng.integers(len(names)))]
 
         conn = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=60)) as session:
@@ -176,6 +199,28 @@ async def main(args: argparse.Namespace) -> None:
             await asyncio.sleep(args.duration)
             await steady.finish()
             elapsed = time.monotonic() - t
+
+            # Hit latency without queueing: one client, one model with one copy, sent to its
+            # holder and to another pod in turn (copies for rate are off meanwhile).
+            await etcd_put(etcd, b"bench/settings/copy_rate_per_minute", b"1e12")
+            probe_model = "probe"
+            for r in await index(session, pods[0]):
+                if len(r["copies"]) == 1 and r["copies"][0]["state"] == "READY":
+                    probe_model = r["name"]
+                    break
+            holder_id = next(r["copies"][0]["pod"] for r in await index(session, pods[0]) if r["name"] == probe_model)
+            holder = next(p for p in pods if p.id == holder_id)
+            other = next(p for p in pods if p.id != holder_id)
+            quiet: dict[str, list[float]] = {"local": [], "forwarded": []}
+            for _ in range(args.probe_rounds):
+                for pod in (holder, other):
+                    t0 = time.perf_counter()
+                    async with session.post(f"{pod.url}/v2/models/{probe_model}/infer", data=body(1.0)) as r:
+                        await r.read()
+                        route = r.headers.get("meshserve-route")
+                    if route in quiet and r.status == 200:
+                        quiet[route].append(time.perf_counter() - t0)
+            await etcd_delete(etcd, b"bench/settings/copy_rate_per_minute")
 
             # kill -9 of one pod under traffic.
             victim = pods[2]
@@ -219,6 +264,12 @@ async def main(args: argparse.Namespace) -> None:
 
         lat = {k: np.array(v) for k, v in steady.lat.items()}
         overhead = (np.percentile(lat["forwarded"], 50) - np.percentile(lat["local"], 50)) * 1000
+        q_local, q_fwd = np.array(quiet["local"]), np.array(quiet["forwarded"])
+        q_over = (
+            (np.percentile(q_fwd, 50) - np.percentile(q_local, 50)) * 1000
+            if len(q_fwd) and len(q_local)
+            else float("nan")
+        )
         rows_out = [
             ("pods / models registered / room per pod", f"3 / {args.models} / ~{args.resident} models"),
             (
@@ -231,7 +282,10 @@ async def main(args: argparse.Namespace) -> None:
             share = len(a) / max(1, steady.count)
             rows_out.append((f"{kind} p50 / p99 ({share:.1%} of requests)", f"{ms(a, 50)} / {ms(a, 99)} ms"))
         rows_out += [
-            ("forwarded-hit overhead over a local hit (p50)", f"{overhead:+.2f} ms"),
+            ("forwarded-hit overhead over a local hit, under load (p50)", f"{overhead:+.2f} ms"),
+            ("one client: local hit p50 / p99", f"{ms(q_local, 50)} / {ms(q_local, 99)} ms"),
+            ("one client: forwarded hit p50 / p99", f"{ms(q_fwd, 50)} / {ms(q_fwd, 99)} ms"),
+            ("one client: forwarded-hit overhead (p50)", f"{q_over:+.2f} ms"),
             ("errors", str(len(steady.errors))),
             ("kill -9: requests failed", str(len(kill.errors))),
             ("kill -9: requests the client re-sent (connection died with the pod)", str(kill.client_retried)),
@@ -269,6 +323,7 @@ if __name__ == "__main__":
     ap.add_argument("--warmup", type=float, default=10)
     ap.add_argument("--fault-duration", type=float, default=15)
     ap.add_argument("--probe", type=int, default=50, help="models only the killed pod held, timed until they serve")
+    ap.add_argument("--probe-rounds", type=int, default=300, help="one-client local/forwarded pairs")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--zipf", type=float, default=1.1)
     ap.add_argument("--lease", type=int, default=3)

@@ -71,6 +71,10 @@ class _Unreachable(Exception):
     pass
 
 
+class CopyGone(ModelNotReady):
+    """A forwarded hit reached a pod whose copy has just gone (evicted, unloaded)."""
+
+
 class _RemoteError(Exception):
     def __init__(self, kind: str, error: InferenceError) -> None:
         super().__init__(error.message)
@@ -81,7 +85,7 @@ def _remote_error(e: grpc.aio.AioRpcError) -> Exception:
     """A failed forwarded call: the pod's own error (it names its class), or the pod is gone."""
     kind = next((v for k, v in (e.trailing_metadata() or ()) if k == ERROR_KEY), None)
     if kind is not None:
-        cls = getattr(errors, kind, None)
+        cls = CopyGone if kind == "CopyGone" else getattr(errors, kind, None)
         if not (isinstance(cls, type) and issubclass(cls, InferenceError)):
             cls = InferenceError
         return _RemoteError(kind, cls(e.details() or kind))
@@ -391,7 +395,8 @@ class Fleet:
         return False
 
     def _mark_suspect(self, pod_id: str) -> None:
-        log.warning("pod %s does not answer; skipped until its lease lapses", pod_id)
+        if pod_id not in self._suspect:
+            log.warning("pod %s does not answer; skipped until its lease lapses", pod_id)
         self._suspect[pod_id] = time.monotonic() + self._suspect_for
         channel = self._channels.pop(pod_id, None)
         if channel is not None:
@@ -426,7 +431,9 @@ class Fleet:
         """The hot path: a model ready here is served here."""
         return entry is not None and entry.state is ModelState.READY and not self.left
 
-    async def _route(self, key: str, exclude: set[str]) -> tuple[PodRecord | None, str]:
+    async def _route(
+        self, key: str, exclude: set[str], gone: frozenset[str] | set[str] = frozenset()
+    ) -> tuple[PodRecord | None, str]:
         """Where to send a request for ``key``: (None, kind) for here, else (pod, kind)."""
         entry = self.cache.get(key)
         if entry is None:
@@ -434,7 +441,7 @@ class Fleet:
         here_ok = not self.left and self.id not in exclude
         if here_ok and (entry.state is ModelState.READY or entry.state is ModelState.LOADING):
             return None, "local" if entry.state is ModelState.READY else "miss"
-        holders = [p for p in self._other_holders(key) if p not in exclude]
+        holders = [p for p in self._other_holders(key) if p not in exclude and p not in gone]
         if holders:
             awake = [p for p in holders if not self.view.pods[p].shutting_down] or holders
             return self.view.pods[random.choice(awake)], "forwarded"
@@ -497,10 +504,16 @@ class Fleet:
         deadline = time.monotonic() + min(
             timeout or self.settings.forward_timeout_seconds, self.settings.forward_timeout_seconds
         )
-        exclude: set[str] = set()
+        exclude: set[str] = set()  # pods that failed this request
+        gone: set[str] = set()  # pods whose copy went away: still fine to load it again
         last_error: Exception | None = None
         for _ in range(MAX_ATTEMPTS):
-            pod, kind = await self._route(key, exclude)
+            try:
+                pod, kind = await self._route(key, exclude, gone)
+            except ModelNotReady as e:
+                if last_error is None:
+                    raise
+                raise type(e)(f"{e.message}; last attempt: {_message(last_error)}") from None
             ROUTE.set(kind)
             if pod is None or pod.id == self.id:
                 self.counts[kind] += 1
@@ -530,6 +543,11 @@ class Fleet:
                 err = _remote_error(e)
             if isinstance(err, _Unreachable):
                 self._mark_suspect(pod.id)
+            elif isinstance(err, _RemoteError) and err.kind == "CopyGone":
+                gone.add(pod.id)
+                self.counts["retried"] += 1
+                last_error = err.error
+                continue
             elif isinstance(err, _RemoteError):
                 if err.kind == "ModelLoadError":
                     with contextlib.suppress(StoreUnavailable):
@@ -590,7 +608,7 @@ class Fleet:
         why = _forwarded(context)
         if why is not None:  # another pod routed it here: serve it here, or say why not
             if why == "forwarded" and entry.state is not ModelState.LOADING and entry.state is not ModelState.READY:
-                raise ModelNotReady(f"model {key!r} is no longer held by pod {self.id}")
+                raise CopyGone(f"model {key!r} is no longer held by pod {self.id}")
             return encode_infer_response(await self.dp.local_infer(decode_infer_request(msg), key), raw=raw)
 
         async def local() -> pb.ModelInferResponse:
@@ -656,6 +674,10 @@ class Fleet:
             {**p.__dict__, "alive": self._alive(p.id), "self": p.id == self.id}
             for p in sorted(self.view.pods.values(), key=lambda p: p.id)
         ]
+
+
+def _message(e: Exception) -> str:
+    return e.message if isinstance(e, InferenceError) else str(e)
 
 
 def _load_failed_here(entry: CacheEntry | None) -> bool:
