@@ -75,7 +75,14 @@ def start_pods(
         return start_server(models, logs / f"pod-{i}.log", *args, env=pod_env)
 
     with ThreadPoolExecutor(n) as pool:
-        return list(pool.map(one, range(n)))
+        futures = [pool.submit(one, i) for i in range(n)]
+    started = [f.result() for f in futures if f.exception() is None]
+    failed = [f.exception() for f in futures if f.exception() is not None]
+    if failed:  # no pod left running behind a failed start
+        for pod in started:
+            pod.stop()
+        raise failed[0]
+    return started
 
 
 @pytest.fixture(scope="module")

@@ -198,3 +198,23 @@ def test_bad_store_url_is_a_settings_error(fleet_models, tmp_path):
         except RuntimeError as e:
             assert "exited with 2" in str(e)
             assert "invalid settings" in str(e) and "store" in str(e)
+
+
+def test_fleet_bench_runs(tmp_path):
+    """A tiny run of loadtests/fleet_bench.py: every phase, no errors."""
+    import subprocess
+    import sys
+
+    from tests.support.server import REPO
+
+    out = subprocess.run(
+        [
+            sys.executable, "loadtests/fleet_bench.py", "--models", "60", "--resident", "10", "--duration", "2",
+            "--warmup", "1", "--fault-duration", "3", "--probe", "3", "--probe-rounds", "10", "--concurrency", "4",
+        ],
+        capture_output=True, text=True, cwd=REPO, timeout=180,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "| errors | 0 |" in out.stdout, out.stdout
+    assert "| kill -9: requests failed | 0 |" in out.stdout, out.stdout
+    assert "| SIGTERM: requests failed | 0 |" in out.stdout, out.stdout
