@@ -642,7 +642,10 @@ class Fleet:
                 state = "READY" if self._alive(pod_id) else "UNREACHABLE"
                 if pod_id == self.id:
                     state = entry.state.value
-                copies.append({"pod": pod_id, "http": pod.http, "grpc": pod.grpc, "state": state})
+                copy = {"pod": pod_id, "http": pod.http, "grpc": pod.grpc, "state": state}
+                if pod_id == self.id:
+                    copy["extra"] = entry.extra  # evicted before single copies
+                copies.append(copy)
             here = entry.state
             if any(c["state"] == "READY" for c in copies) or here is ModelState.READY:
                 state = "READY"
@@ -668,6 +671,27 @@ class Fleet:
                 }
             )
         return rows
+
+    def metrics(self) -> list[Any]:
+        """Prometheus families for the fleet (read at scrape time)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        routed = CounterMetricFamily(
+            "meshserve_fleet_requests", "Requests by how the fleet served them (local, forwarded, miss, retried).",
+            labels=["route"],
+        )  # fmt: skip
+        for route, n in self.counts.items():
+            routed.add_metric([route], n)
+        live = sum(1 for p in list(self.view.pods) if self._alive(p))
+        return [
+            routed,
+            GaugeMetricFamily("meshserve_fleet_pods", "Live pods in this pod's view of the fleet.", value=live),
+            GaugeMetricFamily(
+                "meshserve_fleet_store_connected",
+                "1 while the coordination store answers.",
+                value=int(self.store.connected),
+            ),
+        ]
 
     def pods_summary(self) -> list[dict[str, Any]]:
         return [

@@ -115,6 +115,10 @@ def test_copies_follow_use_and_rate(pods, etcd):
             return len(holders(pods[1], "m4")) >= 2
 
         wait_for(two_copies, 15, "a second copy of m4")
+        # Each holder knows whether its copy is the extra one: exactly one is.
+        owners = holders(pods[0], "m4")
+        extra = [c["extra"] for o in owners for c in index(pod_index(pods, o))["m4"]["copies"] if c["pod"] == o]
+        assert sorted(extra) == [False, True]
     finally:
         etcd_call(etcd, lambda c: c.delete(b"fleet/settings/second_copy_after_seconds"))
     # A copy serving more than copy_rate_per_minute: one more.
@@ -137,3 +141,18 @@ def test_copies_follow_use_and_rate(pods, etcd):
     # The copy that came second is the one evicted first.
     rows = index(pods[0])["m5"]["copies"]
     assert len(rows) >= 2
+
+
+def test_fleet_metrics(pods):
+    assert infer(pods[0], "m6").status_code == 200
+    owner = wait_for(lambda: holders(pods[0], "m6"), what="m6 placed")[0]
+    other = next(p for p in pods if p is not pod_index(pods, owner))
+    assert infer(other, "m6").headers["meshserve-route"] == "forwarded"
+    text = httpx.get(f"{other.http_url}/metrics").text
+    assert 'meshserve_fleet_requests_total{route="forwarded"}' in text
+    forwarded = next(
+        line for line in text.splitlines() if line.startswith('meshserve_fleet_requests_total{route="forwarded"}')
+    )
+    assert float(forwarded.split()[-1]) >= 1
+    assert "meshserve_fleet_pods 3.0" in text
+    assert "meshserve_fleet_store_connected 1.0" in text

@@ -65,3 +65,17 @@ def test_store_urls():
             parse_store_url(bad)
     assert isinstance(open_store(None), InProcessStore)
     assert isinstance(open_store("etcd://h:1/p"), EtcdStore)
+
+
+def test_extra_copies_are_evicted_first():
+    from modelmesh import CacheEntry, PlacementPolicy
+
+    entries = []
+    for i, extra in enumerate([False, False, True, False, True]):  # oldest first
+        e = CacheEntry(f"m{i}", spec=None)
+        e.size_bytes, e.last_used, e.extra = 10, float(i), extra
+        entries.append(e)
+    choice = PlacementPolicy().choose_victims(entries, need=20, now=100.0)
+    assert [v.key for v in choice.victims] == ["m2", "m4"]  # the extra copies, though newer
+    choice = PlacementPolicy().choose_victims(entries, need=30, now=100.0)
+    assert [v.key for v in choice.victims] == ["m2", "m4", "m0"]  # then the least recently used
