@@ -208,7 +208,13 @@ async def main(args: argparse.Namespace) -> None:
                 if len(r["copies"]) == 1 and r["copies"][0]["state"] == "READY":
                     probe_model = r["name"]
                     break
-            holder_id = next(r["copies"][0]["pod"] for r in await index(session, pods[0]) if r["name"] == probe_model)
+            if probe_model == "probe":  # no model with one copy: make one
+                async with session.post(f"{pods[0].url}/v2/models/{names[-1]}/infer", data=body(1.0)) as r:
+                    await r.read()
+                probe_model = names[-1]
+                await asyncio.sleep(0.5)
+            rows = {r["name"]: r for r in await index(session, pods[0])}
+            holder_id = rows[probe_model]["copies"][0]["pod"]
             holder = next(p for p in pods if p.id == holder_id)
             other = next(p for p in pods if p.id != holder_id)
             quiet: dict[str, list[float]] = {"local": [], "forwarded": []}
@@ -263,7 +269,8 @@ async def main(args: argparse.Namespace) -> None:
             rc = leaving.proc.returncode
 
         lat = {k: np.array(v) for k, v in steady.lat.items()}
-        overhead = (np.percentile(lat["forwarded"], 50) - np.percentile(lat["local"], 50)) * 1000
+        both = len(lat.get("forwarded", ())) and len(lat.get("local", ()))
+        overhead = (np.percentile(lat["forwarded"], 50) - np.percentile(lat["local"], 50)) * 1000 if both else np.nan
         q_local, q_fwd = np.array(quiet["local"]), np.array(quiet["forwarded"])
         q_over = (
             (np.percentile(q_fwd, 50) - np.percentile(q_local, 50)) * 1000

@@ -207,6 +207,7 @@ class InProcessStore(CoordinationStore):
             self._set(f"holders/{model}/{self.pod.id}", b"{}" if held else None)
             if held:
                 self._set(f"claims/{model}", None)
+                self._set(f"failures/{model}/{self.pod.id}", None)
 
     async def claim(self, model: str, pod: PodRecord) -> str:
         held = self.view.claims.get(model)
@@ -382,12 +383,15 @@ class EtcdStore(CoordinationStore):
         if self._lease is None:
             coro.close()
             raise StoreUnavailable("not joined to etcd")
+        from aetcd.exceptions import ConnectionFailedError, ConnectionTimeoutError
+
         try:
             return await coro
         except StoreUnavailable:
             raise
         except Exception as e:
-            self.connected = False
+            if isinstance(e, (ConnectionFailedError, ConnectionTimeoutError, asyncio.TimeoutError)):
+                self.connected = False  # the keepalive loop says when it is back
             raise StoreUnavailable(f"etcd at {self.host}:{self.port}: {_why(e)}") from None
 
     async def publish_pod(self, pod: PodRecord) -> None:
@@ -403,7 +407,11 @@ class EtcdStore(CoordinationStore):
         for model, held in changes:
             key = self._key(f"holders/{model}/{self.pod.id}")
             if held:
-                ops += [t.put(key, b"{}", lease=lease), t.delete(self._key(f"claims/{model}"))]
+                ops += [
+                    t.put(key, b"{}", lease=lease),
+                    t.delete(self._key(f"claims/{model}")),
+                    t.delete(self._key(f"failures/{model}/{self.pod.id}")),  # it loads here now
+                ]
             else:
                 ops.append(t.delete(key))
         for chunk in _chunks(ops, TXN_OPS):
@@ -414,13 +422,23 @@ class EtcdStore(CoordinationStore):
         t = self._client.transactions
         key = self._key(f"claims/{model}")
         value = orjson.dumps({"pod": pod.id, "at": time.time()})
-        ok, responses = await self._do(
-            self._client.transaction(
-                compare=[t.create(key) == 0],
-                success=[t.put(key, value, lease=pod.lease or None)],
-                failure=[t.get(key)],
+        try:
+            ok, responses = await self._do(
+                self._client.transaction(
+                    compare=[t.create(key) == 0],
+                    success=[t.put(key, value, lease=pod.lease or None)],
+                    failure=[t.get(key)],
+                )
             )
-        )
+        except StoreUnavailable:
+            if not self.connected or not pod.lease:
+                raise
+            # The chosen pod's lease is gone (it rejoined, or died): a claim that only ages out.
+            ok, responses = await self._do(
+                self._client.transaction(
+                    compare=[t.create(key) == 0], success=[t.put(key, value)], failure=[t.get(key)]
+                )
+            )
         if ok:
             return pod.id
         for raw, _ in responses[0] if responses else ():
