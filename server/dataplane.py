@@ -79,6 +79,9 @@ class DataPlane:
             log.warning("%s: serving as a single pod (store_fallback_local)", e)
             return
         self.fleet = fleet
+        hooks = getattr(self, "drain_hooks", None)
+        if hooks is not None:  # a shutdown path with drain hooks awaits the hand-off
+            hooks.append(fleet.leave)
 
     async def leave(self) -> None:
         """Before the listeners close at shutdown: in a fleet, hand this pod's models to

@@ -166,6 +166,8 @@ class Fleet:
         self._tick_at = time.monotonic()
         self.counts = {"local": 0, "forwarded": 0, "miss": 0, "retried": 0}
         self._suspect_for = max(2.0 * store_lease(store, settings), 3.0)
+        auth = _auth_metadata(settings)
+        self._metadata = {k: ((MARKER, k), *auth) for k in ("copy", "forwarded", "miss")}
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
@@ -371,7 +373,7 @@ class Fleet:
                 await stub.RepositoryModelLoad(
                     pb.RepositoryModelLoadRequest(model_name=key),
                     timeout=self.settings.forward_timeout_seconds,
-                    metadata=((MARKER, "copy"),),
+                    metadata=self._metadata["copy"],
                 )
                 log.info("copy of %s loaded on %s (%s)", key, pod.id, why)
                 return True
@@ -592,7 +594,7 @@ class Fleet:
             msg = encode_infer_request(request)
             msg.model_name = entry.spec.name
             msg.model_version = entry.spec.version or ""
-            reply = await stub.ModelInfer(msg, timeout=timeout, metadata=((MARKER, kind),))
+            reply = await stub.ModelInfer(msg, timeout=timeout, metadata=self._metadata[kind])
             return decode_infer_response(reply)
 
         return await self.serve(key, lambda: self.dp.local_infer(request, key), forward, None)
@@ -615,7 +617,7 @@ class Fleet:
             return encode_infer_response(await self.dp.local_infer(decode_infer_request(msg), key), raw=raw)
 
         async def forward(stub: pb_grpc.GRPCInferenceServiceStub, timeout: float, kind: str) -> pb.ModelInferResponse:
-            return await stub.ModelInfer(msg, timeout=timeout, metadata=((MARKER, kind),))
+            return await stub.ModelInfer(msg, timeout=timeout, metadata=self._metadata[kind])
 
         return await self.serve(key, local, forward, context.time_remaining())
 
@@ -698,6 +700,21 @@ class Fleet:
             {**p.__dict__, "alive": self._alive(p.id), "self": p.id == self.id}
             for p in sorted(self.view.pods.values(), key=lambda p: p.id)
         ]
+
+
+def _auth_metadata(settings: Settings) -> tuple[tuple[str, str], ...]:
+    """Pods call each other with the server's own token when one is configured
+    (a production setting; absent here, nothing is added)."""
+    token = getattr(settings, "auth_token", None)
+    if token is not None and hasattr(token, "get_secret_value"):
+        token = token.get_secret_value()
+    path = getattr(settings, "auth_token_file", None)
+    if not token and path:
+        try:
+            token = next((line.strip() for line in open(path) if line.strip()), None)
+        except OSError:
+            token = None
+    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 def _message(e: Exception) -> str:
