@@ -12,6 +12,7 @@ Records, under one prefix:
   deleted when its holder record appears.
 - ``models/<model>``: registrations (the model-settings document: URI, runtime, settings).
 - ``failures/<model>/<pod>``: the last load failure of a model on a pod.
+- ``lastused/<model>``: when the model was last used on a copy that has since gone.
 - ``settings/<name>``: dynamic settings (second-copy age, copy rate threshold).
 
 Every pod mirrors the records in a :class:`FleetView` kept current by a watch, so the
@@ -84,6 +85,7 @@ class FleetView:
         self.models: dict[str, dict[str, Any]] = {}
         self.failures: dict[str, dict[str, dict[str, Any]]] = {}
         self.settings: dict[str, Any] = {}
+        self.last_used: dict[str, float] = {}
         self.listeners: list[Callable[[str, str, bool], None]] = []  # (kind, key, present)
 
     def clear(self) -> None:
@@ -92,6 +94,7 @@ class FleetView:
         self.claims.clear()
         self.failures.clear()
         self.settings.clear()
+        self.last_used.clear()
 
     def holders_of(self, model: str) -> dict[str, int]:
         return self.holders.get(model) or {}
@@ -132,6 +135,11 @@ class FleetView:
                     self.failures.get(model, {}).pop(pod, None)
                 else:
                     self.failures.setdefault(model, {})[pod] = orjson.loads(value)
+            elif kind == "lastused":
+                if value is None:
+                    self.last_used.pop(rest, None)
+                else:
+                    self.last_used[rest] = float(orjson.loads(value))
             elif kind == "settings":
                 if value is None:
                     self.settings.pop(rest, None)
@@ -165,9 +173,9 @@ class CoordinationStore:
     async def publish_pod(self, pod: PodRecord) -> None:
         raise NotImplementedError
 
-    async def set_holdings(self, changes: list[tuple[str, bool]]) -> None:
+    async def set_holdings(self, changes: list[tuple[str, bool]], last_used: dict[str, float] | None = None) -> None:
         """This pod holds (True) or no longer holds (False) a copy of each model; a new
-        copy ends the model's claim."""
+        copy ends the model's claim; a copy that goes leaves its last use (``last_used``)."""
         raise NotImplementedError
 
     async def claim(self, model: str, pod: PodRecord) -> str:
@@ -202,9 +210,11 @@ class InProcessStore(CoordinationStore):
     async def publish_pod(self, pod: PodRecord) -> None:
         self._set(f"pods/{pod.id}", pod.dumps())
 
-    async def set_holdings(self, changes: list[tuple[str, bool]]) -> None:
+    async def set_holdings(self, changes: list[tuple[str, bool]], last_used: dict[str, float] | None = None) -> None:
         for model, held in changes:
             self._set(f"holders/{model}/{self.pod.id}", b"{}" if held else None)
+            if not held and last_used and last_used.get(model):
+                self._set(f"lastused/{model}", last_used[model])
             if held:
                 self._set(f"claims/{model}", None)
                 self._set(f"failures/{model}/{self.pod.id}", None)
@@ -398,7 +408,7 @@ class EtcdStore(CoordinationStore):
         pod.lease = self._lease.id if self._lease is not None else 0
         await self._do(self._client.put(self._key(f"pods/{pod.id}"), pod.dumps(), lease=self._lease))
 
-    async def set_holdings(self, changes: list[tuple[str, bool]]) -> None:
+    async def set_holdings(self, changes: list[tuple[str, bool]], last_used: dict[str, float] | None = None) -> None:
         if self._lease is None:
             raise StoreUnavailable("not joined to etcd")
         t = self._client.transactions
@@ -414,6 +424,9 @@ class EtcdStore(CoordinationStore):
                 ]
             else:
                 ops.append(t.delete(key))
+                when = (last_used or {}).get(model)
+                if when:
+                    ops.append(t.put(self._key(f"lastused/{model}"), orjson.dumps(when)))
         for chunk in _chunks(ops, TXN_OPS):
             await self._do(self._client.transaction(compare=[], success=chunk, failure=[]))
 

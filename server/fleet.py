@@ -159,6 +159,7 @@ class Fleet:
         self._channels: dict[str, tuple[grpc.aio.Channel, pb_grpc.GRPCInferenceServiceStub]] = {}
         self._suspect: dict[str, float] = {}  # pod id -> monotonic time until which it is skipped
         self._pending: dict[str, bool] = {}  # holder records to write: model -> held
+        self._gone_used: dict[str, float] = {}  # last use of copies that went, for the store
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._last_requests: dict[str, int] = {}
@@ -217,9 +218,9 @@ class Fleet:
                 t.cancel()
             log.info("handed off %d of %d models held only here", len(done), len(lonely))
         self.left = True
-        held = [e.key for e in hot]
         with contextlib.suppress(StoreUnavailable):
-            await self.store.set_holdings([(k, False) for k in held])
+            used = {e.key: e.last_used_wall() or 0.0 for e in hot}
+            await self.store.set_holdings([(e.key, False) for e in hot], used)
         await asyncio.sleep(0.1)  # the other pods' views follow within milliseconds
 
     async def close(self) -> None:
@@ -263,6 +264,8 @@ class Fleet:
         if held and self.left:
             return
         self._pending[entry.key] = held
+        if not held and entry.last_used:
+            self._gone_used[entry.key] = entry.last_used_wall() or 0.0
         self._wake.set()
         if held and entry.key not in self.view.models:  # registered here through the repository API
             doc = entry.spec.model_dump(mode="json", exclude_defaults=True)
@@ -281,11 +284,14 @@ class Fleet:
                 batch = list(self._pending.items())[:64]
                 for k, _ in batch:
                     del self._pending[k]
+                used = {k: self._gone_used.pop(k) for k, held in batch if not held and k in self._gone_used}
                 try:
-                    await self.store.set_holdings(batch)
+                    await self.store.set_holdings(batch, used)
                 except StoreUnavailable:
                     for k, held in batch:
                         self._pending.setdefault(k, held)
+                    for k, when in used.items():
+                        self._gone_used.setdefault(k, when)
                     await asyncio.sleep(0.5)
                 except Exception:
                     log.exception("writing holder records failed")
@@ -665,7 +671,7 @@ class Fleet:
                     "state": state,
                     "reason": entry.reason if state == here.value else "",
                     "size_bytes": entry.size_bytes,
-                    "last_used": entry.last_used_wall(),
+                    "last_used": entry.last_used_wall() or self.view.last_used.get(entry.key),
                     "pinned": entry.pinned,
                     "requests": entry.requests,
                     "copies": copies,

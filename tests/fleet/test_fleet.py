@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 import httpx
@@ -156,3 +157,17 @@ def test_fleet_metrics(pods):
     assert float(forwarded.split()[-1]) >= 1
     assert "meshserve_fleet_pods 3.0" in text
     assert "meshserve_fleet_store_connected 1.0" in text
+
+
+def test_unloaded_copy_leaves_its_last_use(pods):
+    assert infer(pods[1], "m10").status_code == 200
+    owner = wait_for(lambda: holders(pods[1], "m10"), what="m10 placed")[0]
+    holder = pod_index(pods, owner)
+    other = next(p for p in pods if p is not holder)
+    before = time.time()
+    r = httpx.post(f"{holder.http_url}/v2/repository/models/m10/unload", timeout=10)
+    assert r.status_code == 200
+    row = wait_for(lambda: not index(other)["m10"]["copies"] and index(other)["m10"], what="m10's copy gone")
+    assert row["state"] != "READY"
+    assert row["last_used"] is not None and before - 30 < row["last_used"] <= time.time()
+    assert infer(other, "m10").status_code == 200  # and it places again on its next request
