@@ -388,6 +388,9 @@ class Fleet:
                 if isinstance(err, _Unreachable):
                     self._mark_suspect(pod.id)
                 log.info("copy of %s on %s failed: %s", key, pod.id, err)
+            except asyncio.CancelledError:
+                if _cancelled_here():
+                    raise
         return False
 
     # -- who is alive ------------------------------------------------------------
@@ -407,8 +410,8 @@ class Fleet:
             log.warning("pod %s does not answer; skipped until its lease lapses", pod_id)
         self._suspect[pod_id] = time.monotonic() + self._suspect_for
         channel = self._channels.pop(pod_id, None)
-        if channel is not None:
-            asyncio.ensure_future(channel[0].close())
+        if channel is not None:  # calls still on it end on their own (closing now would cancel them)
+            asyncio.ensure_future(channel[0].close(grace=self.settings.forward_timeout_seconds))
 
     def _other_holders(self, key: str) -> list[str]:
         return [p for p in self.view.holders_of(key) if p != self.id and self._alive(p)]
@@ -549,6 +552,10 @@ class Fleet:
                 return await forward(stub, remaining, kind)
             except grpc.aio.AioRpcError as e:
                 err = _remote_error(e)
+            except asyncio.CancelledError:
+                if _cancelled_here():
+                    raise  # this request was cancelled
+                err = _Unreachable("the call was cancelled with its channel")
             if isinstance(err, _Unreachable):
                 self._mark_suspect(pod.id)
             elif isinstance(err, _RemoteError) and err.kind == "CopyGone":
@@ -721,6 +728,13 @@ def _auth_metadata(settings: Settings) -> tuple[tuple[str, str], ...]:
         except OSError:
             token = None
     return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def _cancelled_here() -> bool:
+    """A CancelledError is this task's own cancellation (not a call cancelled with its channel)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+    return cancelling is None or cancelling() > 0
 
 
 def _message(e: Exception) -> str:

@@ -17,7 +17,8 @@ import pytest
 from tests.support.etcd import RunningEtcd, start_etcd
 from tests.support.server import RunningServer, start_server
 
-MODEL_PY = """import os
+MODEL_PY = """import asyncio
+import os
 
 import numpy as np
 from meshserve import Model
@@ -33,10 +34,12 @@ class Weighted(Model):
         return self.w.nbytes
 
     async def predict(self, request):
+        if self.name == "slow":  # many requests in flight at once
+            await asyncio.sleep(0.2)
         x = request.inputs[0].data
         return {"y": x * self.w[0]}
 """
-MODELS = [f"m{i}" for i in range(12)] + ["flaky"]
+MODELS = [f"m{i}" for i in range(12)] + ["flaky", "slow"]
 LEASE = "2"
 
 

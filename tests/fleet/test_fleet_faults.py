@@ -48,10 +48,17 @@ def test_kill9_holder_requests_are_retried_elsewhere(etcd, fleet_models, tmp_pat
         owner = wait_for(lambda: holders(pods[0], "m1"), what="m1 placed")[0]
         victim = pod_index(pods, owner)
         survivors = [p for p in pods if p is not victim]
+        assert httpx.post(f"{victim.http_url}/v2/repository/models/slow/load", timeout=30).status_code == 200
+        wait_for(lambda: holders(pods[0], "slow") == [owner], what="slow on the same pod")
         stop, failures, count = threading.Event(), [], [0]
-        worker = threading.Thread(target=_hammer, args=(survivors, ["m1"], stop, failures, count))
-        worker.start()
-        time.sleep(0.3)
+        # One client on m1, eight on "slow" (0.2 s each): many calls in flight when the pod dies.
+        workers = [threading.Thread(target=_hammer, args=(survivors, ["m1"], stop, failures, count))]
+        workers += [
+            threading.Thread(target=_hammer, args=(survivors, ["slow"], stop, failures, count)) for _ in range(8)
+        ]
+        for worker in workers:
+            worker.start()
+        time.sleep(0.5)
         victim.proc.kill()  # kill -9: no goodbye, its records stay until the lease lapses
         killed = time.monotonic()
 
@@ -63,7 +70,8 @@ def test_kill9_holder_requests_are_retried_elsewhere(etcd, fleet_models, tmp_pat
         moved = time.monotonic() - killed
         time.sleep(0.5)
         stop.set()
-        worker.join()
+        for worker in workers:
+            worker.join()
         assert failures == [], failures[:3]
         assert count[0] > 10
         assert moved < 5
