@@ -171,3 +171,40 @@ def test_unloaded_copy_leaves_its_last_use(pods):
     assert row["state"] != "READY"
     assert row["last_used"] is not None and before - 30 < row["last_used"] <= time.time()
     assert infer(other, "m10").status_code == 200  # and it places again on its next request
+
+
+def test_grpc_stream_and_deadline_through_another_pod(pods):
+    r = httpx.post(f"{pods[0].http_url}/v2/repository/models/slow/load", timeout=30)
+    assert r.status_code == 200
+    wait_for(lambda: holders(pods[1], "slow") == ["pod-0"], what="slow held by pod-0")
+    with grpc.insecure_channel(pods[1].grpc_address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+        def request(i: int) -> pb.ModelInferRequest:
+            req = pb.ModelInferRequest(model_name="m2", id=f"s{i}")
+            req.inputs.add(name="x", datatype="FP32", shape=[1])
+            req.raw_input_contents.append(np.array([i], dtype=np.float32).tobytes())
+            return req
+
+        # A stream through a pod that does not hold the model: every answer, in order.
+        assert infer(pods[0], "m2").status_code == 200
+        copies = wait_for(lambda: holders(pods[0], "m2"), what="m2 placed")
+        stranger = next(p for p in pods if p.http_port not in [pod_index(pods, c).http_port for c in copies])
+        with grpc.insecure_channel(stranger.grpc_address) as other:
+            stream = pb_grpc.GRPCInferenceServiceStub(other).ModelStreamInfer
+            answers = list(stream(iter([request(i) for i in range(5)]), timeout=20))
+        assert [a.infer_response.id for a in answers] == [f"s{i}" for i in range(5)]
+        values = [np.frombuffer(a.infer_response.raw_output_contents[0], np.float32)[0] for a in answers]
+        assert values == [2.0 * i for i in range(5)]
+        # The client's deadline goes with the forwarded call: 0.2 s of work, 0.05 s allowed.
+        slow = pb.ModelInferRequest(model_name="slow")
+        slow.inputs.add(name="x", datatype="FP32", shape=[1])
+        slow.raw_input_contents.append(np.array([1], dtype=np.float32).tobytes())
+        t = time.monotonic()
+        try:
+            stub.ModelInfer(slow, timeout=0.05)
+            raise AssertionError("the deadline must pass first")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - t < 1.0
+        assert stub.ModelInfer(slow, timeout=10).model_name == "slow"  # and the pods are fine
