@@ -121,6 +121,8 @@ class DataPlane:
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
         entry = self.repository.entry(self.repository.resolve(name, version))
+        if self.fleet is not None and entry.state is not ModelState.READY:
+            return self.fleet.ready_elsewhere(entry.key)  # a copy on another pod serves it
         return entry.state is ModelState.READY
 
     def model_metadata(self, name: str, version: str | None = None) -> ModelMetadata:

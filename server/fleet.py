@@ -416,6 +416,9 @@ class Fleet:
     def _other_holders(self, key: str) -> list[str]:
         return [p for p in self.view.holders_of(key) if p != self.id and self._alive(p)]
 
+    def ready_elsewhere(self, key: str) -> bool:
+        return bool(self._other_holders(key))
+
     def _live_holders(self, key: str, include_self: bool = False) -> list[str]:
         return [
             p for p in self.view.holders_of(key) if (p == self.id and include_self) or (p != self.id and self._alive(p))

@@ -28,7 +28,8 @@ def test_any_pod_serves_any_model_with_one_copy(pods):
         assert r.json()["id"] == f"req-{pod.http_port}"  # the id survives forwarding
         expected = "local" if pod is pod_index(pods, owner[0]) else "forwarded"
         assert r.headers["meshserve-route"] == expected
-    for pod in pods:  # every pod shows the same fleet view
+    for pod in pods:  # ready through any pod, and every pod shows the same fleet view
+        assert httpx.get(f"{pod.http_url}/v2/models/m1/ready").status_code == 200
         row = index(pod)["m1"]
         assert row["state"] == "READY"
         assert [c["pod"] for c in row["copies"]] == owner
@@ -60,6 +61,7 @@ def test_grpc_forwarding_keeps_the_message(pods):
 
 def test_unknown_model_is_404_everywhere(pods):
     for pod in pods:
+        assert httpx.get(f"{pod.http_url}/v2/models/m11/ready").status_code == 503  # held nowhere yet
         r = infer(pod, "nope")
         assert r.status_code == 404
         assert "nope" in r.json()["error"]
