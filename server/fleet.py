@@ -165,6 +165,7 @@ class Fleet:
         self._last_requests: dict[str, int] = {}
         self._copy_tried: dict[str, float] = {}
         self._tick_at = time.monotonic()
+        self._published: tuple = ()
         self.counts = {"local": 0, "forwarded": 0, "miss": 0, "retried": 0}
         self._suspect_for = max(2.0 * store_lease(store, settings), 3.0)
         auth = _auth_metadata(settings)
@@ -303,6 +304,7 @@ class Fleet:
             if entry.state is ModelState.READY and not self.left:
                 self._pending[entry.key] = True
         self._wake.set()
+        self._published = ()
         with contextlib.suppress(StoreUnavailable):
             await self.store.publish_pod(self._stats())
 
@@ -361,9 +363,12 @@ class Fleet:
                 why = "request rate" if rate > threshold else "used again"
                 asyncio.ensure_future(self._add_copy(entry.key, why=why))
         pod = self._stats()
-        pod.rate = total
-        if self.store.connected:
+        pod.rate = round(total)
+        # Written only when it changed (the lease keeps it alive): an idle fleet writes nothing.
+        shown = (pod.used, pod.models, round(pod.oldest_lru), pod.loading, pod.rate, pod.shutting_down)
+        if self.store.connected and shown != self._published:
             await self.store.publish_pod(pod)
+            self._published = shown
 
     async def _add_copy(self, key: str, why: str) -> bool:
         """Load one more copy of ``key`` on the best other pod that lacks one."""
