@@ -153,7 +153,7 @@ class ModelCache(Generic[H]):
         self.capacity_wait = capacity_wait
         self.stats = CacheStats()
         self.on_load: Callable[[float], None] | None = None  # e.g. a histogram's observe
-        # Called when a model becomes READY and when an unload ends (the fleet publishes it).
+        # Called when a model becomes READY, and when an unload begins and ends (a fleet publishes it).
         self.on_change: Callable[[CacheEntry[H]], None] | None = None
         self._entries: dict[str, CacheEntry[H]] = {}
         self._lru: OrderedDict[str, CacheEntry[H]] = OrderedDict()  # resident models, oldest first
