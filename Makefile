@@ -8,8 +8,8 @@ STAMP := $(VENV)/.installed
 
 
 # Real services the tests start on 127.0.0.1: an OCI registry, skopeo/umoci to check the
-# images meshserve builds, busybox for KServe-compatible modelcars, etcd for the adapters'
-# freshness store. Installed once (needs root).
+# images meshserve builds, busybox for KServe-compatible modelcars, etcd for the fleet tests
+# and the adapters' freshness store. Installed once (needs root).
 SYSTEM_BINS := /usr/bin/docker-registry /usr/bin/skopeo /usr/bin/umoci /bin/busybox /usr/bin/etcd
 system-deps:
 	@missing=0; for b in $(SYSTEM_BINS); do [ -x $$b ] || missing=1; done; \

@@ -62,6 +62,7 @@ class CacheEntry(Generic[H]):
     retry_at: float = 0.0  # monotonic; FAILED models load again on a request after this
     requests: int = 0
     failed_requests: int = 0
+    extra: bool = False  # another pod holds the first copy: evicted before single copies
     transition: asyncio.Future | None = field(default=None, repr=False)
 
     def last_used_wall(self) -> float | None:
@@ -152,6 +153,8 @@ class ModelCache(Generic[H]):
         self.capacity_wait = capacity_wait
         self.stats = CacheStats()
         self.on_load: Callable[[float], None] | None = None  # e.g. a histogram's observe
+        # Called when a model becomes READY, and when an unload begins and ends (a fleet publishes it).
+        self.on_change: Callable[[CacheEntry[H]], None] | None = None
         self._entries: dict[str, CacheEntry[H]] = {}
         self._lru: OrderedDict[str, CacheEntry[H]] = OrderedDict()  # resident models, oldest first
         self._used = 0  # bytes held or reserved
@@ -284,6 +287,8 @@ class ModelCache(Generic[H]):
             self.stats.loads += 1
             if self.on_load is not None:
                 self.on_load(entry.load_seconds)
+            if self.on_change is not None:
+                self.on_change(entry)
             log.info("model %s ready in %.3fs (%d bytes, predicted %d)", entry.key, entry.load_seconds, size, need)
             if old is not None:
                 await self._unload_fn(old)
@@ -354,6 +359,8 @@ class ModelCache(Generic[H]):
         entry.transition = asyncio.get_running_loop().create_future()
         self._lru.pop(entry.key, None)
         self._used -= entry.size_bytes  # promised free: the load that evicts waits for it
+        if self.on_change is not None:  # no longer a copy to send requests to
+            self.on_change(entry)
 
     async def _finish_unload(self, entry: CacheEntry[H], final: ModelState, reason: str) -> None:
         done = entry.transition
@@ -370,6 +377,8 @@ class ModelCache(Generic[H]):
             entry.state, entry.reason, entry.transition = final, reason, None
             if done is not None and not done.done():
                 done.set_result(None)
+            if self.on_change is not None:
+                self.on_change(entry)
 
     async def _evict(self, entry: CacheEntry[H]) -> None:
         self.stats.evictions += 1

@@ -25,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--min-churn-age", type=float, help="seconds a used model is safe from eviction")
     s.add_argument("--no-preload", action="store_const", const=False, dest="preload", help="load models on first use")
     s.add_argument("--log-level", help="debug, info, warning, error")
+    s.add_argument("--store", help="etcd://host:port/prefix: join the pods sharing it into one mesh")
     from server.production import add_flags
 
     add_flags(s)
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 min_churn_age_seconds=args.min_churn_age,
                 preload=args.preload,
                 **production.values(args),
+                store=args.store,
             )
         except (ValidationError, OSError, ValueError) as e:
             print(f"meshserve: invalid settings: {e}", file=sys.stderr)

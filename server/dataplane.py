@@ -41,6 +41,7 @@ class DataPlane:
         self.drain_hooks: list[Callable[[], Awaitable[None]]] = []
         # Which models this process serves (all, unless it is one of several workers).
         self.owns: Callable[[str], bool] = lambda name: True
+        self.fleet = None  # server.fleet.Fleet when a coordination store joins pods (settings.store)
 
     # -- lifecycle ----------------------------------------------------------
     async def start(self) -> None:
@@ -50,6 +51,8 @@ class DataPlane:
         keys = await self.repository.discover()
         self._startup_keys = keys
         log.info("registered %d models in %.2fs", len(keys), time.monotonic() - started)
+        if self.settings.store:
+            await self._join_fleet()
         if self.settings.preload:
             entries = [e for e in (self.cache.get(k) for k in keys) if e is not None and self.owns(e.spec.name)]
             entries.sort(key=lambda e: not e.pinned)
@@ -59,6 +62,8 @@ class DataPlane:
                 async with slots:
                     if not entry.pinned and not self.cache.fits_without_eviction(entry.spec):
                         return
+                    if not entry.pinned and self.fleet is not None:
+                        return  # a fleet places models on first use
                     try:
                         await self.cache.load(entry.key)
                     except InferenceError as e:
@@ -69,8 +74,34 @@ class DataPlane:
             await asyncio.gather(*(preload(e) for e in entries))
         self._started = True
 
+    async def _join_fleet(self) -> None:
+        from modelmesh.store import StoreUnavailable, open_store
+        from server.fleet import Fleet
+
+        fleet = Fleet(self, self.settings, open_store(self.settings.store, self.settings.fleet_lease_seconds))
+        try:
+            await fleet.start()
+        except StoreUnavailable as e:
+            if not self.settings.store_fallback_local:
+                raise OSError(f"{e} (set store_fallback_local to serve as a single pod instead)") from None
+            log.warning("%s: serving as a single pod (store_fallback_local)", e)
+            return
+        self.fleet = fleet
+        self.drain_hooks.append(self.leave)  # SIGTERM: hand this pod's models over first
+
+    async def leave(self) -> None:
+        """Before the listeners close at shutdown: in a fleet, hand this pod's models to
+        other pods and stop being a holder; requests still arriving are forwarded."""
+        if self.fleet is not None:
+            try:
+                await self.fleet.leave()
+            except Exception:
+                log.exception("leaving the fleet failed")
+
     async def stop(self) -> None:
         self._draining = self._stopping = True
+        if self.fleet is not None:
+            await self.fleet.close()
         await self.cache.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -102,6 +133,8 @@ class DataPlane:
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
         entry = self.repository.entry(self.repository.resolve(name, version))
+        if self.fleet is not None and entry.state is not ModelState.READY:
+            return self.fleet.ready_elsewhere(entry.key)  # a copy on another pod serves it
         return entry.state is ModelState.READY
 
     def model_metadata(self, name: str, version: str | None = None) -> ModelMetadata:
@@ -123,11 +156,20 @@ class DataPlane:
             raise ServerNotReady("server is shutting down")
         if key is None:
             key = self.repository.resolve(request.model_name, request.model_version)
+        if self.fleet is not None:
+            return await self.fleet.infer(request, key)
+        async with self.cache.acquire(key) as model:
+            return await model.infer(request, self.executor)
+
+    async def local_infer(self, request: InferenceRequest, key: str) -> InferenceResponse:
+        """Serve on this pod (the fleet decided so)."""
         async with self.cache.acquire(key) as model:
             return await model.infer(request, self.executor)
 
     # -- repository extension ------------------------------------------------
     def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+        if self.fleet is not None:  # every model of the fleet, where its copies are
+            return self.fleet.index_rows(ready_only)
         rows = []
         for entry in self.cache.entries():
             if ready_only and entry.state is not ModelState.READY:

@@ -51,6 +51,9 @@ class MeshCollector(Collector):
                 failures.add_metric(labels, entry.failed_requests)
         yield requests
         yield failures
+        fleet = getattr(self.dp, "fleet", None)
+        if fleet is not None:
+            yield from fleet.metrics()
 
 
 def build_metrics(dataplane: DataPlane) -> CollectorRegistry:

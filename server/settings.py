@@ -58,6 +58,19 @@ class Settings(BaseSettings):
     registry_password: str | None = None  # else a docker config.json ($DOCKER_CONFIG)
     oci_platform: str = "linux/amd64"
     s3_endpoint: str | None = None  # else AWS_ENDPOINT_URL
+    # The fleet (modelmesh/store.py): None is one pod with an in-process store;
+    # etcd://host:port/prefix joins the pods sharing that etcd prefix into one mesh.
+    store: str | None = None
+    store_fallback_local: bool = False  # etcd unreachable at start: serve as one pod instead of exiting
+    pod_id: str | None = None  # default: hostname and gRPC port
+    advertise_host: str | None = None  # how other pods reach this one; default: host, or this host's address
+    fleet_lease_seconds: float = Field(default=10.0, ge=1)
+    # ModelMesh's copy rules: a second copy once a model is still used this long after it
+    # loaded, and one more whenever a copy serves more than copy_rate_per_minute.
+    second_copy_after_seconds: float = Field(default=420.0, ge=0)
+    copy_rate_per_minute: float = Field(default=2000.0, gt=0)
+    max_copies: int = Field(default=3, ge=1)
+    forward_timeout_seconds: float = Field(default=120.0, gt=0)
     log_level: str = "info"
     # Training, tuning, workflow and event adapters under /v1/adapters (adapters/):
     # off by default, as they start processes and accept webhooks. Their own settings:
@@ -89,6 +102,15 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             text = v.strip()
             return json.loads(text) if text.startswith("[") else [o.strip() for o in text.split(",") if o.strip()]
+        return v
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: str | None) -> str | None:
+        if v and v != "inprocess":
+            from modelmesh.store import parse_store_url
+
+            parse_store_url(v)  # ValueError: the settings error says what is wrong
         return v
 
     @field_validator("insecure_registries", mode="before")

@@ -25,7 +25,13 @@ STREAM_WINDOW = 64  # requests of one stream in flight at once
 
 async def _abort(context: grpc.aio.ServicerContext, e: Exception) -> None:
     if isinstance(e, InferenceError):
-        await context.abort(getattr(grpc.StatusCode, e.grpc_code), redact(e.message))
+        # The error's class rides in a trailer: a pod that forwarded the call tells a
+        # load failure or a full pod (try another) from the model's own answer.
+        await context.abort(
+            getattr(grpc.StatusCode, e.grpc_code),
+            redact(e.message),
+            trailing_metadata=(("meshserve-error", type(e).__name__),),
+        )
     log.exception("unexpected error in gRPC handler")
     await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
 
@@ -80,15 +86,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[T(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.outputs],
         )
 
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def _infer(self, request: pb.ModelInferRequest, context=None) -> pb.ModelInferResponse:
+        if self.dp.fleet is not None and context is not None:
+            return await self.dp.fleet.grpc_infer(request, context)
         decoded = decode_infer_request(request)
         response = await self.dp.infer(decoded)
         # Answer in the form the client used: raw contents for raw requests.
         return encode_infer_response(response, raw=bool(request.raw_input_contents))
 
-    async def _traced_infer(self, request: pb.ModelInferRequest, traceparent: str | None) -> pb.ModelInferResponse:
+    async def _traced_infer(
+        self, request: pb.ModelInferRequest, traceparent: str | None, context
+    ) -> pb.ModelInferResponse:
         tracer = tracing.TRACER
         with tracing.request_span(f"infer {request.model_name}", traceparent, "grpc", request.model_name):
+            if self.dp.fleet is not None:  # routed through the fleet: one span for the whole call
+                return await self._infer(request, context)
             with tracer.start_as_current_span("decode"):
                 decoded = decode_infer_request(request)
             response = await self.dp.infer(decoded)
@@ -116,7 +128,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             left = context.time_remaining()
             if left is not None and (timeout is None or left < timeout):
                 timeout = left
-            work = self._infer(request) if tracing.TRACER is None else self._traced_infer(request, traceparent)
+            if tracing.TRACER is None:
+                work = self._infer(request, context)
+            else:
+                work = self._traced_infer(request, traceparent, context)
             if timeout is None:
                 return await work
             try:
@@ -139,16 +154,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _local(self, name: str) -> bool:
         return True
 
-    async def _stream_one(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def _stream_one(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         """One request of a stream, counted like a unary one (by the worker that serves it)."""
         stats = self.obs.front(request.model_name, "grpc") if self.obs and self._local(request.model_name) else None
         if stats is None:
-            return await self._infer(request)
+            return await self._infer(request, context)
         t0 = perf_counter_ns()
         stats.begin()
         code = "OK"
         try:
-            return await self._infer(request)
+            return await self._infer(request, context)
         except InferenceError as e:
             code = e.grpc_code
             raise
@@ -168,7 +183,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    await pending.put(asyncio.ensure_future(self._stream_one(request)))
+                    await pending.put(asyncio.ensure_future(self._stream_one(request, context)))
             finally:
                 await pending.put(None)
 
@@ -194,6 +209,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryModelLoad(self, request, context):  # noqa: N802
         try:
+            fleet = self.dp.fleet
+            if fleet is not None and any(k == "meshserve-forwarded" for k, _ in context.invocation_metadata() or ()):
+                await fleet.internal_load(request.model_name)  # a copy another pod asked for
+                return pb.RepositoryModelLoadResponse()
             await self.dp.load_model(request.model_name, _repository_config(request.parameters))
         except Exception as e:
             await _abort(context, e)
@@ -272,9 +291,9 @@ class RoutingServicer(InferenceServicer):
             return await self._forward(request.model_name, "ModelInfer", request, pb.ModelInferResponse, context)
         return await super().ModelInfer(request, context)
 
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def _infer(self, request: pb.ModelInferRequest, context=None) -> pb.ModelInferResponse:
         if self.router.mine(request.model_name):
-            return await super()._infer(request)
+            return await super()._infer(request, context)
         call = self._call(self.router.owner(request.model_name), "ModelInfer", pb.ModelInferResponse)
         try:
             return await call(request)

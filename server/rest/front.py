@@ -17,6 +17,7 @@ from protocol.errors import InferenceError, InvalidInput, PayloadTooLarge, Serve
 from protocol.rest_codec import HEADER_LENGTH, decode_infer_request, encode_error, encode_infer_response
 from server import tracing
 from server.dataplane import DataPlane
+from server.fleet import ROUTE
 from server.observe import FrontStats, clean_request_id, log_access
 from server.rest.encoding import MIN_COMPRESSED_RESPONSE, decode_body, encode_body, response_encoding
 from server.security import (
@@ -187,6 +188,8 @@ class RestFront:
             (b"content-type", b"application/json" if json_length is None else b"application/octet-stream"),
             (b"x-request-id", rid.encode()),
         ]
+        if self.dataplane.fleet is not None:  # local, forwarded or miss: where the fleet served it
+            headers.append((b"meshserve-route", ROUTE.get().encode()))
         if json_length is not None:
             headers.append((_HEADER_LENGTH_B, str(json_length).encode()))
         if accept_encoding is not None and total >= MIN_COMPRESSED_RESPONSE:

@@ -120,6 +120,12 @@ def build_api(dp: DataPlane) -> FastAPI:
             raise InvalidInput("'ready' must be a boolean")
         return json_response(dp.repository_index(ready_only=ready))
 
+    @app.get("/v2/fleet/pods", summary="The pods of the fleet (with --store)")
+    async def fleet_pods() -> Response:
+        if dp.fleet is None:
+            return json_response({"error": "this server is not part of a fleet (no --store)"}, 404)
+        return json_response(dp.fleet.pods_summary())
+
     @app.post("/v2/repository/models/{name}/load", summary="Load or reload a model")
     async def load(name: str, request: Request) -> Response:
         body = await _optional_json(request)
