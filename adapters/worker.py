@@ -135,4 +135,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: torch.distributed's C++ threads (gloo) can abort() a
+    # process that has finished its work while static destructors run, under load.
+    os._exit(code)
