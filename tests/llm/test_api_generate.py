@@ -17,6 +17,9 @@ from tests.support.server import start_server
 
 # A running batch of 2 and one waiting slot: the capacity test fills it with 3 streams.
 PARAMS = {"max_num_seqs": 2, "max_waiting": 1}
+SEED = (
+    '{"id": "42","inputs": [{"name": "input0","shape": [-1],"datatype": "BYTES","data": ["Where is Eiffel Tower?"]}]}'
+)
 LONG = {"max_tokens": 200, "ignore_eos": True, "temperature": 0}
 
 
@@ -72,9 +75,8 @@ def test_generate_stream_is_sse_and_adds_up(http):
 
 
 def test_seed_curl_request_on_the_llm(server):
-    seed = '{"id": "42","inputs": [{"name": "input0","shape": [-1],"datatype": "BYTES","data": ["Where is Eiffel Tower?"]}]}'
     url = f"{server.http_url}/v2/models/tiny-llama/infer"
-    out = subprocess.run(["curl", "-s", "-H", "content-type:application/json", url, "-d", seed],
+    out = subprocess.run(["curl", "-s", "-H", "content-type:application/json", url, "-d", SEED],
                          capture_output=True, check=True)  # fmt: skip
     doc = orjson.loads(out.stdout)
     assert doc["id"] == "42" and doc["model_name"] == "tiny-llama"
@@ -118,7 +120,8 @@ def test_bad_bodies_and_models(http):
     r = generate(http, {"text_input": "hi"}, model="nope")
     assert r.status_code == 404 and "nope" in r.json()["error"]
     r = generate(http, {"text_input": "hi"}, model="echo")
-    assert r.status_code == 400 and r.json()["error"] == "model 'echo' does not support generate (it is not a language model)"
+    assert r.status_code == 400
+    assert r.json()["error"] == "model 'echo' does not support generate (it is not a language model)"
     r = http.post("/v2/models/tiny-llama/versions/7/generate", content=orjson.dumps({"text_input": "hi"}))
     assert r.status_code == 404
     # plain infer with an invalid UTF-8 prompt in binary form
@@ -133,7 +136,8 @@ def _raw_stream_first_event(server, body: dict) -> socket.socket:
     payload = orjson.dumps(body)
     s.sendall(
         b"POST /v2/models/tiny-llama/generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload
+        + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
     )
     s.settimeout(30)
     got = b""
