@@ -246,11 +246,12 @@ class TransformersEngine:
             raise ModelExecutionError(f"model {self.model_name!r}: the engine is not running")
         ids = self.tokenize(prompt)
         check_params(params, self.max_model_len, len(ids))
-        if len(self._waiting) >= self.max_waiting and len(self._rows) >= self.max_num_seqs:
+        running = sum(1 for s in self._rows if not s.finished)
+        if running + len(self._waiting) >= self.max_num_seqs + self.max_waiting:
             self.counters.rejected += 1
             raise CapacityExhausted(
-                f"model {self.model_name!r} is at capacity ({self.max_num_seqs} running, "
-                f"{len(self._waiting)} waiting); retry later"
+                f"model {self.model_name!r} is at capacity ({running} running, {len(self._waiting)} waiting; "
+                f"max_num_seqs {self.max_num_seqs}, max_waiting {self.max_waiting}); retry later"
             )
         budget = min(params.max_tokens, self.max_model_len - len(ids))
         seq = Sequence(request_id, ids, params, budget)
