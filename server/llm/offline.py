@@ -205,6 +205,7 @@ def generate_file(engine_factory: Any, input_path: Path, output_path: Path, defa
     async def main() -> None:
         engine = engine_factory()
         await engine.start()
+        progress.started = time.monotonic()  # tokens/s of generation, not of the model's load
         try:
             with open(output_path, "ab") as out:
                 await run_jobs(engine, todo, out, progress, max_in_flight)

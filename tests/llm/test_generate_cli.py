@@ -42,6 +42,21 @@ def prompts(tmp_path_factory):
 
 
 def test_generate_then_resume(tiny_llama, prompts, tmp_path):
+    """Three runs: from a file:// URI, then resumed from an oci:// modelcar, then all done."""
+    from tests.loaders.conftest import start_registry
+
+    registry = start_registry(tmp_path / "registry")
+    try:
+        _generate_then_resume(tiny_llama, prompts, tmp_path, registry.host)
+    finally:
+        registry.stop()
+
+
+def _generate_then_resume(tiny_llama, prompts, tmp_path, registry: str) -> None:
+    image = f"oci://{registry}/models/tiny-llama:1"
+    remote = ["--insecure", "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    pushed = meshserve("modelcar", "build", str(tiny_llama), "--tag", image, "--uncompressed", *remote)
+    assert pushed.returncode == 0, pushed.stderr
     out = tmp_path / "results.jsonl"
     args = ["--input", str(prompts), "--output", str(out), "--max-tokens", "6", "--temperature", "0"]
     first = meshserve("generate", "--model", tiny_llama.as_uri(), *args)
@@ -58,7 +73,7 @@ def test_generate_then_resume(tiny_llama, prompts, tmp_path):
     # a killed run: two whole lines and half of the third
     whole = out.read_bytes().splitlines(keepends=True)
     out.write_bytes(b"".join(whole[:2]) + whole[2][: len(whole[2]) // 2])
-    again = meshserve("generate", "--model", str(tiny_llama), *args, "--quiet")
+    again = meshserve("generate", "--model", image, *args, *remote)
     assert "4 written" in again.stderr and "2 already" in again.stderr, again.stderr
     redone = read_jsonl(out)
     assert out.read_bytes().startswith(b"".join(whole[:2]))
