@@ -160,6 +160,8 @@ class TransformersEngine:
         self._cache_arg = "cache" if "cache" in fwd else "past_key_values"
         self._keep_arg = "logits_to_keep" if "logits_to_keep" in fwd else None
         self._cache_takes_config = "config" in inspect.signature(transformers.DynamicCache.__init__).parameters
+        if not hasattr(self._new_cache(), "layers"):
+            raise ModelLoadError(f"the llm engine needs transformers >= 4.56 (found {transformers.__version__})")
         eos = set()
         for source in (getattr(model, "generation_config", None), config):
             value = getattr(source, "eos_token_id", None) if source is not None else None
