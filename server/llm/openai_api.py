@@ -1,0 +1,184 @@
+"""OpenAI-compatible ``completions``, ``chat/completions`` and ``models``
+(mounted under ``/openai/v1`` and ``/v1``, as vLLM serves them).
+
+Response and error shapes follow OpenAI's API reference; errors are
+``{"error": {"message", "type", "param", "code"}}`` with the matching status.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+
+from protocol.errors import InferenceError, ModelNotFound
+from protocol.rest_codec import loads_object
+from server.llm.api_params import OpenAIRequest, ParamError, openai_request
+from server.llm.service import Completed, Generation, chat_prompt, is_llm, request_id
+
+if TYPE_CHECKING:
+    from server.dataplane import DataPlane
+
+log = logging.getLogger(__name__)
+
+SSE_MEDIA_TYPE = "text/event-stream; charset=utf-8"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DONE = b"data: [DONE]\n\n"
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions; chat runs up to the context
+
+
+def _json(doc: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(doc), status_code=status, media_type="application/json")
+
+
+def _event(doc: Any) -> bytes:
+    return b"data: " + orjson.dumps(doc) + b"\n\n"
+
+
+def error_body(e: BaseException) -> tuple[int, dict[str, Any]]:
+    if isinstance(e, InferenceError):
+        status, message = e.http_status, e.message
+    else:
+        log.exception("unexpected error in an OpenAI route", exc_info=e)
+        status, message = 500, "internal server error"
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    code = "model_not_found" if isinstance(e, ModelNotFound) else None
+    param = e.param if isinstance(e, ParamError) else None
+    return status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(e: BaseException) -> Response:
+    status, body = error_body(e)
+    return _json(body, status)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+
+
+def build_openai_router(dp: DataPlane) -> APIRouter:
+    router = APIRouter(tags=["OpenAI-compatible"])
+    started = int(time.time())
+
+    def model_card(entry: Any) -> dict[str, Any]:
+        card = {"id": entry.spec.name, "object": "model", "created": started, "owned_by": "meshserve"}
+        handle = entry.handle
+        engine = getattr(handle.model, "engine", None) if handle is not None else None
+        if engine is not None:
+            card["max_model_len"] = engine.max_model_len
+        return card
+
+    def llm_entries() -> dict[str, Any]:
+        cards: dict[str, Any] = {}
+        for entry in dp.cache.entries():
+            if is_llm(entry) and entry.spec.name not in cards:
+                cards[entry.spec.name] = entry
+        return cards
+
+    @router.get("/models", summary="The language models served")
+    async def list_models() -> Response:
+        return _json({"object": "list", "data": [model_card(e) for e in llm_entries().values()]})
+
+    @router.get("/models/{model_id}", summary="One language model")
+    async def get_model(model_id: str) -> Response:
+        entry = llm_entries().get(model_id)
+        if entry is None:
+            return error_response(ModelNotFound(f"the model {model_id!r} does not exist"))
+        return _json(model_card(entry))
+
+    async def start(request: Request, chat: bool) -> tuple[OpenAIRequest, Generation, str]:
+        req = openai_request(loads_object(await request.body()), chat)
+        if req.echo and not isinstance(req.prompt, str):
+            raise ParamError("'echo' needs a text prompt", "echo")
+
+        def build(engine):
+            if chat:
+                return chat_prompt(engine, req.messages or []), req.sampling.bind(engine.max_model_len, None)
+            return req.prompt, req.sampling.bind(engine.max_model_len, COMPLETION_DEFAULT_MAX_TOKENS)
+
+        rid = request_id("chatcmpl" if chat else "cmpl")
+        gen = await Generation.start(dp, req.model, None, build, rid)
+        return req, gen, rid
+
+    @router.post("/completions", summary="Text completion")
+    async def completions(request: Request) -> Response:
+        try:
+            req, gen, rid = await start(request, chat=False)
+            head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": req.model}
+            echo = req.prompt if req.echo else ""
+            if req.stream:
+                return _stream(_completion_events(gen, head, req, echo))
+            done = await gen.collect()
+        except Exception as e:
+            return error_response(e)
+        choice = {"index": 0, "text": echo + done.text, "logprobs": None, "finish_reason": _finish(done)}
+        return _json({**head, "choices": [choice], "usage": _usage(done.prompt_tokens, done.completion_tokens)})
+
+    @router.post("/chat/completions", summary="Chat completion")
+    async def chat_completions(request: Request) -> Response:
+        try:
+            req, gen, rid = await start(request, chat=True)
+            head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": req.model}
+            if req.stream:
+                return _stream(_chat_events(gen, {**head, "object": "chat.completion.chunk"}, req))
+            done = await gen.collect()
+        except Exception as e:
+            return error_response(e)
+        message = {"role": "assistant", "content": done.text}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish(done)}
+        return _json({**head, "choices": [choice], "usage": _usage(done.prompt_tokens, done.completion_tokens)})
+
+    return router
+
+
+def _finish(c: Completed | Any) -> str | None:
+    reason = c.finish_reason
+    return "stop" if reason == "abort" else reason
+
+
+def _stream(events: AsyncIterator[bytes]) -> Response:
+    return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+
+
+async def _completion_events(gen: Generation, head: dict, req: OpenAIRequest, echo: str) -> AsyncIterator[bytes]:
+    usage_field = {"usage": None} if req.include_usage else {}
+    last = gen.first
+    try:
+        async for chunk in gen.chunks():
+            last = chunk
+            text, echo = echo + chunk.text, ""
+            if not text and chunk.finish_reason is None:
+                continue  # an incomplete character: nothing to show yet
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish(chunk)}
+            yield _event({**head, "choices": [choice], **usage_field})
+        if req.include_usage:
+            yield _event({**head, "choices": [], "usage": _usage(last.prompt_tokens, last.completion_tokens)})
+    except Exception as e:
+        yield _event(error_body(e)[1])
+    yield DONE
+
+
+async def _chat_events(gen: Generation, head: dict, req: OpenAIRequest) -> AsyncIterator[bytes]:
+    usage_field = {"usage": None} if req.include_usage else {}
+    last = gen.first
+    try:
+        first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        yield _event({**head, "choices": [first], **usage_field})
+        async for chunk in gen.chunks():
+            last = chunk
+            if not chunk.text and chunk.finish_reason is None:
+                continue
+            delta = {"content": chunk.text} if chunk.text else {}
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": _finish(chunk)}
+            yield _event({**head, "choices": [choice], **usage_field})
+        if req.include_usage:
+            yield _event({**head, "choices": [], "usage": _usage(last.prompt_tokens, last.completion_tokens)})
+    except Exception as e:
+        yield _event(error_body(e)[1])
+    yield DONE

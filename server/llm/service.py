@@ -1,0 +1,168 @@
+"""How endpoints reach an engine: the model's lease, one running sequence, its chunks.
+
+The model is looked up and loaded through the mesh cache exactly as ``infer``
+does, and the lease is held until the sequence ends, so a model is never
+evicted under a stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from protocol.errors import InferenceError, InvalidInput, ModelExecutionError, ServerNotReady
+from server.llm.types import GenerationChunk, LLMEngine, SamplingParams
+
+if TYPE_CHECKING:
+    from server.dataplane import DataPlane
+    from server.loaded_model import LoadedModel
+
+log = logging.getLogger(__name__)
+
+LLM_RUNTIMES = frozenset({"llm", "vllm"})
+
+Prompt = str | list[int]
+Build = Callable[[LLMEngine], tuple[Prompt, SamplingParams]]
+
+
+def request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def engine_of(loaded: LoadedModel, name: str) -> LLMEngine:
+    engine = getattr(loaded.model, "engine", None)
+    if engine is None:
+        raise InvalidInput(f"model {name!r} does not support generate (it is not a language model)")
+    return engine
+
+
+def is_llm(entry: Any) -> bool:
+    """A registered model served by an LLM engine (asked without loading it)."""
+    handle = entry.handle
+    if handle is not None:
+        return getattr(handle.model, "engine", None) is not None
+    spec = entry.spec
+    runtime = getattr(spec, "runtime", None)
+    if runtime:
+        return runtime in LLM_RUNTIMES
+    uri = getattr(spec, "uri", None)
+    if not uri or getattr(spec, "implementation", None) or "://" in uri:
+        return False
+    from server.runtimes.files import runtimes_for_dir  # a local folder: what its files say
+
+    return any(r in LLM_RUNTIMES for r in runtimes_for_dir(Path(uri)))
+
+
+def is_llm_model(dp: DataPlane, name: str, version: str | None) -> bool:
+    try:
+        entry = dp.cache.get(dp.repository.resolve(name, version))
+    except InferenceError:
+        return False
+    return entry is not None and is_llm(entry)
+
+
+class Generation:
+    """One sequence running on an engine, started (its first chunk is in) and not yet closed."""
+
+    def __init__(self, stack: AsyncExitStack, loaded: LoadedModel, it: AsyncIterator[GenerationChunk],
+                 first: GenerationChunk) -> None:  # fmt: skip
+        self._stack = stack
+        self.loaded = loaded
+        self.model_name = loaded.name
+        self.model_version = loaded.version
+        self._it = it
+        self.first = first
+
+    @classmethod
+    async def start(cls, dp: DataPlane, name: str, version: str | None, build: Build, rid: str) -> Generation:
+        """Errors before the first token (unknown model, bad parameters, a prompt past the
+        context, a full queue) raise here, while the endpoint can still answer with a status."""
+        stack = AsyncExitStack()
+        try:
+            if dp._draining:
+                raise ServerNotReady("server is shutting down")
+            key = dp.repository.resolve(name, version)
+            loaded = await stack.enter_async_context(dp.cache.acquire(key))
+            engine = engine_of(loaded, name)
+            prompt, params = build(engine)
+            it = engine.generate(prompt, params, rid)
+            stack.push_async_callback(_aclose, it)
+            try:
+                first = await anext(it)
+            except StopAsyncIteration:
+                raise ModelExecutionError(f"model {name!r} ended the sequence without any output") from None
+            except InferenceError:
+                raise
+            except Exception as e:
+                log.exception("generation on %s failed", name)
+                raise ModelExecutionError(f"model {name!r} failed: {type(e).__name__}: {e}") from None
+        except BaseException:
+            await stack.aclose()
+            raise
+        return cls(stack, loaded, it, first)
+
+    async def chunks(self) -> AsyncIterator[GenerationChunk]:
+        """Every chunk, the first included; closes the sequence when done, failed or abandoned."""
+        try:
+            yield self.first
+            if self.first.finish_reason is not None:
+                return
+            async for chunk in self._it:
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+        except InferenceError:
+            raise
+        except Exception as e:
+            log.exception("generation on %s failed", self.model_name)
+            raise ModelExecutionError(f"model {self.model_name!r} failed: {type(e).__name__}: {e}") from None
+        finally:
+            await self.close()
+
+    async def collect(self) -> Completed:
+        parts: list[str] = []
+        last = self.first
+        async for chunk in self.chunks():
+            parts.append(chunk.text)
+            last = chunk
+        return Completed("".join(parts), last.finish_reason or "stop", last.prompt_tokens, last.completion_tokens)
+
+    async def close(self) -> None:
+        # Shielded: a stream cancelled on disconnect (anyio cancels every await in
+        # its scope) must still drop the sequence and give back the lease.
+        with anyio.CancelScope(shield=True):
+            await self._stack.aclose()
+
+
+class Completed:
+    __slots__ = ("text", "finish_reason", "prompt_tokens", "completion_tokens")
+
+    def __init__(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.text = text
+        self.finish_reason = finish_reason
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
+
+
+async def _aclose(it: AsyncIterator[Any]) -> None:
+    close = getattr(it, "aclose", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            await close()
+
+
+def chat_prompt(engine: LLMEngine, messages: list[dict[str, Any]]) -> str:
+    """The tokenizer's chat template applied; a model without one is a 400."""
+    try:
+        return engine.apply_chat_template(messages, add_generation_prompt=True)
+    except InferenceError:
+        raise
+    except Exception as e:
+        raise InvalidInput(f"model {engine.model_name!r} cannot format chat messages: {e}") from None
