@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from server.llm.metrics import register_llm_metrics
+
 if TYPE_CHECKING:
     from server.dataplane import DataPlane
 
@@ -61,4 +63,5 @@ def build_metrics(dataplane: DataPlane) -> CollectorRegistry:
         "meshserve_model_load_seconds", "Time to load a model.", buckets=LOAD_BUCKETS, registry=registry
     )
     dataplane.cache.on_load = load_time.observe
+    register_llm_metrics(registry)
     return registry

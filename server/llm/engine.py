@@ -110,7 +110,7 @@ class TransformersEngine:
         self._threads = p.get("torch_threads")
         self.max_model_len = 0
         self.counters = EngineStats()
-        self.observer: Any = None  # metrics hooks: on_first_token(s), on_token_gap(s), on_finish(seq)
+        self.observer: Any = None  # metrics hooks: on_first_token(s), on_step(s), on_finish(prompt, completion, s)
         self.tokenizer: Any = None
         self.model: Any = None
         self._waiting: deque[Sequence] = deque()
@@ -160,6 +160,8 @@ class TransformersEngine:
         self._cache_arg = "cache" if "cache" in fwd else "past_key_values"
         self._keep_arg = "logits_to_keep" if "logits_to_keep" in fwd else None
         self._cache_takes_config = "config" in inspect.signature(transformers.DynamicCache.__init__).parameters
+        if not hasattr(self._new_cache(), "layers"):
+            raise ModelLoadError(f"the llm engine needs transformers >= 4.56 (found {transformers.__version__})")
         eos = set()
         for source in (getattr(model, "generation_config", None), config):
             value = getattr(source, "eos_token_id", None) if source is not None else None
@@ -344,12 +346,15 @@ class TransformersEngine:
         with torch.inference_mode():
             self._drop_finished()
             if self._rows:
+                started = time.perf_counter()
                 rows = self._rows
                 ids = torch.tensor([[s.last] for s in rows], device=self.device)
                 pos = torch.tensor([[s.pos] for s in rows], device=self.device)
                 self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
                 logits = self._forward(ids, self._mask, pos, self._cache)
                 self._emit(rows, logits, out)
+                if self.observer is not None:  # every row got its next token: one inter-token gap per step
+                    self.observer.on_step(time.perf_counter() - started)
             if new:
                 for seq in new:
                     self._prepare(seq)
@@ -440,13 +445,10 @@ class TransformersEngine:
             seq.budget -= 1
             if seq.seen is not None:
                 seq.seen.add(tok)
-            if obs is not None:
-                if seq.first_token_at == 0.0:
-                    obs.on_first_token(now - seq.arrival)
-                else:
-                    obs.on_token_gap(now - seq.last_token_at)
             if seq.first_token_at == 0.0:
                 seq.first_token_at = now
+                if obs is not None:
+                    obs.on_first_token(now - seq.arrival)
             seq.last_token_at = now
             reason = None
             if tok in self.eos_ids and not seq.params.ignore_eos:
@@ -465,7 +467,7 @@ class TransformersEngine:
                 seq.finished = True
                 self.counters.requests_finished += 1
                 if obs is not None:
-                    obs.on_finish(seq)
+                    obs.on_finish(len(seq.prompt_ids), len(seq.tokens), now - seq.arrival)
             out.append((seq, GenerationChunk(text, [tok], reason, len(seq.prompt_ids), len(seq.tokens))))
 
     def _drop_finished(self) -> None:

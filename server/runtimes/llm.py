@@ -22,6 +22,7 @@ from typing import Any
 from protocol.datatypes import bytes_array
 from protocol.errors import InvalidInput, ModelLoadError
 from protocol.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor, TensorMetadata
+from server.llm import metrics
 from server.llm.params import check_params, sampling_params_from
 from server.llm.types import GenerationChunk, LLMEngine, SamplingParams
 from server.runtimes.base import Model
@@ -57,6 +58,7 @@ class LLMModel(Model):
         engine = create_engine(self.path, self.name, self.parameters)
         await engine.start()
         self.engine = engine
+        metrics.track(self.name, engine)
         try:
             check_params(sampling_params_from(None, self.defaults), engine.max_model_len)
         except InvalidInput as e:
@@ -66,6 +68,7 @@ class LLMModel(Model):
     async def unload(self) -> None:
         engine, self.engine = self.engine, None
         if engine is not None:
+            metrics.untrack(self.name, engine)
             await engine.stop()
 
     def size_bytes(self) -> int | None:

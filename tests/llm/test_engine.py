@@ -359,3 +359,29 @@ def test_streamed_text_is_the_decoded_tokens(engine, loop, reference):
     for i, prompt in enumerate(PROMPTS):
         res = loop.run(collect(engine, prompt, SamplingParams(max_tokens=30, seed=i, ignore_eos=True)))
         assert res["text"] == tok.decode(res["tokens"], skip_special_tokens=True)
+
+
+# -- metrics -----------------------------------------------------------------------------
+def test_metrics_observe_requests_and_steps(engine, loop):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from server.llm import metrics
+
+    registry = CollectorRegistry()
+    metrics.register_llm_metrics(registry)
+    metrics.track("tiny", engine)
+    try:
+
+        async def three():
+            return await asyncio.gather(*[collect(engine, p, greedy(10, ignore_eos=True)) for p in PROMPTS[:3]])
+
+        loop.run(three())
+        text = generate_latest(registry).decode()
+    finally:
+        metrics.untrack("tiny", engine)
+        engine.observer = None
+    assert 'meshserve_llm_time_to_first_token_seconds_count{model="tiny"} 3.0' in text
+    assert 'meshserve_llm_request_generation_tokens_sum{model="tiny"} 30.0' in text
+    assert 'meshserve_llm_num_requests_running{model="tiny"} 0.0' in text
+    steps = float(text.split('meshserve_llm_inter_token_latency_seconds_count{model="tiny"} ')[1].split()[0])
+    assert 9 <= steps < 27  # one observation per decoding step, not per token

@@ -79,3 +79,21 @@ def test_prompt_longer_than_context_is_400(llm_server):
     assert r.status_code == 400 and "context" in r.json()["error"]
     ok = httpx.post(f"{llm_server.http_url}/v2/models/llama2/infer", json=SEED_BODY, timeout=60)
     assert ok.status_code == 200  # still serving
+
+
+def test_metrics_report_the_engine(llm_server):
+    httpx.post(f"{llm_server.http_url}/v2/models/llama2/infer", json=SEED_BODY, timeout=60)
+    text = httpx.get(f"{llm_server.http_url}/metrics", timeout=10).text
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("meshserve_llm_") and 'model="llama2"' in line:
+            name, value = line.rsplit(" ", 1)
+            values[name.split("{")[0]] = float(value)
+    assert values["meshserve_llm_generation_tokens_total"] >= 16
+    assert values["meshserve_llm_prompt_tokens_total"] >= 6
+    assert values["meshserve_llm_request_success_total"] >= 1
+    assert values["meshserve_llm_time_to_first_token_seconds_count"] >= 1
+    assert values["meshserve_llm_inter_token_latency_seconds_count"] >= 15
+    assert values["meshserve_llm_e2e_request_latency_seconds_count"] >= 1
+    assert values["meshserve_llm_num_requests_running"] == 0
+    assert values["meshserve_llm_num_requests_waiting"] == 0
