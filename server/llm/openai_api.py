@@ -19,7 +19,7 @@ from fastapi.responses import Response, StreamingResponse
 from protocol.errors import InferenceError, ModelNotFound
 from protocol.rest_codec import loads_object
 from server.llm.api_params import OpenAIRequest, ParamError, openai_request
-from server.llm.service import Completed, Generation, chat_prompt, is_llm, request_id
+from server.llm.service import CLIENT_GONE, ClientGone, Completed, Generation, chat_prompt, is_llm, request_id
 
 if TYPE_CHECKING:
     from server.dataplane import DataPlane
@@ -114,7 +114,9 @@ def build_openai_router(dp: DataPlane) -> APIRouter:
             echo = req.prompt if req.echo else ""
             if req.stream:
                 return _stream(_completion_events(gen, head, req, echo))
-            done = await gen.collect()
+            done = await gen.collect_while_connected(request.receive)
+        except ClientGone:
+            return Response(status_code=CLIENT_GONE)
         except Exception as e:
             return error_response(e)
         choice = {"index": 0, "text": echo + done.text, "logprobs": None, "finish_reason": _finish(done)}
@@ -127,7 +129,9 @@ def build_openai_router(dp: DataPlane) -> APIRouter:
             head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": req.model}
             if req.stream:
                 return _stream(_chat_events(gen, {**head, "object": "chat.completion.chunk"}, req))
-            done = await gen.collect()
+            done = await gen.collect_while_connected(request.receive)
+        except ClientGone:
+            return Response(status_code=CLIENT_GONE)
         except Exception as e:
             return error_response(e)
         message = {"role": "assistant", "content": done.text}

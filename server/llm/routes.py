@@ -20,7 +20,7 @@ from fastapi.responses import Response, StreamingResponse
 from protocol.errors import InferenceError
 from protocol.rest_codec import loads_object
 from server.llm.api_params import OIP_FIELDS, ParamError, oip_sampling
-from server.llm.service import Generation, request_id
+from server.llm.service import CLIENT_GONE, ClientGone, Generation, request_id
 
 if TYPE_CHECKING:
     from server.dataplane import DataPlane
@@ -91,7 +91,10 @@ def build_llm_router(dp: DataPlane) -> APIRouter:
     @router.post("/v2/models/{name}/versions/{version}/generate", summary="Generate text with one version")
     async def generate(name: str, request: Request, version: str | None = None) -> Response:
         gen, head, prefix = await _start(dp, name, version, request)
-        done = await gen.collect()
+        try:
+            done = await gen.collect_while_connected(request.receive)
+        except ClientGone:
+            return Response(status_code=CLIENT_GONE)
         return _json(
             {
                 **head,

@@ -7,6 +7,7 @@ evicted under a stream.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import uuid
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LLM_RUNTIMES = frozenset({"llm", "vllm"})
+CLIENT_GONE = 499  # nginx's "client closed request": logged, never received
 
 Prompt = str | list[int]
 Build = Callable[[LLMEngine], tuple[Prompt, SamplingParams]]
@@ -134,11 +136,38 @@ class Generation:
             last = chunk
         return Completed("".join(parts), last.finish_reason or "stop", last.prompt_tokens, last.completion_tokens)
 
+    async def collect_while_connected(self, receive: Callable[[], Any]) -> Completed:
+        """``collect``, dropping the sequence as soon as the HTTP client goes away
+        (``receive`` is the request's ASGI receive, its body already read)."""
+        task = asyncio.ensure_future(self.collect())
+        watch = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise ClientGone()
+        return task.result()
+
     async def close(self) -> None:
         # Shielded: a stream cancelled on disconnect (anyio cancels every await in
         # its scope) must still drop the sequence and give back the lease.
         with anyio.CancelScope(shield=True):
             await self._stack.aclose()
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before the answer was ready (nobody to answer)."""
+
+
+async def _disconnected(receive: Callable[[], Any]) -> None:
+    while True:
+        message = await receive()
+        if message.get("type") == "http.disconnect":
+            return
 
 
 class Completed:

@@ -6,11 +6,12 @@ from __future__ import annotations
 import queue
 from collections import defaultdict
 
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tests.llm.api_support import llm_models
+from tests.llm.api_support import engine_gauge, llm_models, wait_for_gauge
 from tests.support.server import start_server
 
 WAIT = 60
@@ -116,3 +117,18 @@ def test_stream_errors_then_keeps_going(client):
     assert len(errors) == 2
     assert any("'mirostat'" in e for e in errors) and any("context" in e for e in errors)
     assert final_flag(responses["good"][-1])
+
+
+def test_cancelled_stream_drops_the_sequence(server, client):
+    got: queue.Queue = queue.Queue()
+    long = {"stream": True, "max_tokens": 200, "ignore_eos": True}
+    with httpx.Client(base_url=server.http_url, timeout=30) as http:
+        before = engine_gauge(http, "aborted")
+        client.start_stream(callback=lambda result, error: got.put((result, error)))
+        client.async_stream_infer("tiny-llama", [prompt("Tell me a long story")], request_id="long", parameters=long)
+        result, error = got.get(timeout=WAIT)
+        assert error is None and not final_flag(result)
+        client.stop_stream(cancel_requests=True)
+        assert wait_for_gauge(http, "running", 0, timeout=5) == 0
+        assert engine_gauge(http, "aborted") == before + 1
+    assert unary(client, "hi")  # still serving

@@ -161,6 +161,22 @@ def test_disconnect_mid_stream_drops_the_sequence(server, http):
     assert r.status_code == 200 and r.json()["completion_tokens"] <= 3
 
 
+def test_disconnect_while_waiting_for_a_whole_answer(server, http):
+    """Not only streams: a client that leaves a plain generate (or completions) call frees its slot too."""
+    before = engine_gauge(http, "aborted")
+    for path, body in [
+        ("/v2/models/tiny-llama/generate", {"text_input": "Tell me a long story", "parameters": LONG}),
+        ("/v1/completions", {"model": "tiny-llama", "prompt": "Tell me a long story", **LONG}),
+    ]:
+        s = socket.create_connection(("127.0.0.1", server.http_port))
+        payload = orjson.dumps(body)
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        assert wait_for_gauge(http, "running", 1) == 1
+        s.close()
+        assert wait_for_gauge(http, "running", 0, timeout=5) == 0
+    assert engine_gauge(http, "aborted") == before + 2
+
+
 def test_full_queue_is_503_and_the_others_finish(server, http):
     body = {"text_input": "Tell me a long story", "parameters": {**LONG, "max_tokens": 60}}
     running = [_raw_stream_first_event(server, body) for _ in range(PARAMS["max_num_seqs"])]
