@@ -37,9 +37,10 @@ def client(server):
     c.close()
 
 
-def prompt(text: str, name: str = "text_input") -> grpcclient.InferInput:
-    t = grpcclient.InferInput(name, [1], "BYTES")
-    t.set_data_from_numpy(np.array([text.encode()], dtype=object))
+def prompt(text: str | list[str], name: str = "text_input") -> grpcclient.InferInput:
+    texts = [text] if isinstance(text, str) else text
+    t = grpcclient.InferInput(name, [len(texts)], "BYTES")
+    t.set_data_from_numpy(np.array([x.encode() for x in texts], dtype=object))
     return t
 
 
@@ -111,12 +112,16 @@ def test_stream_errors_then_keeps_going(client):
     reqs = [
         ("bad", "hi", {"stream": True, "mirostat": 2}),
         ("long", "word " * 400, {"stream": True, "max_tokens": 4}),
+        ("two", ["one", "two"], {"stream": True}),
         ("good", "hi", {**GREEDY, "stream": True}),
+        ("both", ["one", "two"], GREEDY),  # several prompts, not streamed: one answer with both
     ]
     responses, errors = run_stream(client, reqs, empty_final=True)
-    assert len(errors) == 2
+    assert len(errors) == 3
     assert any("'mirostat'" in e for e in errors) and any("context" in e for e in errors)
+    assert any("one prompt" in e for e in errors)
     assert final_flag(responses["good"][-1])
+    assert len(responses["both"][0].as_numpy("text_output")) == 2
 
 
 def test_cancelled_stream_drops_the_sequence(server, client):
