@@ -112,6 +112,7 @@ class Sequential:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.torch = torch
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # as meshserve's engine and vLLM's CPU backend
         self.tok = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModelForCausalLM.from_pretrained(folder).eval()
         self.lock = threading.Lock()
