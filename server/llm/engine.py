@@ -27,7 +27,7 @@ Settings (model ``parameters``): ``max_num_seqs`` (running batch, default 32),
 ``max_model_len`` (default: the model's ``max_position_embeddings``),
 ``max_prefill_tokens`` (padded prompt tokens per prefill forward, default 4096),
 ``device`` (auto|cpu|cuda[:n]|mps), ``dtype`` (float32|float16|bfloat16),
-``torch_threads``.
+``torch_threads`` (intra-op threads, process-wide; default: the cores less one).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -128,8 +129,12 @@ class TransformersEngine:
         import torch
         import transformers
 
-        if self._threads:
-            torch.set_num_threads(int(self._threads))
+        # Leave one core to the event loop (HTTP, gRPC, detokenized chunks), as vLLM's CPU
+        # backend reserves one: with every core in the intra-op team, each small op waits for
+        # a descheduled thread whenever anything else runs (20x slower steps on 2 busy cores).
+        threads = int(self._threads) if self._threads else max(1, (os.cpu_count() or 2) - 1)
+        if self._threads or threads < torch.get_num_threads():
+            torch.set_num_threads(threads)
         if not (self.path / "config.json").is_file():
             raise ModelLoadError(f"{self.path.name} has no config.json; save the model with save_pretrained")
         dtype_name = DTYPES.get(str(self._dtype_setting).lower()) if self._dtype_setting else None
