@@ -37,10 +37,10 @@ def client(server):
     c.close()
 
 
-def prompt(text: str | list[str], name: str = "text_input") -> grpcclient.InferInput:
-    texts = [text] if isinstance(text, str) else text
+def prompt(text: str | bytes | list[str], name: str = "text_input") -> grpcclient.InferInput:
+    texts = [text] if isinstance(text, (str, bytes)) else text
     t = grpcclient.InferInput(name, [len(texts)], "BYTES")
-    t.set_data_from_numpy(np.array([x.encode() for x in texts], dtype=object))
+    t.set_data_from_numpy(np.array([x if isinstance(x, bytes) else x.encode() for x in texts], dtype=object))
     return t
 
 
@@ -113,13 +113,14 @@ def test_stream_errors_then_keeps_going(client):
         ("bad", "hi", {"stream": True, "mirostat": 2}),
         ("long", "word " * 400, {"stream": True, "max_tokens": 4}),
         ("two", ["one", "two"], {"stream": True}),
+        ("utf8", b"caf\xe9", {"stream": True}),
         ("good", "hi", {**GREEDY, "stream": True}),
         ("both", ["one", "two"], GREEDY),  # several prompts, not streamed: one answer with both
     ]
     responses, errors = run_stream(client, reqs, empty_final=True)
-    assert len(errors) == 3
+    assert len(errors) == 4
     assert any("'mirostat'" in e for e in errors) and any("context" in e for e in errors)
-    assert any("one prompt" in e for e in errors)
+    assert any("one prompt" in e for e in errors) and any("UTF-8" in e for e in errors)
     assert final_flag(responses["good"][-1])
     assert len(responses["both"][0].as_numpy("text_output")) == 2
 
