@@ -106,7 +106,8 @@ class Generation:
                 log.exception("generation on %s failed", name)
                 raise ModelExecutionError(f"model {name!r} failed: {type(e).__name__}: {e}") from None
         except BaseException:
-            await stack.aclose()
+            with anyio.CancelScope(shield=True):
+                await stack.aclose()
             raise
         return cls(stack, loaded, it, first)
 
