@@ -65,6 +65,10 @@ def test_completion(client):
     assert again.choices[0].text == choice.text
     echoed = client.completions.create(model="tiny-llama", prompt="The capital of France is", echo=True, **GREEDY)
     assert echoed.choices[0].text == "The capital of France is" + choice.text
+    ids = client.completions.create(model="tiny-llama", prompt=[5, 6, 7, 8], **GREEDY)  # token ids, as vLLM takes
+    assert ids.usage.prompt_tokens == 4 and ids.usage.completion_tokens == 10
+    with pytest.raises(openai.BadRequestError, match="vocabulary"):
+        client.completions.create(model="tiny-llama", prompt=[5, 10**6], **GREEDY)
 
 
 def test_completion_stream_matches(client):
