@@ -102,8 +102,8 @@ async def stream_llm(dp: DataPlane, msg: pb.ModelInferRequest) -> AsyncIterator[
                 raise InvalidInput("text_input must not be empty")
             rid = msg.id
 
-            def build(engine):
-                return text, sampling.bind(engine.max_model_len, DEFAULT_MAX_TOKENS)
+            def build(engine, defaults):
+                return text, sampling.bind(engine.max_model_len, DEFAULT_MAX_TOKENS, defaults)
 
             gen = await Generation.start(dp, msg.model_name, msg.model_version or None, build,
                                          rid or request_id("grpc"))  # fmt: skip

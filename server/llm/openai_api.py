@@ -97,10 +97,10 @@ def build_openai_router(dp: DataPlane) -> APIRouter:
         if req.echo and not isinstance(req.prompt, str):
             raise ParamError("'echo' needs a text prompt", "echo")
 
-        def build(engine):
+        def build(engine, defaults):
             if chat:
-                return chat_prompt(engine, req.messages or []), req.sampling.bind(engine.max_model_len, None)
-            return req.prompt, req.sampling.bind(engine.max_model_len, COMPLETION_DEFAULT_MAX_TOKENS)
+                return chat_prompt(engine, req.messages or []), req.sampling.bind(engine.max_model_len, None, defaults)
+            return req.prompt, req.sampling.bind(engine.max_model_len, COMPLETION_DEFAULT_MAX_TOKENS, defaults)
 
         rid = request_id("chatcmpl" if chat else "cmpl")
         gen = await Generation.start(dp, req.model, None, build, rid)

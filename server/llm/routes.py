@@ -73,8 +73,8 @@ async def _start(dp: DataPlane, name: str, version: str | None, request: Request
     text, params, rid = _generate_request(body)
     sampling, options = oip_sampling(params)
 
-    def build(engine):
-        return text, sampling.bind(engine.max_model_len, DEFAULT_MAX_TOKENS)
+    def build(engine, defaults):
+        return text, sampling.bind(engine.max_model_len, DEFAULT_MAX_TOKENS, defaults)
 
     gen = await Generation.start(dp, name, version, build, rid or request_id("gen"))
     head = {"model_name": gen.model_name, "model_version": gen.model_version}

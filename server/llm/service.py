@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from protocol.errors import InferenceError, InvalidInput, ModelExecutionError, ServerNotReady
+from server.llm.api_params import Sampling, model_defaults
 from server.llm.types import GenerationChunk, LLMEngine, SamplingParams
 
 if TYPE_CHECKING:
@@ -31,7 +32,8 @@ LLM_RUNTIMES = frozenset({"llm", "vllm"})
 CLIENT_GONE = 499  # nginx's "client closed request": logged, never received
 
 Prompt = str | list[int]
-Build = Callable[[LLMEngine], tuple[Prompt, SamplingParams]]
+# (engine, the model's generation defaults) -> (prompt, parameters)
+Build = Callable[[LLMEngine, Sampling | None], tuple[Prompt, SamplingParams]]
 
 
 def request_id(prefix: str) -> str:
@@ -93,7 +95,8 @@ class Generation:
             key = dp.repository.resolve(name, version)
             loaded = await stack.enter_async_context(dp.cache.acquire(key))
             engine = engine_of(loaded, name)
-            prompt, params = build(engine)
+            defaults = model_defaults(loaded.model.settings.parameters.get("generation"))
+            prompt, params = build(engine, defaults)
             it = engine.generate(prompt, params, rid)
             stack.push_async_callback(_aclose, it)
             try:

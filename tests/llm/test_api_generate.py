@@ -16,7 +16,8 @@ from tests.llm.api_support import engine_gauge, llm_models, sse_events, wait_for
 from tests.support.server import start_server
 
 # A running batch of 2 and one waiting slot: the capacity test fills it with 3 streams.
-PARAMS = {"max_num_seqs": 2, "max_waiting": 1}
+# The model's own sampling defaults apply where a request sets nothing.
+PARAMS = {"max_num_seqs": 2, "max_waiting": 1, "generation": {"max_tokens": 5, "ignore_eos": True}}
 SEED = (
     '{"id": "42","inputs": [{"name": "input0","shape": [-1],"datatype": "BYTES","data": ["Where is Eiffel Tower?"]}]}'
 )
@@ -72,6 +73,13 @@ def test_generate_stream_is_sse_and_adds_up(http):
     assert [e["finish_reason"] for e in events][-1] == "length"
     assert all(e["finish_reason"] is None for e in events[:-1])
     assert events[-1]["completion_tokens"] == 12
+
+
+def test_model_generation_defaults_fill_what_requests_leave_out(http):
+    assert generate(http, {"text_input": "hi"}).json()["completion_tokens"] == 5
+    assert generate(http, {"text_input": "hi", "max_tokens": 3}).json()["completion_tokens"] == 3
+    chat = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}]}  # chat: not "up to the context"
+    assert http.post("/v1/chat/completions", json=chat).json()["usage"]["completion_tokens"] == 5
 
 
 def test_seed_curl_request_on_the_llm(server):

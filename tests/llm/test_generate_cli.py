@@ -3,6 +3,7 @@ a rerun resumes (skipping ids already written, dropping a truncated last line)."
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -45,9 +46,13 @@ def test_generate_then_resume(tiny_llama, prompts, tmp_path):
     """Three runs: from a file:// URI, then resumed from an oci:// modelcar, then all done."""
     from tests.loaders.conftest import start_registry
 
+    # The model's settings give the default max_tokens (6) for lines that set none.
+    model = tmp_path / "tiny-llama"
+    shutil.copytree(tiny_llama, model)
+    (model / "model-settings.json").write_text('{"parameters": {"generation": {"max_tokens": 6}}}')
     registry = start_registry(tmp_path / "registry")
     try:
-        _generate_then_resume(tiny_llama, prompts, tmp_path, registry.host)
+        _generate_then_resume(model, prompts, tmp_path, registry.host)
     finally:
         registry.stop()
 
@@ -58,7 +63,7 @@ def _generate_then_resume(tiny_llama, prompts, tmp_path, registry: str) -> None:
     pushed = meshserve("modelcar", "build", str(tiny_llama), "--tag", image, "--uncompressed", *remote)
     assert pushed.returncode == 0, pushed.stderr
     out = tmp_path / "results.jsonl"
-    args = ["--input", str(prompts), "--output", str(out), "--max-tokens", "6", "--temperature", "0"]
+    args = ["--input", str(prompts), "--output", str(out), "--temperature", "0"]
     first = meshserve("generate", "--model", tiny_llama.as_uri(), *args)
     assert first.returncode == 1, first.stderr  # one line failed
     assert "tok/s" in first.stderr and "6 written (1 errors)" in first.stderr
