@@ -385,3 +385,34 @@ def test_metrics_observe_requests_and_steps(engine, loop):
     assert 'meshserve_llm_num_requests_running{model="tiny"} 0.0' in text
     steps = float(text.split('meshserve_llm_inter_token_latency_seconds_count{model="tiny"} ')[1].split()[0])
     assert 9 <= steps < 27  # one observation per decoding step, not per token
+
+
+# -- the llm runtime in-process ---------------------------------------------------------------
+def test_runtime_rejects_invalid_utf8_and_keeps_serving(loop, tiny_llama):
+    import numpy as np
+
+    from protocol.datatypes import bytes_array
+    from protocol.types import InferenceRequest, Tensor
+    from server.model_settings import parse_model_settings
+    from server.runtimes.llm import LLMModel
+
+    model = LLMModel(
+        parse_model_settings({"name": "tiny", "parameters": {"generation": {"max_tokens": 3}}}), tiny_llama
+    )
+    loop.run(model.load())
+    try:
+
+        def request(*texts: bytes) -> InferenceRequest:
+            data = bytes_array(list(texts), (len(texts),))
+            return InferenceRequest("tiny", [Tensor("text_input", "BYTES", data)], parameters={"temperature": 0})
+
+        with pytest.raises(InvalidInput, match="UTF-8"):
+            loop.run(model.predict(request(b"fine", b"\xff\xfe broken")))
+        out = loop.run(model.predict(request("ça va 🙂".encode())))
+        assert out.outputs[0].name == "text_output" and isinstance(out.outputs[0].data[0], bytes)
+        assert out.parameters["completion_tokens"] == 3  # the model's generation defaults apply
+        assert model.size_bytes() > 0 and model.engine.stats()["waiting"] == 0
+        assert np.asarray(out.outputs[0].data).shape == (1,)
+    finally:
+        loop.run(model.unload())
+    assert model.engine is None
