@@ -185,6 +185,27 @@ def test_disconnect_while_waiting_for_a_whole_answer(server, http):
     assert engine_gauge(http, "aborted") == before + 2
 
 
+def test_client_gone_while_queued_is_dropped_once_admitted(server, http):
+    """A stream whose client left while it waited for a batch slot: when its first token
+    comes, nobody reads the body, and the sequence is still dropped (no lease kept)."""
+    before = engine_gauge(http, "aborted")
+    body = {"text_input": "Tell me a long story", "parameters": {**LONG, "max_tokens": 60}}
+    running = [_raw_stream_first_event(server, body) for _ in range(PARAMS["max_num_seqs"])]
+    queued = socket.create_connection(("127.0.0.1", server.http_port))
+    payload = orjson.dumps(body)
+    queued.sendall(
+        b"POST /v2/models/tiny-llama/generate_stream HTTP/1.1\r\nHost: x\r\n"
+        + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    assert wait_for_gauge(http, "waiting", 1) == 1
+    queued.close()
+    for s in running:
+        s.close()
+    assert wait_for_gauge(http, "aborted", before + 3) == before + 3
+    assert wait_for_gauge(http, "running", 0) == 0 and engine_gauge(http, "waiting") == 0
+
+
 def test_full_queue_is_503_and_the_others_finish(server, http):
     body = {"text_input": "Tell me a long story", "parameters": {**LONG, "max_tokens": 60}}
     running = [_raw_stream_first_event(server, body) for _ in range(PARAMS["max_num_seqs"])]
