@@ -107,3 +107,14 @@ def test_bad_input_lines_stop_before_loading(tmp_path, line, words):
     r = meshserve("generate", "--model", str(tmp_path / "no-such-model"), "--input", str(path), "--output", str(out))
     assert r.returncode == 1 and all(w in r.stderr for w in words), r.stderr
     assert not out.exists()
+
+
+def test_bad_default_flags_stop_before_loading(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"id": 0, "prompt": "ok"}\n')
+    out = tmp_path / "o.jsonl"
+    base = ["generate", "--model", str(tmp_path / "no-such-model"), "--input", str(path), "--output", str(out)]
+    r = meshserve(*base, "--max-tokens", "0")
+    assert r.returncode == 1 and "max_tokens" in r.stderr and ">= 1" in r.stderr, r.stderr
+    r = meshserve(*base, "--max-in-flight", "0")
+    assert r.returncode == 1 and "--max-in-flight" in r.stderr, r.stderr
