@@ -221,7 +221,8 @@ def oip_sampling(
         if name in ignore:
             continue
         if name in OIP_EXTRA:
-            setattr(options, name, _bool(name, v))
+            if v is not None:
+                setattr(options, name, _bool(name, v))
         else:
             _set(s, name, v)
     return s, options
