@@ -237,7 +237,7 @@ class OpenAIRequest:
     sampling: Sampling
     stream: bool = False
     include_usage: bool = False
-    prompt: str | list[int] | None = None  # completions
+    prompts: list[str | list[int]] = field(default_factory=list)  # completions: one choice each
     echo: bool = False
     messages: list[dict[str, Any]] | None = None  # chat
 
@@ -314,25 +314,35 @@ def openai_request(body: Mapping[str, Any], chat: bool) -> OpenAIRequest:
     if chat:
         req.messages = chat_messages(body.get("messages"))
     else:
-        req.prompt = completion_prompt(body.get("prompt"))
+        req.prompts = completion_prompts(body.get("prompt"))
         echo = body.get("echo")
         req.echo = False if echo is None else _bool("echo", echo)
     return req
 
 
-def completion_prompt(v: Any) -> str | list[int]:
-    """A string or token ids; OpenAI's one-element lists of either are unwrapped."""
-    if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)):
-        v = v[0]
-    if isinstance(v, str):
-        if not v:
-            raise ParamError("'prompt' must not be empty", "prompt")
-        return v
-    if isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v):
-        return list(v)
-    if isinstance(v, list) and len(v) > 1 and all(isinstance(p, (str, list)) for p in v):
-        raise ParamError("only one prompt per request is supported", "prompt")
-    raise ParamError("'prompt' must be a non-empty string or a list of token ids", "prompt")
+MAX_PROMPTS = 64
+
+
+def completion_prompts(v: Any) -> list[str | list[int]]:
+    """OpenAI's prompt forms: a string, token ids, or a list of either (one choice each)."""
+    if isinstance(v, str) or (isinstance(v, list) and v and all(_is_token(t) for t in v)):
+        items: list[Any] = [v]
+    elif isinstance(v, list) and v and all(isinstance(p, (str, list)) for p in v):
+        items = v
+    else:
+        raise ParamError("'prompt' must be a string, a list of token ids, or a list of either", "prompt")
+    if len(items) > MAX_PROMPTS:
+        raise ParamError(f"at most {MAX_PROMPTS} prompts per request, got {len(items)}", "prompt")
+    for p in items:
+        if isinstance(p, str) and not p:
+            raise ParamError("a prompt must not be empty", "prompt")
+        if isinstance(p, list) and not (p and all(_is_token(t) for t in p)):
+            raise ParamError("a token-id prompt must be a non-empty list of non-negative integers", "prompt")
+    return [p if isinstance(p, str) else list(p) for p in items]
+
+
+def _is_token(t: Any) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and t >= 0
 
 
 def chat_messages(v: Any) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -19,7 +20,18 @@ from fastapi.responses import Response
 from protocol.errors import InferenceError, ModelNotFound
 from protocol.rest_codec import loads_object
 from server.llm.api_params import OpenAIRequest, ParamError, openai_request
-from server.llm.service import CLIENT_GONE, ClientGone, Completed, Generation, chat_prompt, is_llm, request_id
+from server.llm.service import (
+    CLIENT_GONE,
+    ClientGone,
+    Completed,
+    Generation,
+    chat_prompt,
+    collect_all_while_connected,
+    is_llm,
+    merged_chunks,
+    request_id,
+    start_all,
+)
 from server.llm.sse import GenerationResponse, sse_event
 
 if TYPE_CHECKING:
@@ -87,40 +99,56 @@ def build_openai_router(dp: DataPlane) -> APIRouter:
             return error_response(ModelNotFound(f"the model {model_id!r} does not exist"))
         return _json(model_card(entry))
 
-    async def start(request: Request, chat: bool) -> tuple[OpenAIRequest, Generation, str]:
+    async def start(request: Request, chat: bool) -> tuple[OpenAIRequest, list[Generation], str]:
         req = openai_request(loads_object(await request.body()), chat)
-        if req.echo and not isinstance(req.prompt, str):
-            raise ParamError("'echo' needs a text prompt", "echo")
-
-        def build(engine, defaults):
-            if chat:
-                return chat_prompt(engine, req.messages or []), req.sampling.bind(engine.max_model_len, None, defaults)
-            return req.prompt, req.sampling.bind(engine.max_model_len, COMPLETION_DEFAULT_MAX_TOKENS, defaults)
-
+        if req.echo and not all(isinstance(p, str) for p in req.prompts):
+            raise ParamError("'echo' needs text prompts", "echo")
         rid = request_id("chatcmpl" if chat else "cmpl")
-        gen = await Generation.start(dp, req.model, None, build, rid)
-        return req, gen, rid
+        if chat:
+
+            def build_chat(engine, defaults):
+                return chat_prompt(engine, req.messages or []), req.sampling.bind(engine.max_model_len, None, defaults)
+
+            return req, [await Generation.start(dp, req.model, None, build_chat, rid)], rid
+
+        def build(prompt):
+            def bound(engine, defaults):
+                sampling = replace(req.sampling, given=set(req.sampling.given))  # bind() fills in defaults
+                return prompt, sampling.bind(engine.max_model_len, COMPLETION_DEFAULT_MAX_TOKENS, defaults)
+
+            return bound
+
+        many = len(req.prompts) > 1
+        starts = [
+            Generation.start(dp, req.model, None, build(p), f"{rid}-{i}" if many else rid)
+            for i, p in enumerate(req.prompts)
+        ]
+        return req, await start_all(starts), rid
 
     @router.post("/completions", summary="Text completion")
     async def completions(request: Request) -> Response:
         try:
-            req, gen, rid = await start(request, chat=False)
+            req, gens, rid = await start(request, chat=False)
             head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": req.model}
-            echo = req.prompt if req.echo else ""
+            echoes = [p if req.echo else "" for p in req.prompts]
             if req.stream:
-                return GenerationResponse(_completion_events(gen, head, req, echo), gen)
-            done = await gen.collect_while_connected(request.receive)
+                return GenerationResponse(_completion_events(gens, head, req, echoes), gens)
+            dones = await collect_all_while_connected(gens, request.receive)
         except ClientGone:
             return Response(status_code=CLIENT_GONE)
         except Exception as e:
             return error_response(e)
-        choice = {"index": 0, "text": echo + done.text, "logprobs": None, "finish_reason": _finish(done)}
-        return _json({**head, "choices": [choice], "usage": _usage(done.prompt_tokens, done.completion_tokens)})
+        choices = [
+            {"index": i, "text": echoes[i] + d.text, "logprobs": None, "finish_reason": _finish(d)}
+            for i, d in enumerate(dones)
+        ]
+        usage = _usage(sum(d.prompt_tokens for d in dones), sum(d.completion_tokens for d in dones))
+        return _json({**head, "choices": choices, "usage": usage})
 
     @router.post("/chat/completions", summary="Chat completion")
     async def chat_completions(request: Request) -> Response:
         try:
-            req, gen, rid = await start(request, chat=True)
+            req, (gen,), rid = await start(request, chat=True)
             head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": req.model}
             if req.stream:
                 return GenerationResponse(_chat_events(gen, {**head, "object": "chat.completion.chunk"}, req), gen)
@@ -141,19 +169,23 @@ def _finish(c: Completed | Any) -> str | None:
     return "stop" if reason == "abort" else reason
 
 
-async def _completion_events(gen: Generation, head: dict, req: OpenAIRequest, echo: str) -> AsyncIterator[bytes]:
+async def _completion_events(
+    gens: list[Generation], head: dict, req: OpenAIRequest, echoes: list[str]
+) -> AsyncIterator[bytes]:
     usage_field = {"usage": None} if req.include_usage else {}
-    last = gen.first
+    last = {i: g.first for i, g in enumerate(gens)}
+    echoes = list(echoes)
     try:
-        async for chunk in gen.chunks():
-            last = chunk
-            text, echo = echo + chunk.text, ""
+        async for i, chunk in merged_chunks(gens):
+            last[i] = chunk
+            text, echoes[i] = echoes[i] + chunk.text, ""
             if not text and chunk.finish_reason is None:
                 continue  # an incomplete character: nothing to show yet
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish(chunk)}
+            choice = {"index": i, "text": text, "logprobs": None, "finish_reason": _finish(chunk)}
             yield sse_event({**head, "choices": [choice], **usage_field})
         if req.include_usage:
-            yield sse_event({**head, "choices": [], "usage": _usage(last.prompt_tokens, last.completion_tokens)})
+            usage = _usage(sum(c.prompt_tokens for c in last.values()), sum(c.completion_tokens for c in last.values()))
+            yield sse_event({**head, "choices": [], "usage": usage})
     except Exception as e:
         yield sse_event(error_body(e)[1])
     yield DONE

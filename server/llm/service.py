@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -143,24 +143,84 @@ class Generation:
     async def collect_while_connected(self, receive: Callable[[], Any]) -> Completed:
         """``collect``, dropping the sequence as soon as the HTTP client goes away
         (``receive`` is the request's ASGI receive, its body already read)."""
-        task = asyncio.ensure_future(self.collect())
-        watch = asyncio.ensure_future(_disconnected(receive))
-        try:
-            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watch.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            raise ClientGone()
-        return task.result()
+        (done,) = await collect_all_while_connected([self], receive)
+        return done
 
     async def close(self) -> None:
         # Shielded: a stream cancelled on disconnect (anyio cancels every await in
         # its scope) must still drop the sequence and give back the lease.
         with anyio.CancelScope(shield=True):
             await self._stack.aclose()
+
+
+async def start_all(starts: list[Awaitable[Generation]]) -> list[Generation]:
+    """Start several sequences together (one prefill batch); if one fails, close the others."""
+    if len(starts) == 1:
+        return [await starts[0]]
+    results = await asyncio.gather(*starts, return_exceptions=True)
+    gens = [r for r in results if isinstance(r, Generation)]
+    failed = [r for r in results if not isinstance(r, Generation)]
+    if failed:
+        for g in gens:
+            await g.close()
+        raise failed[0]
+    return gens
+
+
+async def collect_all_while_connected(gens: list[Generation], receive: Callable[[], Any]) -> list[Completed]:
+    """Every sequence's whole answer; all are dropped if one fails or the client goes away."""
+    tasks = [asyncio.ensure_future(g.collect()) for g in gens]
+    watch = asyncio.ensure_future(_disconnected(receive))
+    try:
+        pending = set(tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending | {watch}, return_when=asyncio.FIRST_COMPLETED)
+            if watch in done:
+                raise ClientGone()
+            pending.discard(watch)
+            for t in done:
+                t.result()  # the first failure ends them all
+        return [t.result() for t in tasks]
+    finally:
+        watch.cancel()
+        for t in tasks:
+            t.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def merged_chunks(gens: list[Generation]) -> AsyncIterator[tuple[int, GenerationChunk]]:
+    """(index, chunk) of several sequences as they come; one failing ends them all."""
+    if len(gens) == 1:
+        async for chunk in gens[0].chunks():
+            yield 0, chunk
+        return
+    queue: asyncio.Queue[tuple[int, GenerationChunk | None, BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, g: Generation) -> None:
+        try:
+            async for chunk in g.chunks():
+                queue.put_nowait((i, chunk, None))
+            queue.put_nowait((i, None, None))
+        except Exception as e:
+            queue.put_nowait((i, None, e))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        remaining = len(gens)
+        while remaining:
+            i, chunk, error = await queue.get()
+            if error is not None:
+                raise error
+            if chunk is None:
+                remaining -= 1
+            else:
+                yield i, chunk
+    finally:
+        for t in tasks:
+            t.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class ClientGone(Exception):

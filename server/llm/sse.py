@@ -1,6 +1,6 @@
 """Server-Sent Events responses for generation streams.
 
-The response closes its :class:`Generation` however it ends: done, failed, or the
+The response closes its :class:`Generation` (or several) however it ends: done, failed, or the
 client gone before the body began (Starlette then never starts the body iterator,
 whose own ``finally`` would not run), so no sequence and no model lease outlives it.
 """
@@ -25,13 +25,14 @@ def sse_event(doc: Any) -> bytes:
 
 
 class GenerationResponse(StreamingResponse):
-    def __init__(self, events: AsyncIterator[bytes], gen: Generation) -> None:
+    def __init__(self, events: AsyncIterator[bytes], gens: Generation | list[Generation]) -> None:
         super().__init__(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
-        self._gen = gen
+        self._gens = gens if isinstance(gens, list) else [gens]
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             with anyio.CancelScope(shield=True):
-                await self._gen.close()
+                for gen in self._gens:
+                    await gen.close()

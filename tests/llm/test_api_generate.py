@@ -189,7 +189,7 @@ def test_client_gone_while_queued_is_dropped_once_admitted(server, http):
     """A stream whose client left while it waited for a batch slot: when its first token
     comes, nobody reads the body, and the sequence is still dropped (no lease kept)."""
     before = engine_gauge(http, "aborted")
-    body = {"text_input": "Tell me a long story", "parameters": {**LONG, "max_tokens": 60}}
+    body = {"text_input": "Tell me a long story", "parameters": {**LONG, "max_tokens": 240}}
     running = [_raw_stream_first_event(server, body) for _ in range(PARAMS["max_num_seqs"])]
     queued = socket.create_connection(("127.0.0.1", server.http_port))
     payload = orjson.dumps(body)
@@ -207,8 +207,10 @@ def test_client_gone_while_queued_is_dropped_once_admitted(server, http):
 
 
 def test_full_queue_is_503_and_the_others_finish(server, http):
-    body = {"text_input": "Tell me a long story", "parameters": {**LONG, "max_tokens": 60}}
-    running = [_raw_stream_first_event(server, body) for _ in range(PARAMS["max_num_seqs"])]
+    # long enough that the running two cannot finish while the test fills the queue
+    long = {"text_input": "Tell me a long story", "parameters": {**LONG, "max_tokens": 240}}
+    body = {"text_input": "Tell me a long story", "parameters": {**LONG, "max_tokens": 20}}
+    running = [_raw_stream_first_event(server, long) for _ in range(PARAMS["max_num_seqs"])]
     assert wait_for_gauge(http, "running", 2) == 2
     waiting_result: dict = {}
 
@@ -224,7 +226,7 @@ def test_full_queue_is_503_and_the_others_finish(server, http):
     assert "capacity" in r.json()["error"] and "retry" in r.json()["error"]
     r = generate(http, body, path="generate_stream")
     assert r.status_code == 503 and r.headers["content-type"] == "application/json"
-    for s in running:  # the running ones finish their 60 tokens; the queued one then runs
+    for s in running:  # the running ones finish their tokens; the queued one then runs
         s.settimeout(60)
         got = b""
         while b'"finish_reason":"length"' not in got:
@@ -233,5 +235,5 @@ def test_full_queue_is_503_and_the_others_finish(server, http):
             got += chunk
         s.close()
     waiter.join(60)
-    assert waiting_result["r"].status_code == 200 and waiting_result["r"].json()["completion_tokens"] == 60
+    assert waiting_result["r"].status_code == 200 and waiting_result["r"].json()["completion_tokens"] == 20
     assert wait_for_gauge(http, "running", 0) == 0

@@ -60,9 +60,14 @@ def test_openai_fields():
     body = {"model": "m", "prompt": ["hi"], "n": 1, "logprobs": None, "frequency_penalty": 0, "user": "u",
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     r = openai_request(body, chat=False)
-    assert r.prompt == "hi" and r.stream and r.include_usage
-    r = openai_request({"model": "m", "prompt": [[1, 2]]}, chat=False)
-    assert r.prompt == [1, 2]
+    assert r.prompts == ["hi"] and r.stream and r.include_usage
+    assert openai_request({"model": "m", "prompt": [[1, 2]]}, chat=False).prompts == [[1, 2]]
+    assert openai_request({"model": "m", "prompt": [1, 2]}, chat=False).prompts == [[1, 2]]
+    assert openai_request({"model": "m", "prompt": ["a", [3]]}, chat=False).prompts == ["a", [3]]
+    for bad in ("", [], ["a", ""], [[]], [-1], [True], ["a"] * 65, 5):
+        with pytest.raises(ParamError) as e:
+            openai_request({"model": "m", "prompt": bad}, chat=False)
+        assert e.value.param == "prompt"
     r = openai_request({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": False,
                         "max_completion_tokens": 4, "response_format": {"type": "text"}}, chat=True)  # fmt: skip
     assert r.sampling.bind(256, None).max_tokens == 4

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.llm.api_support import llm_models, sse_events
+from tests.llm.api_support import engine_gauge, llm_models, sse_events, wait_for_gauge
 from tests.support.server import start_server
 
 GREEDY = {"temperature": 0, "max_tokens": 10, "extra_body": {"ignore_eos": True}}
@@ -86,6 +86,31 @@ def test_completion_stream_matches(client):
     assert all(c.id == chunks[0].id and c.object == "text_completion" for c in chunks)
 
 
+def test_several_prompts_one_choice_each(client, http):
+    prompts = ["The capital of France is", "Where is the Eiffel Tower?", "Bonjour"]
+    alone = [client.completions.create(model="tiny-llama", prompt=p, **GREEDY) for p in prompts]
+    together = client.completions.create(model="tiny-llama", prompt=prompts, **GREEDY)
+    assert [c.index for c in together.choices] == [0, 1, 2]
+    assert [c.text for c in together.choices] == [a.choices[0].text for a in alone]
+    assert together.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert together.usage.completion_tokens == 30
+    chunks = list(client.completions.create(model="tiny-llama", prompt=prompts, stream=True, echo=True,
+                                            stream_options={"include_usage": True}, **GREEDY))  # fmt: skip
+    texts = ["", "", ""]
+    for c in chunks[:-1]:
+        (choice,) = c.choices
+        texts[choice.index] += choice.text
+    assert texts == [p + a.choices[0].text for p, a in zip(prompts, alone, strict=True)]
+    assert chunks[-1].usage.completion_tokens == 30
+    # one bad prompt fails the request; the sequence already started for the good one is dropped
+    before = engine_gauge(http, "aborted")
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model="tiny-llama", prompt=["Hello", "word " * 400], max_tokens=200,
+                                  extra_body={"ignore_eos": True})  # fmt: skip
+    assert wait_for_gauge(http, "aborted", before + 1) == before + 1
+    assert wait_for_gauge(http, "running", 0) == 0
+
+
 def test_chat(client):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is Paris?"}]
     c = client.chat.completions.create(model="tiny-llama", messages=messages, **GREEDY)
@@ -147,7 +172,8 @@ def test_async_client_concurrent_streams(server):
         ({"model": "nope"}, openai.NotFoundError, None, "nope"),
         ({"model": "echo"}, openai.BadRequestError, None, "not a language model"),
         ({"prompt": "word " * 400}, openai.BadRequestError, None, "context"),
-        ({"prompt": ["one", "two"]}, openai.BadRequestError, "prompt", "one prompt"),
+        ({"prompt": ["one"] * 65}, openai.BadRequestError, "prompt", "at most 64"),
+        ({"prompt": ["one", "word " * 400]}, openai.BadRequestError, None, "context"),
     ],
 )
 def test_completion_errors(client, kwargs, error, param, words):
