@@ -416,3 +416,45 @@ def test_runtime_rejects_invalid_utf8_and_keeps_serving(loop, tiny_llama):
     finally:
         loop.run(model.unload())
     assert model.engine is None
+
+
+# -- failures -----------------------------------------------------------------------------------
+def test_a_failed_step_fails_its_sequences_and_the_engine_keeps_serving(loop, tiny_llama, reference):
+    from protocol.errors import ModelExecutionError
+
+    eng = make_engine(loop, tiny_llama)
+    real = eng._forward
+    calls = {"n": 0}
+
+    def failing_once(*args):  # a fault injected into the third forward pass (a decode step)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected fault")
+        return real(*args)
+
+    eng._forward = failing_once
+    try:
+        with pytest.raises(ModelExecutionError, match="injected fault"):
+            loop.run(collect(eng, PROMPTS[0], greedy(10, ignore_eos=True)))
+        assert eng.stats()["running"] == 0
+        res = loop.run(collect(eng, PROMPTS[0], greedy(10)))
+        assert res["tokens"] == reference(PROMPTS[0], 10)
+    finally:
+        loop.run(eng.stop())
+
+
+def test_stop_fails_sequences_in_flight(loop, tiny_llama):
+    from protocol.errors import ModelExecutionError
+
+    eng = make_engine(loop, tiny_llama)
+
+    async def go():
+        task = asyncio.ensure_future(collect(eng, PROMPTS[0], greedy(250, ignore_eos=True)))
+        await asyncio.sleep(0.05)
+        await eng.stop()
+        with pytest.raises(ModelExecutionError, match="unloaded"):
+            await asyncio.wait_for(task, 10)
+        with pytest.raises(ModelExecutionError, match="not running"):
+            eng.generate(PROMPTS[0], greedy(4), "late")
+
+    loop.run(go())
