@@ -239,7 +239,10 @@ class TransformersEngine:
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
-            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+            # A chat template usually writes the BOS itself: do not add a second one.
+            bos = getattr(self.tokenizer, "bos_token", None)
+            special = not (bos and prompt.startswith(bos))
+            return list(self.tokenizer(prompt, add_special_tokens=special)["input_ids"])
         if not isinstance(prompt, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             raise InvalidInput("a prompt is a string or a list of token ids")
         bad = [t for t in prompt if not 0 <= t < self.vocab_size]

@@ -458,3 +458,19 @@ def test_stop_fails_sequences_in_flight(loop, tiny_llama):
             eng.generate(PROMPTS[0], greedy(4), "late")
 
     loop.run(go())
+
+
+def test_a_templated_prompt_gets_no_second_bos(loop, tiny_llama):
+    from tokenizers.processors import TemplateProcessing
+
+    eng = make_engine(loop, tiny_llama)
+    try:
+        tok = eng.tokenizer  # make it add a BOS, as Llama tokenizers do
+        bos = tok.bos_token_id
+        tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+        assert eng.tokenize("hi")[0] == bos
+        chat = eng.apply_chat_template([{"role": "user", "content": "hi"}])
+        ids = eng.tokenize(chat)
+        assert ids[0] == bos and ids[1] != bos
+    finally:
+        loop.run(eng.stop())
