@@ -94,7 +94,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Requests are pipelined (up to STREAM_WINDOW at once); answers keep request order.
         A failed request yields an ``error_message`` and the stream goes on, as Triton does.
         A language model's request may answer several times (token streaming, server/llm)."""
-        pending: asyncio.Queue[AsyncIterator[pb.ModelStreamInferResponse] | None] = asyncio.Queue(STREAM_WINDOW)
+        pending: asyncio.Queue[asyncio.Task | AsyncIterator | None] = asyncio.Queue(STREAM_WINDOW)
         started: list[asyncio.Task] = []
 
         async def read() -> None:
@@ -105,7 +105,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                         started[:] = [t for t in started if not t.done()]
                         started.append(task)
                     else:
-                        source = _one(asyncio.ensure_future(self._infer(request)))
+                        source = asyncio.ensure_future(self._infer(request))
                     await pending.put(source)
             finally:
                 await pending.put(None)
@@ -113,8 +113,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         reader = asyncio.ensure_future(read())
         try:
             while (source := await pending.get()) is not None:
-                async for response in source:
-                    yield response
+                if not isinstance(source, asyncio.Task):
+                    async for response in source:
+                        yield response
+                    continue
+                try:
+                    yield pb.ModelStreamInferResponse(infer_response=await source)
+                except InferenceError as e:
+                    yield pb.ModelStreamInferResponse(error_message=e.message)
+                except Exception:
+                    log.exception("stream infer failed")
+                    yield pb.ModelStreamInferResponse(error_message="internal server error")
         finally:
             reader.cancel()
             for task in started:
@@ -140,18 +149,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except Exception as e:
             await _abort(context, e)
         return pb.RepositoryModelUnloadResponse()
-
-
-async def _one(task: asyncio.Task) -> AsyncIterator[pb.ModelStreamInferResponse]:
-    try:
-        yield pb.ModelStreamInferResponse(infer_response=await task)
-    except InferenceError as e:
-        yield pb.ModelStreamInferResponse(error_message=e.message)
-    except Exception:
-        log.exception("stream infer failed")
-        yield pb.ModelStreamInferResponse(error_message="internal server error")
-    finally:
-        task.cancel()
 
 
 def _pumped(responses: AsyncIterator[pb.ModelStreamInferResponse]) -> tuple[AsyncIterator, asyncio.Task]:

@@ -104,9 +104,17 @@ class Sampling:
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
     max_tokens_field: str = "max_tokens"
+    given: set[str] = field(default_factory=set)  # the fields the request set
 
-    def bind(self, max_model_len: int, default_max_tokens: int | None) -> SamplingParams:
-        """The engine's parameters; ``default_max_tokens=None`` means "up to the context"."""
+    def bind(self, max_model_len: int, default_max_tokens: int | None, model: Sampling | None = None) -> SamplingParams:
+        """The engine's parameters. Fields the request left out come from the model's
+        ``parameters.generation`` (``model``), then the endpoint's default;
+        ``default_max_tokens=None`` means "up to the context"."""
+        if model is not None:
+            for name in model.given - self.given:
+                setattr(self, name, getattr(model, name))
+            if "max_tokens" in model.given - self.given:
+                self.max_tokens_field = "parameters.generation.max_tokens"
         max_tokens = self.max_tokens
         if max_tokens is None:
             max_tokens = max_model_len if default_max_tokens is None else min(default_max_tokens, max_model_len)
@@ -137,6 +145,8 @@ SAMPLING_FIELDS = ["max_tokens", "temperature", "top_p", "top_k", "seed", "stop"
 
 def _set(s: Sampling, name: str, v: Any) -> None:
     target = _ALIASES.get(name, name)
+    if v is not None:
+        s.given.add(target)
     if target == "max_tokens":
         if v is None:
             return
@@ -166,6 +176,17 @@ def _set(s: Sampling, name: str, v: Any) -> None:
             s.ignore_eos = _bool(name, v)
     else:  # pragma: no cover - callers only pass known names
         raise AssertionError(name)
+
+
+def model_defaults(doc: Any) -> Sampling | None:
+    """A model's ``parameters.generation`` (the llm runtime checked it at load); None if unset."""
+    if not isinstance(doc, Mapping) or not doc:
+        return None
+    s = Sampling()
+    for name, v in doc.items():
+        if name in SAMPLING_FIELDS or name in _ALIASES:
+            _set(s, name, v)
+    return s
 
 
 # -- OIP: generate / infer / gRPC parameters -----------------------------------------
@@ -200,7 +221,8 @@ def oip_sampling(
         if name in ignore:
             continue
         if name in OIP_EXTRA:
-            setattr(options, name, _bool(name, v))
+            if v is not None:
+                setattr(options, name, _bool(name, v))
         else:
             _set(s, name, v)
     return s, options

@@ -50,7 +50,7 @@ def _scalar(t: Tensor) -> Any:
 
 
 def read_request(request: InferenceRequest) -> tuple[str | None, dict[str, Any]]:
-    """The prompt (None: not a text request) and the parameters, where scalar inputs
+    """The prompt (None: not one text prompt) and the parameters, where scalar inputs
     named like parameters (TensorRT-LLM's ``max_tokens``, vLLM backend's ``stream``)
     count as parameters."""
     params = dict(request.parameters)
@@ -59,6 +59,8 @@ def read_request(request: InferenceRequest) -> tuple[str | None, dict[str, Any]]
         if t.name in TEXT_INPUTS:
             if t.datatype != "BYTES":
                 raise InvalidInput(f"input {t.name!r} must be BYTES, got {t.datatype}")
+            if t.data.size != 1:  # several prompts: answered at once by the runtime's plain infer
+                return None, params
             text = _scalar(t)
         elif t.name in OIP_FIELDS:
             if t.name in params:
@@ -88,6 +90,8 @@ async def stream_llm(dp: DataPlane, msg: pb.ModelInferRequest) -> AsyncIterator[
         empty_final = bool(request.parameters.get(EMPTY_FINAL, False))
         text, params = read_request(request)
         sampling, options = oip_sampling(params, ignore=TRANSPORT_PARAMS)
+        if text is None and options.stream:
+            raise InvalidInput("token streaming takes one prompt: a BYTES text_input (or input0) of one element")
         if text is None or not options.stream:
             # One answer: the runtime's plain infer, marked final as a decoupled model's last.
             response = await dp.infer(request)
@@ -98,8 +102,8 @@ async def stream_llm(dp: DataPlane, msg: pb.ModelInferRequest) -> AsyncIterator[
                 raise InvalidInput("text_input must not be empty")
             rid = msg.id
 
-            def build(engine):
-                return text, sampling.bind(engine.max_model_len, DEFAULT_MAX_TOKENS)
+            def build(engine, defaults):
+                return text, sampling.bind(engine.max_model_len, DEFAULT_MAX_TOKENS, defaults)
 
             gen = await Generation.start(dp, msg.model_name, msg.model_version or None, build,
                                          rid or request_id("grpc"))  # fmt: skip

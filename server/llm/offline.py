@@ -1,7 +1,8 @@
 """``meshserve generate``: a whole JSONL file through one engine at full batch.
 
 Input lines: ``{"id": ..., "prompt": "..."}`` or ``{"id": ..., "messages": [...]}``
-plus optional sampling parameters (the OIP ``generate`` names). Every prompt is
+plus optional sampling parameters (the OIP ``generate`` names; unset ones come from
+``--max-tokens``/``--temperature``, then the model's ``parameters.generation``). Every prompt is
 submitted at once (bounded by ``--max-in-flight``; a full engine queue waits and
 retries), results are written as they finish, one flushed JSON line each, and a
 rerun skips the ids already in the output (a truncated last line, from a run
@@ -21,7 +22,7 @@ from typing import IO, Any
 import orjson
 
 from protocol.errors import CapacityExhausted, InferenceError, InvalidInput
-from server.llm.api_params import OIP_FIELDS, Sampling, chat_messages, oip_sampling
+from server.llm.api_params import OIP_FIELDS, Sampling, chat_messages, model_defaults, oip_sampling
 from server.llm.types import LLMEngine
 
 PROMPT_DEFAULT_MAX_TOKENS = 16  # as OIP generate and OpenAI completions; chat runs up to the context
@@ -142,12 +143,12 @@ class TokenProgress:
 
 
 async def run_jobs(engine: LLMEngine, jobs: list[Job], out: IO[bytes], progress: TokenProgress,
-                   max_in_flight: int) -> None:  # fmt: skip
+                   max_in_flight: int, model: Sampling | None = None) -> None:  # fmt: skip
     slots = asyncio.Semaphore(max_in_flight)
 
     async def one(job: Job) -> None:
         async with slots:
-            record = await _generate(engine, job)
+            record = await _generate(engine, job, model)
         out.write(orjson.dumps(record) + b"\n")
         out.flush()
         progress.add(record.get("completion_tokens", 0), "error" in record)
@@ -155,14 +156,14 @@ async def run_jobs(engine: LLMEngine, jobs: list[Job], out: IO[bytes], progress:
     await asyncio.gather(*(one(j) for j in jobs))
 
 
-async def _generate(engine: LLMEngine, job: Job) -> dict[str, Any]:
+async def _generate(engine: LLMEngine, job: Job, model: Sampling | None) -> dict[str, Any]:
     try:
         if job.messages is not None:
             prompt = engine.apply_chat_template(job.messages, add_generation_prompt=True)
-            params = job.sampling.bind(engine.max_model_len, None)
+            params = job.sampling.bind(engine.max_model_len, None, model)
         else:
             prompt = job.prompt or ""
-            params = job.sampling.bind(engine.max_model_len, PROMPT_DEFAULT_MAX_TOKENS)
+            params = job.sampling.bind(engine.max_model_len, PROMPT_DEFAULT_MAX_TOKENS, model)
         while True:
             parts: list[str] = []
             try:
@@ -192,7 +193,7 @@ def _record(job: Job, text: str, last: Any) -> dict[str, Any]:
 
 
 def generate_file(engine_factory: Any, input_path: Path, output_path: Path, defaults: dict[str, Any],
-                  max_in_flight: int, quiet: bool) -> tuple[int, int, int]:  # fmt: skip
+                  max_in_flight: int, quiet: bool, model: Sampling | None = None) -> tuple[int, int, int]:  # fmt: skip
     """Run what is left of ``input_path``; returns (written now, errors, skipped as done)."""
     jobs = read_jobs(input_path, defaults)
     done = finished_ids(output_path)
@@ -205,9 +206,10 @@ def generate_file(engine_factory: Any, input_path: Path, output_path: Path, defa
     async def main() -> None:
         engine = engine_factory()
         await engine.start()
+        progress.started = time.monotonic()  # tokens/s of generation, not of the model's load
         try:
             with open(output_path, "ab") as out:
-                await run_jobs(engine, todo, out, progress, max_in_flight)
+                await run_jobs(engine, todo, out, progress, max_in_flight, model)
         finally:
             await engine.stop()
 
@@ -242,6 +244,9 @@ def main(args: Any, fetcher: Any) -> int:
 
         return create_engine(path, name, parameters)
 
-    written, errors, skipped = generate_file(factory, args.input, args.output, defaults, args.max_in_flight, args.quiet)
+    model = model_defaults(parameters.get("generation"))
+    written, errors, skipped = generate_file(
+        factory, args.input, args.output, defaults, args.max_in_flight, args.quiet, model
+    )
     print(f"{written} written ({errors} errors), {skipped} already in {args.output}", file=sys.stderr)
     return 1 if errors else 0

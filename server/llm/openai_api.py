@@ -14,30 +14,25 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from protocol.errors import InferenceError, ModelNotFound
 from protocol.rest_codec import loads_object
 from server.llm.api_params import OpenAIRequest, ParamError, openai_request
-from server.llm.service import Completed, Generation, chat_prompt, is_llm, request_id
+from server.llm.service import CLIENT_GONE, ClientGone, Completed, Generation, chat_prompt, is_llm, request_id
+from server.llm.sse import GenerationResponse, sse_event
 
 if TYPE_CHECKING:
     from server.dataplane import DataPlane
 
 log = logging.getLogger(__name__)
 
-SSE_MEDIA_TYPE = "text/event-stream; charset=utf-8"
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]\n\n"
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions; chat runs up to the context
 
 
 def _json(doc: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(doc), status_code=status, media_type="application/json")
-
-
-def _event(doc: Any) -> bytes:
-    return b"data: " + orjson.dumps(doc) + b"\n\n"
 
 
 def error_body(e: BaseException) -> tuple[int, dict[str, Any]]:
@@ -97,10 +92,10 @@ def build_openai_router(dp: DataPlane) -> APIRouter:
         if req.echo and not isinstance(req.prompt, str):
             raise ParamError("'echo' needs a text prompt", "echo")
 
-        def build(engine):
+        def build(engine, defaults):
             if chat:
-                return chat_prompt(engine, req.messages or []), req.sampling.bind(engine.max_model_len, None)
-            return req.prompt, req.sampling.bind(engine.max_model_len, COMPLETION_DEFAULT_MAX_TOKENS)
+                return chat_prompt(engine, req.messages or []), req.sampling.bind(engine.max_model_len, None, defaults)
+            return req.prompt, req.sampling.bind(engine.max_model_len, COMPLETION_DEFAULT_MAX_TOKENS, defaults)
 
         rid = request_id("chatcmpl" if chat else "cmpl")
         gen = await Generation.start(dp, req.model, None, build, rid)
@@ -113,8 +108,10 @@ def build_openai_router(dp: DataPlane) -> APIRouter:
             head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": req.model}
             echo = req.prompt if req.echo else ""
             if req.stream:
-                return _stream(_completion_events(gen, head, req, echo))
-            done = await gen.collect()
+                return GenerationResponse(_completion_events(gen, head, req, echo), gen)
+            done = await gen.collect_while_connected(request.receive)
+        except ClientGone:
+            return Response(status_code=CLIENT_GONE)
         except Exception as e:
             return error_response(e)
         choice = {"index": 0, "text": echo + done.text, "logprobs": None, "finish_reason": _finish(done)}
@@ -126,8 +123,10 @@ def build_openai_router(dp: DataPlane) -> APIRouter:
             req, gen, rid = await start(request, chat=True)
             head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": req.model}
             if req.stream:
-                return _stream(_chat_events(gen, {**head, "object": "chat.completion.chunk"}, req))
-            done = await gen.collect()
+                return GenerationResponse(_chat_events(gen, {**head, "object": "chat.completion.chunk"}, req), gen)
+            done = await gen.collect_while_connected(request.receive)
+        except ClientGone:
+            return Response(status_code=CLIENT_GONE)
         except Exception as e:
             return error_response(e)
         message = {"role": "assistant", "content": done.text}
@@ -142,10 +141,6 @@ def _finish(c: Completed | Any) -> str | None:
     return "stop" if reason == "abort" else reason
 
 
-def _stream(events: AsyncIterator[bytes]) -> Response:
-    return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
-
-
 async def _completion_events(gen: Generation, head: dict, req: OpenAIRequest, echo: str) -> AsyncIterator[bytes]:
     usage_field = {"usage": None} if req.include_usage else {}
     last = gen.first
@@ -156,11 +151,11 @@ async def _completion_events(gen: Generation, head: dict, req: OpenAIRequest, ec
             if not text and chunk.finish_reason is None:
                 continue  # an incomplete character: nothing to show yet
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish(chunk)}
-            yield _event({**head, "choices": [choice], **usage_field})
+            yield sse_event({**head, "choices": [choice], **usage_field})
         if req.include_usage:
-            yield _event({**head, "choices": [], "usage": _usage(last.prompt_tokens, last.completion_tokens)})
+            yield sse_event({**head, "choices": [], "usage": _usage(last.prompt_tokens, last.completion_tokens)})
     except Exception as e:
-        yield _event(error_body(e)[1])
+        yield sse_event(error_body(e)[1])
     yield DONE
 
 
@@ -169,16 +164,16 @@ async def _chat_events(gen: Generation, head: dict, req: OpenAIRequest) -> Async
     last = gen.first
     try:
         first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-        yield _event({**head, "choices": [first], **usage_field})
+        yield sse_event({**head, "choices": [first], **usage_field})
         async for chunk in gen.chunks():
             last = chunk
             if not chunk.text and chunk.finish_reason is None:
                 continue
             delta = {"content": chunk.text} if chunk.text else {}
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": _finish(chunk)}
-            yield _event({**head, "choices": [choice], **usage_field})
+            yield sse_event({**head, "choices": [choice], **usage_field})
         if req.include_usage:
-            yield _event({**head, "choices": [], "usage": _usage(last.prompt_tokens, last.completion_tokens)})
+            yield sse_event({**head, "choices": [], "usage": _usage(last.prompt_tokens, last.completion_tokens)})
     except Exception as e:
-        yield _event(error_body(e)[1])
+        yield sse_event(error_body(e)[1])
     yield DONE

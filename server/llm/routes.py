@@ -15,26 +15,21 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from protocol.errors import InferenceError
 from protocol.rest_codec import loads_object
 from server.llm.api_params import OIP_FIELDS, ParamError, oip_sampling
-from server.llm.service import Generation, request_id
+from server.llm.service import CLIENT_GONE, ClientGone, Generation, request_id
+from server.llm.sse import GenerationResponse, sse_event
 
 if TYPE_CHECKING:
     from server.dataplane import DataPlane
 
 log = logging.getLogger(__name__)
 
-SSE_MEDIA_TYPE = "text/event-stream; charset=utf-8"
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _TOP_LEVEL = {"text_input", "parameters", "id"}
 DEFAULT_MAX_TOKENS = 16  # as SamplingParams and OpenAI completions
-
-
-def sse_event(doc: Any) -> bytes:
-    return b"data: " + orjson.dumps(doc) + b"\n\n"
 
 
 def _json(doc: Any, status: int = 200) -> Response:
@@ -73,8 +68,8 @@ async def _start(dp: DataPlane, name: str, version: str | None, request: Request
     text, params, rid = _generate_request(body)
     sampling, options = oip_sampling(params)
 
-    def build(engine):
-        return text, sampling.bind(engine.max_model_len, DEFAULT_MAX_TOKENS)
+    def build(engine, defaults):
+        return text, sampling.bind(engine.max_model_len, DEFAULT_MAX_TOKENS, defaults)
 
     gen = await Generation.start(dp, name, version, build, rid or request_id("gen"))
     head = {"model_name": gen.model_name, "model_version": gen.model_version}
@@ -91,7 +86,10 @@ def build_llm_router(dp: DataPlane) -> APIRouter:
     @router.post("/v2/models/{name}/versions/{version}/generate", summary="Generate text with one version")
     async def generate(name: str, request: Request, version: str | None = None) -> Response:
         gen, head, prefix = await _start(dp, name, version, request)
-        done = await gen.collect()
+        try:
+            done = await gen.collect_while_connected(request.receive)
+        except ClientGone:
+            return Response(status_code=CLIENT_GONE)
         return _json(
             {
                 **head,
@@ -106,7 +104,7 @@ def build_llm_router(dp: DataPlane) -> APIRouter:
     @router.post("/v2/models/{name}/versions/{version}/generate_stream", summary="Stream one version's text")
     async def generate_stream(name: str, request: Request, version: str | None = None) -> Response:
         gen, head, prefix = await _start(dp, name, version, request)
-        return StreamingResponse(_events(gen, head, prefix), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+        return GenerationResponse(_events(gen, head, prefix), gen)
 
     from server.llm.openai_api import build_openai_router
 

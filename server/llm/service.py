@@ -7,6 +7,7 @@ evicted under a stream.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import uuid
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from protocol.errors import InferenceError, InvalidInput, ModelExecutionError, ServerNotReady
+from server.llm.api_params import Sampling, model_defaults
 from server.llm.types import GenerationChunk, LLMEngine, SamplingParams
 
 if TYPE_CHECKING:
@@ -27,9 +29,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LLM_RUNTIMES = frozenset({"llm", "vllm"})
+CLIENT_GONE = 499  # nginx's "client closed request": logged, never received
 
 Prompt = str | list[int]
-Build = Callable[[LLMEngine], tuple[Prompt, SamplingParams]]
+# (engine, the model's generation defaults) -> (prompt, parameters)
+Build = Callable[[LLMEngine, Sampling | None], tuple[Prompt, SamplingParams]]
 
 
 def request_id(prefix: str) -> str:
@@ -91,7 +95,8 @@ class Generation:
             key = dp.repository.resolve(name, version)
             loaded = await stack.enter_async_context(dp.cache.acquire(key))
             engine = engine_of(loaded, name)
-            prompt, params = build(engine)
+            defaults = model_defaults(loaded.model.settings.parameters.get("generation"))
+            prompt, params = build(engine, defaults)
             it = engine.generate(prompt, params, rid)
             stack.push_async_callback(_aclose, it)
             try:
@@ -104,7 +109,8 @@ class Generation:
                 log.exception("generation on %s failed", name)
                 raise ModelExecutionError(f"model {name!r} failed: {type(e).__name__}: {e}") from None
         except BaseException:
-            await stack.aclose()
+            with anyio.CancelScope(shield=True):
+                await stack.aclose()
             raise
         return cls(stack, loaded, it, first)
 
@@ -134,11 +140,38 @@ class Generation:
             last = chunk
         return Completed("".join(parts), last.finish_reason or "stop", last.prompt_tokens, last.completion_tokens)
 
+    async def collect_while_connected(self, receive: Callable[[], Any]) -> Completed:
+        """``collect``, dropping the sequence as soon as the HTTP client goes away
+        (``receive`` is the request's ASGI receive, its body already read)."""
+        task = asyncio.ensure_future(self.collect())
+        watch = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise ClientGone()
+        return task.result()
+
     async def close(self) -> None:
         # Shielded: a stream cancelled on disconnect (anyio cancels every await in
         # its scope) must still drop the sequence and give back the lease.
         with anyio.CancelScope(shield=True):
             await self._stack.aclose()
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before the answer was ready (nobody to answer)."""
+
+
+async def _disconnected(receive: Callable[[], Any]) -> None:
+    while True:
+        message = await receive()
+        if message.get("type") == "http.disconnect":
+            return
 
 
 class Completed:

@@ -6,11 +6,12 @@ from __future__ import annotations
 import queue
 from collections import defaultdict
 
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tests.llm.api_support import llm_models
+from tests.llm.api_support import engine_gauge, llm_models, wait_for_gauge
 from tests.support.server import start_server
 
 WAIT = 60
@@ -36,9 +37,10 @@ def client(server):
     c.close()
 
 
-def prompt(text: str, name: str = "text_input") -> grpcclient.InferInput:
-    t = grpcclient.InferInput(name, [1], "BYTES")
-    t.set_data_from_numpy(np.array([text.encode()], dtype=object))
+def prompt(text: str | bytes | list[str], name: str = "text_input") -> grpcclient.InferInput:
+    texts = [text] if isinstance(text, (str, bytes)) else text
+    t = grpcclient.InferInput(name, [len(texts)], "BYTES")
+    t.set_data_from_numpy(np.array([x if isinstance(x, bytes) else x.encode() for x in texts], dtype=object))
     return t
 
 
@@ -110,9 +112,29 @@ def test_stream_errors_then_keeps_going(client):
     reqs = [
         ("bad", "hi", {"stream": True, "mirostat": 2}),
         ("long", "word " * 400, {"stream": True, "max_tokens": 4}),
+        ("two", ["one", "two"], {"stream": True}),
+        ("utf8", b"caf\xe9", {"stream": True}),
         ("good", "hi", {**GREEDY, "stream": True}),
+        ("both", ["one", "two"], GREEDY),  # several prompts, not streamed: one answer with both
     ]
     responses, errors = run_stream(client, reqs, empty_final=True)
-    assert len(errors) == 2
+    assert len(errors) == 4
     assert any("'mirostat'" in e for e in errors) and any("context" in e for e in errors)
+    assert any("one prompt" in e for e in errors) and any("UTF-8" in e for e in errors)
     assert final_flag(responses["good"][-1])
+    assert len(responses["both"][0].as_numpy("text_output")) == 2
+
+
+def test_cancelled_stream_drops_the_sequence(server, client):
+    got: queue.Queue = queue.Queue()
+    long = {"stream": True, "max_tokens": 200, "ignore_eos": True}
+    with httpx.Client(base_url=server.http_url, timeout=30) as http:
+        before = engine_gauge(http, "aborted")
+        client.start_stream(callback=lambda result, error: got.put((result, error)))
+        client.async_stream_infer("tiny-llama", [prompt("Tell me a long story")], request_id="long", parameters=long)
+        result, error = got.get(timeout=WAIT)
+        assert error is None and not final_flag(result)
+        client.stop_stream(cancel_requests=True)
+        assert wait_for_gauge(http, "running", 0, timeout=5) == 0
+        assert engine_gauge(http, "aborted") == before + 1
+    assert unary(client, "hi")  # still serving

@@ -15,14 +15,16 @@ import httpx
 from tests.support.server import EXAMPLES
 
 
-def llm_models(base: Path, tiny_llama: Path, parameters: dict[str, Any] | None = None) -> Path:
-    """``base/models`` holding ``tiny-llama`` (runtime llm, with ``parameters``) and ``echo``."""
+def llm_models(base: Path, tiny_llama: Path, parameters: dict[str, Any] | None = None, settings: bool = True) -> Path:
+    """``base/models`` holding ``tiny-llama`` and ``echo``. With ``settings``, the Llama has a
+    model-settings.json (runtime llm, ``parameters``); without, its files alone say it is an LLM."""
     models = base / "models"
     models.mkdir(parents=True)
     target = models / "tiny-llama"
     shutil.copytree(tiny_llama, target)
-    settings = {"name": "tiny-llama", "runtime": "llm", "parameters": parameters or {}}
-    (target / "model-settings.json").write_text(json.dumps(settings))
+    if settings:
+        doc = {"name": "tiny-llama", "runtime": "llm", "parameters": parameters or {}}
+        (target / "model-settings.json").write_text(json.dumps(doc))
     shutil.copytree(EXAMPLES / "echo", models / "echo", ignore=shutil.ignore_patterns("__pycache__"))
     return models
 

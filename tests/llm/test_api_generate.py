@@ -16,7 +16,8 @@ from tests.llm.api_support import engine_gauge, llm_models, sse_events, wait_for
 from tests.support.server import start_server
 
 # A running batch of 2 and one waiting slot: the capacity test fills it with 3 streams.
-PARAMS = {"max_num_seqs": 2, "max_waiting": 1}
+# The model's own sampling defaults apply where a request sets nothing.
+PARAMS = {"max_num_seqs": 2, "max_waiting": 1, "generation": {"max_tokens": 5, "ignore_eos": True}}
 SEED = (
     '{"id": "42","inputs": [{"name": "input0","shape": [-1],"datatype": "BYTES","data": ["Where is Eiffel Tower?"]}]}'
 )
@@ -72,6 +73,13 @@ def test_generate_stream_is_sse_and_adds_up(http):
     assert [e["finish_reason"] for e in events][-1] == "length"
     assert all(e["finish_reason"] is None for e in events[:-1])
     assert events[-1]["completion_tokens"] == 12
+
+
+def test_model_generation_defaults_fill_what_requests_leave_out(http):
+    assert generate(http, {"text_input": "hi"}).json()["completion_tokens"] == 5
+    assert generate(http, {"text_input": "hi", "max_tokens": 3}).json()["completion_tokens"] == 3
+    chat = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}]}  # chat: not "up to the context"
+    assert http.post("/v1/chat/completions", json=chat).json()["usage"]["completion_tokens"] == 5
 
 
 def test_seed_curl_request_on_the_llm(server):
@@ -159,6 +167,43 @@ def test_disconnect_mid_stream_drops_the_sequence(server, http):
     # the engine keeps serving
     r = generate(http, {"text_input": "hi", "parameters": {"max_tokens": 3}})
     assert r.status_code == 200 and r.json()["completion_tokens"] <= 3
+
+
+def test_disconnect_while_waiting_for_a_whole_answer(server, http):
+    """Not only streams: a client that leaves a plain generate (or completions) call frees its slot too."""
+    before = engine_gauge(http, "aborted")
+    for path, body in [
+        ("/v2/models/tiny-llama/generate", {"text_input": "Tell me a long story", "parameters": LONG}),
+        ("/v1/completions", {"model": "tiny-llama", "prompt": "Tell me a long story", **LONG}),
+    ]:
+        s = socket.create_connection(("127.0.0.1", server.http_port))
+        payload = orjson.dumps(body)
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        assert wait_for_gauge(http, "running", 1) == 1
+        s.close()
+        assert wait_for_gauge(http, "running", 0, timeout=5) == 0
+    assert engine_gauge(http, "aborted") == before + 2
+
+
+def test_client_gone_while_queued_is_dropped_once_admitted(server, http):
+    """A stream whose client left while it waited for a batch slot: when its first token
+    comes, nobody reads the body, and the sequence is still dropped (no lease kept)."""
+    before = engine_gauge(http, "aborted")
+    body = {"text_input": "Tell me a long story", "parameters": {**LONG, "max_tokens": 60}}
+    running = [_raw_stream_first_event(server, body) for _ in range(PARAMS["max_num_seqs"])]
+    queued = socket.create_connection(("127.0.0.1", server.http_port))
+    payload = orjson.dumps(body)
+    queued.sendall(
+        b"POST /v2/models/tiny-llama/generate_stream HTTP/1.1\r\nHost: x\r\n"
+        + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    assert wait_for_gauge(http, "waiting", 1) == 1
+    queued.close()
+    for s in running:
+        s.close()
+    assert wait_for_gauge(http, "aborted", before + 3) == before + 3
+    assert wait_for_gauge(http, "running", 0) == 0 and engine_gauge(http, "waiting") == 0
 
 
 def test_full_queue_is_503_and_the_others_finish(server, http):

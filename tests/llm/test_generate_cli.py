@@ -3,6 +3,7 @@ a rerun resumes (skipping ids already written, dropping a truncated last line)."
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -42,8 +43,27 @@ def prompts(tmp_path_factory):
 
 
 def test_generate_then_resume(tiny_llama, prompts, tmp_path):
+    """Three runs: from a file:// URI, then resumed from an oci:// modelcar, then all done."""
+    from tests.loaders.conftest import start_registry
+
+    # The model's settings give the default max_tokens (6) for lines that set none.
+    model = tmp_path / "tiny-llama"
+    shutil.copytree(tiny_llama, model)
+    (model / "model-settings.json").write_text('{"parameters": {"generation": {"max_tokens": 6}}}')
+    registry = start_registry(tmp_path / "registry")
+    try:
+        _generate_then_resume(model, prompts, tmp_path, registry.host)
+    finally:
+        registry.stop()
+
+
+def _generate_then_resume(tiny_llama, prompts, tmp_path, registry: str) -> None:
+    image = f"oci://{registry}/models/tiny-llama:1"
+    remote = ["--insecure", "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    pushed = meshserve("modelcar", "build", str(tiny_llama), "--tag", image, "--uncompressed", *remote)
+    assert pushed.returncode == 0, pushed.stderr
     out = tmp_path / "results.jsonl"
-    args = ["--input", str(prompts), "--output", str(out), "--max-tokens", "6", "--temperature", "0"]
+    args = ["--input", str(prompts), "--output", str(out), "--temperature", "0"]
     first = meshserve("generate", "--model", tiny_llama.as_uri(), *args)
     assert first.returncode == 1, first.stderr  # one line failed
     assert "tok/s" in first.stderr and "6 written (1 errors)" in first.stderr
@@ -58,7 +78,7 @@ def test_generate_then_resume(tiny_llama, prompts, tmp_path):
     # a killed run: two whole lines and half of the third
     whole = out.read_bytes().splitlines(keepends=True)
     out.write_bytes(b"".join(whole[:2]) + whole[2][: len(whole[2]) // 2])
-    again = meshserve("generate", "--model", str(tiny_llama), *args, "--quiet")
+    again = meshserve("generate", "--model", image, *args, *remote)
     assert "4 written" in again.stderr and "2 already" in again.stderr, again.stderr
     redone = read_jsonl(out)
     assert out.read_bytes().startswith(b"".join(whole[:2]))
@@ -87,3 +107,14 @@ def test_bad_input_lines_stop_before_loading(tmp_path, line, words):
     r = meshserve("generate", "--model", str(tmp_path / "no-such-model"), "--input", str(path), "--output", str(out))
     assert r.returncode == 1 and all(w in r.stderr for w in words), r.stderr
     assert not out.exists()
+
+
+def test_bad_default_flags_stop_before_loading(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"id": 0, "prompt": "ok"}\n')
+    out = tmp_path / "o.jsonl"
+    base = ["generate", "--model", str(tmp_path / "no-such-model"), "--input", str(path), "--output", str(out)]
+    r = meshserve(*base, "--max-tokens", "0")
+    assert r.returncode == 1 and "max_tokens" in r.stderr and ">= 1" in r.stderr, r.stderr
+    r = meshserve(*base, "--max-in-flight", "0")
+    assert r.returncode == 1 and "--max-in-flight" in r.stderr, r.stderr

@@ -18,7 +18,8 @@ GREEDY = {"temperature": 0, "max_tokens": 10, "extra_body": {"ignore_eos": True}
 @pytest.fixture(scope="module")
 def server(tiny_llama, tmp_path_factory):
     base = tmp_path_factory.mktemp("api-openai")
-    srv = start_server(llm_models(base, tiny_llama), base / "server.log")
+    # No settings file and no preload: the routes find the LLM by its files and load it on first use.
+    srv = start_server(llm_models(base, tiny_llama, settings=False), base / "server.log", "--no-preload")
     yield srv
     srv.stop()
 
@@ -36,7 +37,7 @@ def http(server):
 
 
 @pytest.mark.parametrize("prefix", ["/v1", "/openai/v1"])
-def test_both_prefixes(server, prefix):
+def test_both_prefixes_and_lazy_load(server, prefix):
     with openai.OpenAI(base_url=server.http_url + prefix, api_key="unused", max_retries=0) as c:
         assert [m.id for m in c.models.list().data] == ["tiny-llama"]
         done = c.completions.create(model="tiny-llama", prompt="hi", **GREEDY)
@@ -64,6 +65,10 @@ def test_completion(client):
     assert again.choices[0].text == choice.text
     echoed = client.completions.create(model="tiny-llama", prompt="The capital of France is", echo=True, **GREEDY)
     assert echoed.choices[0].text == "The capital of France is" + choice.text
+    ids = client.completions.create(model="tiny-llama", prompt=[5, 6, 7, 8], **GREEDY)  # token ids, as vLLM takes
+    assert ids.usage.prompt_tokens == 4 and ids.usage.completion_tokens == 10
+    with pytest.raises(openai.BadRequestError, match="vocabulary"):
+        client.completions.create(model="tiny-llama", prompt=[5, 10**6], **GREEDY)
 
 
 def test_completion_stream_matches(client):
