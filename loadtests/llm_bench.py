@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -247,6 +248,7 @@ def main() -> None:
                       f"TTFT p50 {ms['ttft_p50'] * 1000:.1f} ms vs {o['ttft_p50'] * 1000:.1f} ms")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+    shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

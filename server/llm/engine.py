@@ -120,6 +120,7 @@ class TransformersEngine:
         self._mask: Any = None
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._stopping = False
 
@@ -198,7 +199,8 @@ class TransformersEngine:
         self._stopping = False
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"llm-{self.model_name}")
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"llm-scheduler-{self.model_name}")
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run(), name=f"llm-scheduler-{self.model_name}")
 
     async def stop(self) -> None:
         self._stopping = True
@@ -237,7 +239,10 @@ class TransformersEngine:
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
-            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+            # A chat template usually writes the BOS itself: do not add a second one.
+            bos = getattr(self.tokenizer, "bos_token", None)
+            special = not (bos and prompt.startswith(bos))
+            return list(self.tokenizer(prompt, add_special_tokens=special)["input_ids"])
         if not isinstance(prompt, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             raise InvalidInput("a prompt is a string or a list of token ids")
         bad = [t for t in prompt if not 0 <= t < self.vocab_size]
@@ -269,6 +274,8 @@ class TransformersEngine:
         return GenerationStream(self, seq)
 
     def _abort(self, seq: Sequence) -> None:
+        if seq.aborted:
+            return
         seq.aborted = True
         seq.finished = True
         self.counters.requests_aborted += 1
@@ -572,7 +579,9 @@ class GenerationStream:
 
     def __del__(self) -> None:
         if not self._closed and not self._seq.finished:
-            self._engine._abort(self._seq)
+            loop = self._engine._loop
+            if loop is not None and not loop.is_closed():  # collected on any thread: abort on the loop
+                loop.call_soon_threadsafe(self._engine._abort, self._seq)
 
 
 def _merge(a: GenerationChunk, b: GenerationChunk) -> GenerationChunk:

@@ -102,7 +102,8 @@ class VLLMEngine:
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
-            return list(self.tokenizer.encode(prompt))
+            bos = getattr(self.tokenizer, "bos_token", None)  # a chat template usually writes the BOS itself
+            return list(self.tokenizer.encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos))))
         if not isinstance(prompt, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             raise InvalidInput("a prompt is a string or a list of token ids")
         vocab = len(self.tokenizer)

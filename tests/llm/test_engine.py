@@ -416,3 +416,61 @@ def test_runtime_rejects_invalid_utf8_and_keeps_serving(loop, tiny_llama):
     finally:
         loop.run(model.unload())
     assert model.engine is None
+
+
+# -- failures -----------------------------------------------------------------------------------
+def test_a_failed_step_fails_its_sequences_and_the_engine_keeps_serving(loop, tiny_llama, reference):
+    from protocol.errors import ModelExecutionError
+
+    eng = make_engine(loop, tiny_llama)
+    real = eng._forward
+    calls = {"n": 0}
+
+    def failing_once(*args):  # a fault injected into the third forward pass (a decode step)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected fault")
+        return real(*args)
+
+    eng._forward = failing_once
+    try:
+        with pytest.raises(ModelExecutionError, match="injected fault"):
+            loop.run(collect(eng, PROMPTS[0], greedy(10, ignore_eos=True)))
+        assert eng.stats()["running"] == 0
+        res = loop.run(collect(eng, PROMPTS[0], greedy(10)))
+        assert res["tokens"] == reference(PROMPTS[0], 10)
+    finally:
+        loop.run(eng.stop())
+
+
+def test_stop_fails_sequences_in_flight(loop, tiny_llama):
+    from protocol.errors import ModelExecutionError
+
+    eng = make_engine(loop, tiny_llama)
+
+    async def go():
+        task = asyncio.ensure_future(collect(eng, PROMPTS[0], greedy(250, ignore_eos=True)))
+        await asyncio.sleep(0.05)
+        await eng.stop()
+        with pytest.raises(ModelExecutionError, match="unloaded"):
+            await asyncio.wait_for(task, 10)
+        with pytest.raises(ModelExecutionError, match="not running"):
+            eng.generate(PROMPTS[0], greedy(4), "late")
+
+    loop.run(go())
+
+
+def test_a_templated_prompt_gets_no_second_bos(loop, tiny_llama):
+    from tokenizers.processors import TemplateProcessing
+
+    eng = make_engine(loop, tiny_llama)
+    try:
+        tok = eng.tokenizer  # make it add a BOS, as Llama tokenizers do
+        bos = tok.bos_token_id
+        tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+        assert eng.tokenize("hi")[0] == bos
+        chat = eng.apply_chat_template([{"role": "user", "content": "hi"}])
+        ids = eng.tokenize(chat)
+        assert ids[0] == bos and ids[1] != bos
+    finally:
+        loop.run(eng.stop())
