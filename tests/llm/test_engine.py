@@ -485,3 +485,24 @@ def test_a_templated_prompt_gets_no_second_bos(loop, tiny_llama):
         assert ids[0] == bos and ids[1] != bos
     finally:
         loop.run(eng.stop())
+
+
+@pytest.mark.parametrize(
+    "parameters, fragment",
+    [
+        ({"max_num_seqs": "many"}, "integers"),
+        ({"engine": "tensorrt"}, "unknown engine"),
+        ({"max_model_len": 100000}, "max_model_len"),
+        ({"dtype": "int3"}, "dtype"),
+        ({"generation": {"max_tokens": 0}}, "max_tokens"),
+        ({"generation": {"colour": "red"}}, "unknown generation parameter"),
+    ],
+)
+def test_bad_model_settings_fail_the_load_clearly(loop, tiny_llama, parameters, fragment):
+    from protocol.errors import ModelLoadError
+    from server.model_settings import parse_model_settings
+    from server.runtimes.llm import LLMModel
+
+    with pytest.raises(ModelLoadError, match=fragment):
+        model = LLMModel(parse_model_settings({"name": "bad", "parameters": parameters}), tiny_llama)
+        loop.run(model.load())
