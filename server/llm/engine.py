@@ -281,7 +281,7 @@ class TransformersEngine:
         self.counters.requests_aborted += 1
         with contextlib.suppress(ValueError):
             self._waiting.remove(seq)
-        self.counters.waiting = len(self._waiting)
+        self._sync_gauges()  # it no longer counts; its row goes at the next step boundary
         if self._wake is not None:
             self._wake.set()
 

@@ -41,7 +41,10 @@ class LLMModel(Model):
         if "max_concurrency" not in settings.model_fields_set:
             # The engine queues and batches; the data plane's per-model limit must not throttle it.
             p = settings.parameters
-            settings.max_concurrency = int(p.get("max_num_seqs", 32)) + int(p.get("max_waiting", 256))
+            try:
+                settings.max_concurrency = max(1, int(p.get("max_num_seqs", 32)) + int(p.get("max_waiting", 256)))
+            except (TypeError, ValueError):
+                raise ModelLoadError("max_num_seqs and max_waiting must be integers") from None
         defaults = settings.parameters.get("generation") or {}
         if not isinstance(defaults, dict):
             raise ModelLoadError("parameters.generation must be an object of sampling defaults")

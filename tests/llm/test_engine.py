@@ -117,34 +117,48 @@ async def wait_idle(engine, timeout: float = 5.0) -> dict[str, float]:
     return engine.stats()
 
 
+async def wait_running(engine, n: int, timeout: float = 10.0) -> float:
+    deadline = time.monotonic() + timeout
+    while engine.stats()["running"] != n and time.monotonic() < deadline:
+        await asyncio.sleep(0.002)
+    return engine.stats()["running"]
+
+
 # -- batching equivalence -------------------------------------------------------
 def test_greedy_under_continuous_batching_equals_unbatched_generate(engine, loop, reference):
-    lengths = [24, 9, 40, 17, 31, 5]
-    delays = [0.0, 0.0, 0.02, 0.05, 0.08, 0.15]  # arrivals while others are decoding
-
+    # The long one starts with two others; the rest arrive as it reaches 2, 4 and 6 tokens
+    # (arrivals tied to its progress, not to the clock, so they overlap on any machine).
+    plan = [(PROMPTS[2], 40, 0), (PROMPTS[0], 24, 0), (PROMPTS[1], 9, 0), (PROMPTS[3], 17, 2),
+            (PROMPTS[4], 31, 4), (PROMPTS[5], 5, 6)]  # fmt: skip
     peak = [0]
 
-    async def watch():
-        while True:
-            peak[0] = max(peak[0], engine.stats()["running"])
-            await asyncio.sleep(0.002)
-
     async def go():
-        watcher = asyncio.ensure_future(watch())
-        try:
-            return await asyncio.gather(
-                *[
-                    collect(engine, p, greedy(n), d, f"r{i}")
-                    for i, (p, n, d) in enumerate(zip(PROMPTS, lengths, delays, strict=True))
-                ]
-            )
-        finally:
-            watcher.cancel()
+        reached = {k: asyncio.Event() for _, _, k in plan}
+
+        async def long_one():
+            chunks, n = [], 0
+            async for chunk in engine.generate(plan[0][0], greedy(plan[0][1]), "long"):
+                chunks.append(chunk)
+                n += len(chunk.token_ids)
+                peak[0] = max(peak[0], engine.stats()["running"])
+                for k, ev in reached.items():
+                    if n >= k:
+                        ev.set()
+            for ev in reached.values():
+                ev.set()
+            return {"tokens": [t for c in chunks for t in c.token_ids], "finish": chunks[-1].finish_reason}
+
+        async def later(i: int):
+            prompt, n, k = plan[i]
+            await reached[k].wait()
+            return await collect(engine, prompt, greedy(n), 0, f"r{i}")
+
+        return await asyncio.gather(long_one(), *[later(i) for i in range(1, len(plan))])
 
     steps_before = engine.stats()["steps"]
     results = loop.run(go())
     steps = engine.stats()["steps"] - steps_before
-    for prompt, n, res in zip(PROMPTS, lengths, results, strict=True):
+    for (prompt, n, _), res in zip(plan, results, strict=True):
         assert res["tokens"] == reference(prompt, n), prompt
         assert res["finish"] in ("length", "stop")
     # Batched: sequences shared steps (one at a time would take a step per token).
@@ -156,8 +170,7 @@ def test_greedy_under_continuous_batching_equals_unbatched_generate(engine, loop
 def test_sequences_join_and_leave_mid_run(engine, loop, reference):
     async def go():
         long = asyncio.ensure_future(collect(engine, PROMPTS[2], greedy(120, ignore_eos=True), 0, "long"))
-        await asyncio.sleep(0.05)
-        seen_running = engine.stats()["running"]
+        seen_running = await wait_running(engine, 1)
         short = await collect(engine, PROMPTS[0], greedy(3, ignore_eos=True), 0, "short")
         short_done = time.perf_counter()
         running_after_short = engine.stats()["running"]
@@ -180,8 +193,7 @@ def test_closing_the_stream_drops_the_sequence_at_once(engine, loop, reference):
         stream = engine.generate(PROMPTS[0], greedy(200, ignore_eos=True), "closed")
         got = [await stream.__anext__() for _ in range(3)]
         await stream.aclose()
-        await asyncio.sleep(0.1)
-        running = engine.stats()["running"]
+        running = engine.stats()["running"]  # at once, not after the next step
         res = await other
         return got, running, res, await wait_idle(engine)
 
@@ -200,8 +212,7 @@ def test_cancelling_the_consumer_task_leaves_no_sequence(engine, loop):
             asyncio.ensure_future(collect(engine, p, greedy(200, ignore_eos=True), 0, f"c{i}"))
             for i, p in enumerate(PROMPTS)
         ]
-        await asyncio.sleep(0.2)
-        peak = engine.stats()["running"]
+        peak = await wait_running(engine, len(PROMPTS))
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -474,3 +485,24 @@ def test_a_templated_prompt_gets_no_second_bos(loop, tiny_llama):
         assert ids[0] == bos and ids[1] != bos
     finally:
         loop.run(eng.stop())
+
+
+@pytest.mark.parametrize(
+    "parameters, fragment",
+    [
+        ({"max_num_seqs": "many"}, "integers"),
+        ({"engine": "tensorrt"}, "unknown engine"),
+        ({"max_model_len": 100000}, "max_model_len"),
+        ({"dtype": "int3"}, "dtype"),
+        ({"generation": {"max_tokens": 0}}, "max_tokens"),
+        ({"generation": {"colour": "red"}}, "unknown generation parameter"),
+    ],
+)
+def test_bad_model_settings_fail_the_load_clearly(loop, tiny_llama, parameters, fragment):
+    from protocol.errors import ModelLoadError
+    from server.model_settings import parse_model_settings
+    from server.runtimes.llm import LLMModel
+
+    with pytest.raises(ModelLoadError, match=fragment):
+        model = LLMModel(parse_model_settings({"name": "bad", "parameters": parameters}), tiny_llama)
+        loop.run(model.load())
