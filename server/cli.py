@@ -44,6 +44,15 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--busybox", type=Path, default=Path("/bin/busybox"), help="static busybox binary")
     build.add_argument("--uncompressed", action="store_true", help="plain tar layer: faster pulls, bigger pushes")
     _remote_flags(build)
+    g = sub.add_parser("generate", help="run a JSONL file of prompts through an LLM (resumable)")
+    g.add_argument("--model", required=True, help="model URI: a folder, oci://..., https://..., s3://...")
+    g.add_argument("--input", required=True, type=Path, help='JSONL: {"id": ..., "prompt" | "messages": ...}')
+    g.add_argument("--output", required=True, type=Path, help="JSONL results; ids already there are skipped")
+    g.add_argument("--name", help="model name (default: its settings' name or folder name)")
+    g.add_argument("--max-tokens", type=int, help="default max_tokens for lines that set none")
+    g.add_argument("--temperature", type=float, help="default temperature for lines that set none")
+    g.add_argument("--max-in-flight", type=int, default=256, help="prompts submitted at once (default 256)")
+    _remote_flags(g)
     return parser
 
 
@@ -137,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
             return _pull(args)
         if args.command == "modelcar":
             return _modelcar_build(args)
+        if args.command == "generate":
+            from server.llm.offline import main as generate_main
+
+            return generate_main(args, _fetcher(args))
     except InferenceError as e:
         print(f"meshserve {args.command}: {e.message}", file=sys.stderr)
         return 1

@@ -39,6 +39,8 @@ class LoadedModel:
         self.metadata: ModelMetadata = model.metadata()
         self.semaphore = asyncio.Semaphore(model.settings.max_concurrency)
         self._inputs = {t.name: t for t in self.metadata.inputs}
+        # Other names a runtime accepts for its inputs (e.g. an LLM's ``input0`` for ``text_input``).
+        self._aliases: dict[str, str] = getattr(model, "input_aliases", None) or {}
         self._outputs = {t.name: t for t in self.metadata.outputs}
         self._pre = _hook(model, "preprocess")
         self._post = _hook(model, "postprocess")
@@ -54,6 +56,8 @@ class LoadedModel:
         """Check the request against the declared inputs/outputs, if any are declared."""
         if self._inputs:
             for t in request.inputs:
+                if self._aliases and t.name not in self._inputs and self._aliases.get(t.name) in self._inputs:
+                    t.name = self._aliases[t.name]
                 spec = self._inputs.get(t.name)
                 if spec is None:
                     raise InvalidInput(

@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from server.llm.metrics import register_llm_metrics
+
 if TYPE_CHECKING:
     from server.dataplane import DataPlane
 
@@ -68,6 +70,7 @@ def build_metrics(dataplane: DataPlane) -> CollectorRegistry:
 
     # Per-request figures (server/observe.py): counts, latency phases, in-flight, batch sizes.
     dataplane.observe = observe.CURRENT = observe.RequestMetrics(registry, _registered(dataplane))
+    register_llm_metrics(registry)
     return registry
 
 

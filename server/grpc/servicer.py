@@ -15,6 +15,8 @@ from protocol.grpc import grpc_service_pb2_grpc as pb_grpc
 from protocol.grpc.codec import decode_infer_request, encode_infer_response
 from server import tracing
 from server.dataplane import DataPlane
+from server.llm.grpc_stream import stream_llm
+from server.llm.service import is_llm_model
 from server.observe import clean_request_id, log_access
 from server.security import RequestTimeout, build_auth, grpc_auth_interceptor, redact
 
@@ -177,21 +179,33 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests are pipelined (up to STREAM_WINDOW at once); answers keep request order.
-        A failed request yields an ``error_message`` and the stream goes on, as Triton does."""
-        pending: asyncio.Queue[asyncio.Task | None] = asyncio.Queue(STREAM_WINDOW)
+        A failed request yields an ``error_message`` and the stream goes on, as Triton does.
+        A language model's request may answer several times (token streaming, server/llm)."""
+        pending: asyncio.Queue[asyncio.Task | AsyncIterator | None] = asyncio.Queue(STREAM_WINDOW)
+        started: list[asyncio.Task] = []
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    await pending.put(asyncio.ensure_future(self._stream_one(request, context)))
+                    if is_llm_model(self.dp, request.model_name, request.model_version or None):
+                        source, task = _pumped(stream_llm(self.dp, request))
+                        started[:] = [t for t in started if not t.done()]
+                        started.append(task)
+                    else:
+                        source = asyncio.ensure_future(self._stream_one(request, context))
+                    await pending.put(source)
             finally:
                 await pending.put(None)
 
         reader = asyncio.ensure_future(read())
         try:
-            while (task := await pending.get()) is not None:
+            while (source := await pending.get()) is not None:
+                if not isinstance(source, asyncio.Task):
+                    async for response in source:
+                        yield response
+                    continue
                 try:
-                    yield pb.ModelStreamInferResponse(infer_response=await task)
+                    yield pb.ModelStreamInferResponse(infer_response=await source)
                 except InferenceError as e:
                     yield pb.ModelStreamInferResponse(error_message=redact(e.message))
                 except Exception:
@@ -199,6 +213,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     yield pb.ModelStreamInferResponse(error_message="internal server error")
         finally:
             reader.cancel()
+            for task in started:
+                task.cancel()
 
     async def RepositoryIndex(self, request, context):  # noqa: N802
         Index = pb.RepositoryIndexResponse.ModelIndex
@@ -224,6 +240,29 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except Exception as e:
             await _abort(context, e)
         return pb.RepositoryModelUnloadResponse()
+
+
+def _pumped(responses: AsyncIterator[pb.ModelStreamInferResponse]) -> tuple[AsyncIterator, asyncio.Task]:
+    """Run ``responses`` now (so a stream's sequences decode together) and read them in order later."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for r in responses:
+                queue.put_nowait(r)
+        except Exception:
+            log.exception("stream infer failed")
+            queue.put_nowait(pb.ModelStreamInferResponse(error_message="internal server error"))
+        finally:
+            queue.put_nowait(None)
+
+    task = asyncio.ensure_future(pump())
+
+    async def read() -> AsyncIterator[pb.ModelStreamInferResponse]:
+        while (r := await queue.get()) is not None:
+            yield r
+
+    return read(), task
 
 
 def build_grpc_server(

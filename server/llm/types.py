@@ -45,14 +45,18 @@ class GenerationChunk:
 class LLMEngine(Protocol):
     """What every engine offers. ``generate`` yields chunks as tokens are decoded.
 
-    Closing the iterator (or cancelling the task that iterates it, e.g. when a
-    client disconnects) drops the sequence from the running batch at once.
+    Closing the iterator (``await stream.aclose()``, even before iterating it) or
+    cancelling the task that iterates it (e.g. when a client disconnects) drops the
+    sequence from the waiting queue at once and from the running batch at the next step.
     A full queue raises ``protocol.errors.CapacityExhausted`` (503 / UNAVAILABLE);
     bad parameters or a prompt longer than the context raise ``InvalidInput``.
     """
 
     model_name: str
     max_model_len: int
+    # Metrics hooks (server.llm.metrics.Observer) or None: on_first_token(seconds),
+    # on_step(seconds), on_finish(prompt_tokens, completion_tokens, seconds).
+    observer: Any
 
     async def start(self) -> None: ...
 
@@ -63,6 +67,14 @@ class LLMEngine(Protocol):
     ) -> AsyncIterator[GenerationChunk]: ...
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str: ...
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        """The prompt's token ids as ``generate`` will see them (no second BOS after a chat template)."""
+        ...
+
+    def size_bytes(self) -> int | None:
+        """Bytes of the model's parameters and buffers (None: the engine cannot tell)."""
+        ...
 
     def stats(self) -> dict[str, float]:
         """Counters and gauges for metrics: prompt_tokens, generation_tokens, running, waiting, ..."""

@@ -146,4 +146,7 @@ def build_api(dp: DataPlane) -> FastAPI:
         await dp.unload_model(name)
         return json_response({})
 
+    from server.llm.routes import build_llm_router
+
+    app.include_router(build_llm_router(dp))
     return app

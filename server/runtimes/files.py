@@ -73,12 +73,21 @@ def _is_transformers_dir(path: Path) -> bool:
         return False
 
 
+def _is_causal_lm_dir(path: Path) -> bool:
+    """A transformers folder whose architecture generates text (``...ForCausalLM``): the llm runtime's."""
+    try:
+        arch = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in arch)
+
+
 def runtimes_for_dir(path: Path) -> list[str]:
     """Every built-in runtime whose files ``path`` holds (one means the choice is clear)."""
     if not path.is_dir():
         return []
     if _is_transformers_dir(path):
-        return ["transformers"]
+        return ["llm"] if _is_causal_lm_dir(path) else ["transformers"]
     found: set[str] = set()
     for p in path.iterdir():
         if not p.is_file():

@@ -18,6 +18,7 @@ BUILTIN = {
     "xgboost": "server.runtimes.xgboost:XGBoostModel",
     "lightgbm": "server.runtimes.lightgbm:LightGBMModel",
     "transformers": "server.runtimes.transformers:TransformersModel",
+    "llm": "server.runtimes.llm:LLMModel",
 }
 ENTRY_POINT_GROUP = "meshserve.runtimes"
 

@@ -1,0 +1,615 @@
+"""The embedded LLM engine: a transformers causal LM under continuous batching.
+
+Iteration-level scheduling, as Orca and vLLM do it, on plain transformers:
+
+* one scheduler task on the event loop; each step runs on one worker thread
+  (the loop never blocks on the model) and does, in order:
+  - drop the rows of sequences that finished or were aborted since the last step;
+  - one decode forward over the running batch (one new token for every row);
+  - one prefill forward over the requests admitted at this step (left-padded
+    together), whose last logits give each its first token;
+  - the prefilled rows join the running batch for the next step.
+* the running batch's KV cache is a transformers ``DynamicCache`` held left-padded:
+  keys/values ``[rows, kv_heads, T, head_dim]`` with a ``[rows, T]`` attention mask
+  and per-row position ids. Rows join by left-padding the shorter side and
+  concatenating; rows leave by ``index_select``, and columns no row uses any more
+  are trimmed off the left.
+* every sequence keeps its own sampling settings (its own ``torch.Generator`` when
+  seeded), stop strings, token budget and incremental detokenizer; finished rows
+  leave the batch in the same step.
+
+Greedy decoding under batching equals unbatched ``model.generate`` token for token
+(tested): masked columns contribute exact zeros, so only float summation order can
+differ.
+
+Settings (model ``parameters``): ``max_num_seqs`` (running batch, default 32),
+``max_waiting`` (queued requests beyond the batch, default 256; then 503),
+``max_model_len`` (default: the model's ``max_position_embeddings``),
+``max_prefill_tokens`` (padded prompt tokens per prefill forward, default 4096),
+``device`` (auto|cpu|cuda[:n]|mps), ``dtype`` (float32|float16|bfloat16),
+``torch_threads`` (intra-op threads, process-wide; default: the cores less one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from protocol.errors import CapacityExhausted, InvalidInput, ModelExecutionError, ModelLoadError
+from server.llm.params import check_params
+from server.llm.text import Detokenizer, StopMatcher
+from server.llm.types import GenerationChunk, SamplingParams
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16", "auto": None}  # fmt: skip
+
+
+class Sequence:
+    """One request's state; the worker thread owns everything but ``aborted``."""
+
+    __slots__ = (
+        "id", "prompt_ids", "params", "queue", "tokens", "last", "pos", "generator", "detok", "stops",
+        "finished", "aborted", "budget", "seen", "arrival", "first_token_at", "last_token_at", "error",
+    )  # fmt: skip
+
+    def __init__(self, rid: str, prompt_ids: list[int], params: SamplingParams, budget: int) -> None:
+        self.id = rid
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
+        self.tokens: list[int] = []
+        self.last = prompt_ids[-1]
+        self.pos = len(prompt_ids) - 1  # position id of ``last``, the next token fed
+        self.generator: Any = None
+        self.detok: Detokenizer | None = None
+        self.stops = StopMatcher(params.stop)
+        self.finished = False
+        self.aborted = False
+        self.budget = budget  # tokens it may still generate (max_tokens, bounded by the context)
+        self.seen: Any = None  # token ids for the repetition penalty
+        self.arrival = time.perf_counter()
+        self.first_token_at = 0.0
+        self.last_token_at = 0.0
+        self.error: BaseException | None = None
+
+
+class EngineStats:
+    """Plain counters read at scrape time (no metrics cost on the decode path)."""
+
+    __slots__ = ("prompt_tokens", "generation_tokens", "requests_finished", "requests_aborted", "steps",
+                 "rejected", "running", "waiting")  # fmt: skip
+
+    def __init__(self) -> None:
+        self.prompt_tokens = self.generation_tokens = self.requests_finished = self.requests_aborted = 0
+        self.steps = self.rejected = self.running = self.waiting = 0
+
+
+class TransformersEngine:
+    """Continuous-batching generation on a transformers ``AutoModelForCausalLM``."""
+
+    def __init__(self, path: str | Path, name: str, parameters: dict[str, Any] | None = None) -> None:
+        p = dict(parameters or {})
+        self.path = Path(path)
+        self.model_name = name
+        self.max_num_seqs = _positive(p, "max_num_seqs", 32)
+        self.max_waiting = _positive(p, "max_waiting", 256, zero_ok=True)
+        self.max_prefill_tokens = _positive(p, "max_prefill_tokens", 4096)
+        self._max_model_len_setting = p.get("max_model_len")
+        self._device_setting = str(p.get("device", "auto"))
+        self._dtype_setting = p.get("dtype")
+        self._threads = p.get("torch_threads")
+        self.max_model_len = 0
+        self.counters = EngineStats()
+        self.observer: Any = None  # metrics hooks: on_first_token(s), on_step(s), on_finish(prompt, completion, s)
+        self.tokenizer: Any = None
+        self.model: Any = None
+        self._waiting: deque[Sequence] = deque()
+        self._rows: list[Sequence] = []  # the running batch, in KV-cache row order (worker thread)
+        self._cache: Any = None
+        self._mask: Any = None
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._stopping = False
+
+    # -- loading -------------------------------------------------------------
+    def load(self) -> None:
+        """Read the tokenizer and model (blocking; call on a worker thread)."""
+        import torch
+        import transformers
+
+        # Leave one core to the event loop (HTTP, gRPC, detokenized chunks), as vLLM's CPU
+        # backend reserves one: with every core in the intra-op team, each small op waits for
+        # a descheduled thread whenever anything else runs (20x slower steps on 2 busy cores).
+        threads = int(self._threads) if self._threads else max(1, (os.cpu_count() or 2) - 1)
+        if self._threads or threads < torch.get_num_threads():
+            torch.set_num_threads(threads)
+        if not (self.path / "config.json").is_file():
+            raise ModelLoadError(f"{self.path.name} has no config.json; save the model with save_pretrained")
+        dtype_name = DTYPES.get(str(self._dtype_setting).lower()) if self._dtype_setting else None
+        if self._dtype_setting and str(self._dtype_setting).lower() not in DTYPES:
+            raise ModelLoadError(f"unknown dtype {self._dtype_setting!r}; expected one of {', '.join(DTYPES)}")
+        device = _pick_device(torch, self._device_setting)
+        kwargs: dict[str, Any] = {"local_files_only": True}
+        if dtype_name:
+            kwargs["dtype"] = getattr(torch, dtype_name)
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(self.path), **kwargs)
+        except Exception as e:
+            raise ModelLoadError(f"cannot load a causal LM from {self.path.name}: {type(e).__name__}: {e}") from None
+        self.model = model.to(device).eval()
+        self.device = device
+        self._torch = torch
+        self._cache_cls = transformers.DynamicCache
+        config = model.config
+        limit = getattr(config, "max_position_embeddings", None) or 2048
+        if self._max_model_len_setting is not None:
+            wanted = int(self._max_model_len_setting)
+            if not 0 < wanted <= limit:
+                raise ModelLoadError(f"max_model_len {wanted} must be in [1, {limit}] for this model")
+            limit = wanted
+        self.max_model_len = int(limit)
+        fwd = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in fwd else "past_key_values"
+        self._keep_arg = "logits_to_keep" if "logits_to_keep" in fwd else None
+        self._cache_takes_config = "config" in inspect.signature(transformers.DynamicCache.__init__).parameters
+        if not hasattr(self._new_cache(), "layers"):
+            raise ModelLoadError(f"the llm engine needs transformers >= 4.56 (found {transformers.__version__})")
+        eos = set()
+        for source in (getattr(model, "generation_config", None), config):
+            value = getattr(source, "eos_token_id", None) if source is not None else None
+            if value is not None:
+                eos.update([value] if isinstance(value, int) else value)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_ids = frozenset(eos)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (min(eos) if eos else 0)
+        self.vocab_size = int(getattr(config, "vocab_size", len(self.tokenizer)))
+        backend = getattr(self.tokenizer, "backend_tokenizer", None) or getattr(self.tokenizer, "_tokenizer", None)
+        if backend is not None and hasattr(backend, "decode"):
+            self._decode = lambda ids: backend.decode(ids, skip_special_tokens=True)
+        else:
+            self._decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def size_bytes(self) -> int:
+        if self.model is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()])
+
+    # -- lifecycle -----------------------------------------------------------
+    async def start(self) -> None:
+        if self.model is None:
+            await asyncio.to_thread(self.load)
+        if self._task is not None:
+            return
+        self._stopping = False
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"llm-{self.model_name}")
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run(), name=f"llm-scheduler-{self.model_name}")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._executor is not None:  # a step in flight finishes first
+            executor, self._executor = self._executor, None
+            await asyncio.to_thread(executor.shutdown, True)
+        gone = ModelExecutionError(f"model {self.model_name!r} was unloaded")
+        for seq in [*self._waiting, *self._rows]:
+            if not seq.finished:
+                seq.finished = True
+                seq.queue.put_nowait(gone)
+        self._waiting.clear()
+        self._rows = []
+        self._cache = self._mask = None
+        self._sync_gauges()
+        on_gpu = getattr(self, "device", None) is not None and self.device.type == "cuda"
+        self.model = None
+        if on_gpu:
+            self._torch.cuda.empty_cache()
+
+    # -- requests --------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidInput(f"model {self.model_name!r} has no chat template")
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except Exception as e:
+            raise InvalidInput(f"cannot apply the chat template: {type(e).__name__}: {e}") from None
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            # A chat template usually writes the BOS itself: do not add a second one.
+            bos = getattr(self.tokenizer, "bos_token", None)
+            special = not (bos and prompt.startswith(bos))
+            return list(self.tokenizer(prompt, add_special_tokens=special)["input_ids"])
+        if not isinstance(prompt, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise InvalidInput("a prompt is a string or a list of token ids")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidInput(f"token id(s) {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+        return list(prompt)
+
+    def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[GenerationChunk]:
+        """Check and queue at once (errors raise here, before any iteration), then stream chunks."""
+        if self._task is None or self._stopping:
+            raise ModelExecutionError(f"model {self.model_name!r}: the engine is not running")
+        ids = self.tokenize(prompt)
+        check_params(params, self.max_model_len, len(ids))
+        running = sum(1 for s in self._rows if not s.finished)
+        if running + len(self._waiting) >= self.max_num_seqs + self.max_waiting:
+            self.counters.rejected += 1
+            raise CapacityExhausted(
+                f"model {self.model_name!r} is at capacity ({running} running, {len(self._waiting)} waiting; "
+                f"max_num_seqs {self.max_num_seqs}, max_waiting {self.max_waiting}); retry later"
+            )
+        budget = min(params.max_tokens, self.max_model_len - len(ids))
+        seq = Sequence(request_id, ids, params, budget)
+        self._waiting.append(seq)
+        self.counters.waiting = len(self._waiting)
+        assert self._wake is not None
+        self._wake.set()
+        return GenerationStream(self, seq)
+
+    def _abort(self, seq: Sequence) -> None:
+        if seq.aborted:
+            return
+        seq.aborted = True
+        seq.finished = True
+        self.counters.requests_aborted += 1
+        with contextlib.suppress(ValueError):
+            self._waiting.remove(seq)
+        self._sync_gauges()  # it no longer counts; its row goes at the next step boundary
+        if self._wake is not None:
+            self._wake.set()
+
+    def stats(self) -> dict[str, float]:
+        c = self.counters
+        return {
+            "prompt_tokens": c.prompt_tokens,
+            "generation_tokens": c.generation_tokens,
+            "requests_finished": c.requests_finished,
+            "requests_aborted": c.requests_aborted,
+            "requests_rejected": c.rejected,
+            "steps": c.steps,
+            "running": c.running,
+            "waiting": c.waiting,
+        }
+
+    def _sync_gauges(self) -> None:
+        self.counters.running = sum(1 for s in self._rows if not s.finished)
+        self.counters.waiting = len(self._waiting)
+
+    # -- the scheduler -------------------------------------------------------
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._wake is not None
+        while True:
+            if not self._rows and not self._waiting:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            new = self._admit()
+            if not new and not any(not s.finished for s in self._rows) and not self._rows:
+                continue
+            try:
+                out = await loop.run_in_executor(self._executor, self._step, new)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a failed step fails its sequences; the engine keeps serving
+                log.exception("model %s: decoding step failed", self.model_name)
+                err = ModelExecutionError(f"model {self.model_name!r} failed: {type(e).__name__}: {e}")
+                for seq in [*self._rows, *new]:
+                    if not seq.finished:
+                        seq.finished = True
+                        seq.queue.put_nowait(err)
+                self._rows, self._cache, self._mask = [], None, None
+                self._sync_gauges()
+                continue
+            for seq, chunk in out:
+                seq.queue.put_nowait(chunk)
+            self._sync_gauges()
+            if not out:
+                await asyncio.sleep(0)
+
+    def _admit(self) -> list[Sequence]:
+        room = self.max_num_seqs - sum(1 for s in self._rows if not s.finished)
+        new: list[Sequence] = []
+        longest = 0
+        while self._waiting and len(new) < room:
+            seq = self._waiting[0]
+            if seq.finished:
+                self._waiting.popleft()
+                continue
+            longest2 = max(longest, len(seq.prompt_ids))
+            if new and longest2 * (len(new) + 1) > self.max_prefill_tokens:
+                break
+            longest = longest2
+            new.append(self._waiting.popleft())
+        self.counters.waiting = len(self._waiting)
+        return new
+
+    # -- one step on the worker thread ---------------------------------------
+    def _step(self, new: list[Sequence]) -> list[tuple[Sequence, GenerationChunk]]:
+        torch = self._torch
+        out: list[tuple[Sequence, GenerationChunk]] = []
+        with torch.inference_mode():
+            self._drop_finished()
+            if self._rows:
+                started = time.perf_counter()
+                rows = self._rows
+                ids = torch.tensor([[s.last] for s in rows], device=self.device)
+                pos = torch.tensor([[s.pos] for s in rows], device=self.device)
+                self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
+                logits = self._forward(ids, self._mask, pos, self._cache)
+                self._emit(rows, logits, out)
+                if self.observer is not None:  # every row got its next token: one inter-token gap per step
+                    self.observer.on_step(time.perf_counter() - started)
+            if new:
+                for seq in new:
+                    self._prepare(seq)
+                width = max(len(s.prompt_ids) for s in new)
+                ids = torch.full((len(new), width), self.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(new), width), dtype=torch.long)
+                for i, s in enumerate(new):
+                    n = len(s.prompt_ids)
+                    ids[i, width - n :] = torch.tensor(s.prompt_ids)
+                    mask[i, width - n :] = 1
+                ids, mask = ids.to(self.device), mask.to(self.device)
+                pos = (mask.cumsum(-1) - 1).clamp_(min=0)
+                cache = self._new_cache()
+                logits = self._forward(ids, mask, pos, cache)
+                self.counters.prompt_tokens += sum(len(s.prompt_ids) for s in new)
+                self._emit(new, logits, out)
+                self._join(new, cache, mask)
+            self._drop_finished()
+        self.counters.steps += 1
+        return out
+
+    def _new_cache(self) -> Any:
+        return self._cache_cls(config=self.model.config) if self._cache_takes_config else self._cache_cls()
+
+    def _forward(self, ids: Any, mask: Any, pos: Any, cache: Any) -> Any:
+        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, self._cache_arg: cache,
+                  "use_cache": True}  # fmt: skip
+        if self._keep_arg:
+            kwargs[self._keep_arg] = 1
+        logits = self.model(**kwargs).logits
+        return logits[:, -1, :]
+
+    def _prepare(self, seq: Sequence) -> None:
+        torch = self._torch
+        p = seq.params
+        if p.temperature > 0:
+            gen = torch.Generator(device=self.device)
+            if p.seed is not None:
+                gen.manual_seed(p.seed)
+            else:
+                gen.seed()
+            seq.generator = gen
+        if p.repetition_penalty != 1.0:
+            seq.seen = set(seq.prompt_ids)
+        seq.detok = Detokenizer(self._decode, seq.prompt_ids)
+
+    def _sample(self, seqs: list[Sequence], logits: Any) -> list[int]:
+        torch = self._torch
+        chosen = logits.argmax(dim=-1).tolist()
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if p.temperature == 0 and p.repetition_penalty == 1.0:
+                continue
+            row = logits[i].float()
+            if p.repetition_penalty != 1.0:
+                idx = torch.tensor(sorted(seq.seen), device=row.device)
+                vals = row.index_select(0, idx)
+                row = row.index_copy(
+                    0, idx, torch.where(vals < 0, vals * p.repetition_penalty, vals / p.repetition_penalty)
+                )
+            if p.temperature == 0:
+                chosen[i] = int(row.argmax())
+                continue
+            row = row / p.temperature
+            if 0 < p.top_k < row.shape[0]:
+                kth = torch.topk(row, p.top_k).values[-1]
+                row = row.masked_fill(row < kth, float("-inf"))
+            if p.top_p < 1.0:
+                ordered, order = torch.sort(row, descending=True)
+                probs = ordered.softmax(-1)
+                drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest prefix reaching top_p
+                row = row.index_fill(0, order[drop], float("-inf"))
+            probs = row.softmax(-1)
+            chosen[i] = int(torch.multinomial(probs, 1, generator=seq.generator))
+        return chosen
+
+    def _emit(self, seqs: list[Sequence], logits: Any, out: list[tuple[Sequence, GenerationChunk]]) -> None:
+        chosen = self._sample(seqs, logits)
+        now = time.perf_counter()
+        obs = self.observer
+        self.counters.generation_tokens += len(seqs)
+        for seq, tok in zip(seqs, chosen, strict=True):
+            if seq.finished:  # aborted while the step ran: its token is dropped with it
+                continue
+            seq.tokens.append(tok)
+            seq.last = tok
+            seq.pos += 1
+            seq.budget -= 1
+            if seq.seen is not None:
+                seq.seen.add(tok)
+            if seq.first_token_at == 0.0:
+                seq.first_token_at = now
+                if obs is not None:
+                    obs.on_first_token(now - seq.arrival)
+            seq.last_token_at = now
+            reason = None
+            if tok in self.eos_ids and not seq.params.ignore_eos:
+                text, reason = seq.detok.flush(), "stop"
+                text, hit = seq.stops.feed(text)
+                text += "" if hit else seq.stops.flush()
+            else:
+                text, hit = seq.stops.feed(seq.detok.add(tok))
+                if hit:
+                    reason = "stop"
+                elif seq.budget <= 0:
+                    tail, hit = seq.stops.feed(seq.detok.flush())
+                    text += tail + ("" if hit else seq.stops.flush())
+                    reason = "stop" if hit else "length"
+            if reason is not None:
+                seq.finished = True
+                self.counters.requests_finished += 1
+                if obs is not None:
+                    obs.on_finish(len(seq.prompt_ids), len(seq.tokens), now - seq.arrival)
+            out.append((seq, GenerationChunk(text, [tok], reason, len(seq.prompt_ids), len(seq.tokens))))
+
+    def _drop_finished(self) -> None:
+        rows = self._rows
+        if not rows or not any(s.finished for s in rows):
+            return
+        keep = [i for i, s in enumerate(rows) if not s.finished]
+        if not keep:
+            self._rows, self._cache, self._mask = [], None, None
+            return
+        torch = self._torch
+        idx = torch.tensor(keep, device=self.device)
+        mask = self._mask.index_select(0, idx)
+        used = mask.any(dim=0).nonzero()
+        lead = int(used[0]) if used.numel() else 0
+        mask = mask[:, lead:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, idx)[:, :, lead:]
+            layer.values = layer.values.index_select(0, idx)[:, :, lead:]
+        self._mask = mask
+        self._rows = [rows[i] for i in keep]
+
+    def _join(self, new: list[Sequence], cache: Any, mask: Any) -> None:
+        """Add the prefilled rows (finished ones already excluded below) to the running batch."""
+        torch = self._torch
+        live = [i for i, s in enumerate(new) if not s.finished]
+        if not live:
+            return
+        if len(live) != len(new):
+            idx = torch.tensor(live, device=self.device)
+            mask = mask.index_select(0, idx)
+            for layer in cache.layers:
+                layer.keys = layer.keys.index_select(0, idx)
+                layer.values = layer.values.index_select(0, idx)
+        joined = [new[i] for i in live]
+        if not self._rows:
+            self._rows, self._cache, self._mask = joined, cache, mask
+            return
+        old_t, new_t = self._mask.shape[1], mask.shape[1]
+        pad_old, pad_new = max(0, new_t - old_t), max(0, old_t - new_t)
+        pad = torch.nn.functional.pad
+        self._mask = torch.cat([pad(self._mask, (pad_old, 0)), pad(mask, (pad_new, 0))], dim=0)
+        for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([pad(mine.keys, (0, 0, pad_old, 0)), pad(theirs.keys, (0, 0, pad_new, 0))], 0)
+            mine.values = torch.cat([pad(mine.values, (0, 0, pad_old, 0)), pad(theirs.values, (0, 0, pad_new, 0))], 0)
+        self._rows = self._rows + joined
+
+
+class GenerationStream:
+    """The chunks of one sequence. ``aclose()``, a cancelled ``__anext__`` or dropping the
+    stream (even one never iterated) takes the sequence out of the queue or batch at once."""
+
+    __slots__ = ("_engine", "_seq", "_closed")
+
+    def __init__(self, engine: TransformersEngine, seq: Sequence) -> None:
+        self._engine = engine
+        self._seq = seq
+        self._closed = False
+
+    @property
+    def request_id(self) -> str:
+        return self._seq.id
+
+    def __aiter__(self) -> GenerationStream:
+        return self
+
+    async def __anext__(self) -> GenerationChunk:
+        if self._closed:
+            raise StopAsyncIteration
+        seq = self._seq
+        try:
+            item = await seq.queue.get()
+        except BaseException:  # cancelled: the client went away
+            self._close()
+            raise
+        if isinstance(item, BaseException):
+            self._closed = True
+            raise item
+        while item.finish_reason is None and not seq.queue.empty():  # a slow reader: merge what piled up
+            more = seq.queue.get_nowait()
+            if isinstance(more, BaseException):
+                self._closed = True
+                raise more
+            item = _merge(item, more)
+        if item.finish_reason is not None:
+            self._closed = True
+        return item
+
+    async def aclose(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if not self._seq.finished:
+                self._engine._abort(self._seq)
+
+    def __del__(self) -> None:
+        if not self._closed and not self._seq.finished:
+            loop = self._engine._loop
+            if loop is not None and not loop.is_closed():  # collected on any thread: abort on the loop
+                loop.call_soon_threadsafe(self._engine._abort, self._seq)
+
+
+def _merge(a: GenerationChunk, b: GenerationChunk) -> GenerationChunk:
+    return GenerationChunk(
+        a.text + b.text, a.token_ids + b.token_ids, b.finish_reason, b.prompt_tokens, b.completion_tokens
+    )
+
+
+def _positive(p: dict[str, Any], key: str, default: int, zero_ok: bool = False) -> int:
+    value = p.get(key, default)
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ModelLoadError(f"{key} must be an integer, got {value!r}") from None
+    if n < (0 if zero_ok else 1):
+        raise ModelLoadError(f"{key} must be >= {0 if zero_ok else 1}, got {n}")
+    return n
+
+
+def _pick_device(torch: Any, name: str) -> Any:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ModelLoadError(f"unknown device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {name!r} requested but CUDA is not available")
+    return device

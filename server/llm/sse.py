@@ -1,0 +1,38 @@
+"""Server-Sent Events responses for generation streams.
+
+The response closes its :class:`Generation` (or several) however it ends: done, failed, or the
+client gone before the body began (Starlette then never starts the body iterator,
+whose own ``finally`` would not run), so no sequence and no model lease outlives it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import orjson
+from fastapi.responses import StreamingResponse
+
+from server.llm.service import Generation
+
+SSE_MEDIA_TYPE = "text/event-stream; charset=utf-8"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse_event(doc: Any) -> bytes:
+    return b"data: " + orjson.dumps(doc) + b"\n\n"
+
+
+class GenerationResponse(StreamingResponse):
+    def __init__(self, events: AsyncIterator[bytes], gens: Generation | list[Generation]) -> None:
+        super().__init__(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+        self._gens = gens if isinstance(gens, list) else [gens]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                for gen in self._gens:
+                    await gen.close()

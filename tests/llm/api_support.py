@@ -1,0 +1,60 @@
+"""Shared by the endpoint tests: a model folder with the tiny Llama (and a non-LLM
+model beside it), and reading the engine's gauges through /metrics."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.support.server import EXAMPLES
+
+
+def llm_models(base: Path, tiny_llama: Path, parameters: dict[str, Any] | None = None, settings: bool = True) -> Path:
+    """``base/models`` holding ``tiny-llama`` and ``echo``. With ``settings``, the Llama has a
+    model-settings.json (runtime llm, ``parameters``); without, its files alone say it is an LLM."""
+    models = base / "models"
+    models.mkdir(parents=True)
+    target = models / "tiny-llama"
+    shutil.copytree(tiny_llama, target)
+    if settings:
+        doc = {"name": "tiny-llama", "runtime": "llm", "parameters": parameters or {}}
+        (target / "model-settings.json").write_text(json.dumps(doc))
+    shutil.copytree(EXAMPLES / "echo", models / "echo", ignore=shutil.ignore_patterns("__pycache__"))
+    return models
+
+
+def sse_events(lines: Any) -> list[Any]:
+    """The JSON payloads of an SSE body (``data: ...`` lines); ``[DONE]`` stays a string."""
+    out = []
+    for line in lines:
+        if isinstance(line, bytes):
+            line = line.decode()
+        if line.startswith("data: "):
+            payload = line[len("data: ") :]
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+def engine_gauge(http: httpx.Client, name: str, model: str = "tiny-llama") -> float:
+    """An LLM engine gauge (running, waiting) of one model, read from /metrics."""
+    text = http.get("/metrics").text
+    pattern = re.compile(rf'^meshserve_llm_\w*{name}\w*\{{[^}}]*model="{re.escape(model)}"[^}}]*\}} (\S+)$', re.M)
+    m = pattern.search(text)
+    if m is None:
+        raise AssertionError(f"no meshserve_llm_*{name}* gauge for {model} in /metrics")
+    return float(m.group(1))
+
+
+def wait_for_gauge(http: httpx.Client, name: str, value: float, timeout: float = 10) -> float:
+    deadline = time.monotonic() + timeout
+    seen = engine_gauge(http, name)
+    while seen != value and time.monotonic() < deadline:
+        time.sleep(0.02)
+        seen = engine_gauge(http, name)
+    return seen

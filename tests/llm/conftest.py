@@ -1,0 +1,23 @@
+"""Fixtures for the LLM tests: a tiny random Llama folder built once per session."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory):
+    """A save_pretrained folder: random 2-layer Llama (head size 32) + byte-level BPE with a chat template."""
+    pytest.importorskip("transformers")
+    from tests.llm.tiny_llama import build
+
+    return build(tmp_path_factory.mktemp("llm") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def small_llama(tmp_path_factory: pytest.TempPathFactory):
+    """The ~4 M parameter variant (benchmarks)."""
+    pytest.importorskip("transformers")
+    from tests.llm.tiny_llama import build
+
+    return build(tmp_path_factory.mktemp("llm") / "small-llama", variant="small")
