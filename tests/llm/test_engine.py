@@ -496,6 +496,7 @@ def test_a_templated_prompt_gets_no_second_bos(loop, tiny_llama):
         ({"dtype": "int3"}, "dtype"),
         ({"generation": {"max_tokens": 0}}, "max_tokens"),
         ({"generation": {"colour": "red"}}, "unknown generation parameter"),
+        ({"chat": "yes"}, "parameters.chat"),
     ],
 )
 def test_bad_model_settings_fail_the_load_clearly(loop, tiny_llama, parameters, fragment):
@@ -506,3 +507,35 @@ def test_bad_model_settings_fail_the_load_clearly(loop, tiny_llama, parameters, 
     with pytest.raises(ModelLoadError, match=fragment):
         model = LLMModel(parse_model_settings({"name": "bad", "parameters": parameters}), tiny_llama)
         loop.run(model.load())
+
+
+def test_chat_setting_sends_plain_infer_prompts_through_the_chat_template(loop, tiny_llama):
+    from protocol.datatypes import bytes_array
+    from protocol.types import InferenceRequest, Tensor
+    from server.model_settings import parse_model_settings
+    from server.runtimes.llm import LLMModel
+
+    def prompt_tokens(chat: bool) -> int:
+        settings = {"name": "m", "parameters": {"chat": chat, "generation": {"max_tokens": 2, "temperature": 0}}}
+        model = LLMModel(parse_model_settings(settings), tiny_llama)
+        loop.run(model.load())
+        try:
+            text = Tensor("text_input", "BYTES", bytes_array([b"hello there"], (1,)))
+            response = loop.run(model.predict(InferenceRequest("m", [text])))
+        finally:
+            loop.run(model.unload())
+        expected = model_prompt_len(chat)
+        assert response.parameters["prompt_tokens"] == expected
+        return expected
+
+    def model_prompt_len(chat: bool) -> int:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tiny_llama)
+        text = "hello there"
+        if chat:
+            messages = [{"role": "user", "content": text}]
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return len(tok(text)["input_ids"])
+
+    assert prompt_tokens(True) > prompt_tokens(False)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 
+import httpx
 import pytest
 
 from server.llm.engine import TransformersEngine
 from server.llm.types import SamplingParams
 from tests.llm.smollm2 import converted, gguf_dir
+from tests.support.server import EXAMPLES, start_server
 
 
 @pytest.fixture(scope="module")
@@ -38,3 +41,23 @@ def test_smollm2_knows_the_capital_of_france(smollm2):
     france, germany = asyncio.run(go())
     assert "Paris" in france
     assert "Berlin" in germany
+
+
+def test_seed_request_gets_an_answer_from_the_llama2_example(smollm2, tmp_path):
+    """`make serve`'s llama2 (the example's settings over SmolLM2) answers the seed's curl body."""
+    folder = tmp_path / "models" / "llama2"
+    folder.mkdir(parents=True)
+    for f in smollm2.iterdir():
+        (folder / f.name).symlink_to(f)
+    shutil.copy(EXAMPLES / "llama2" / "model-settings.json", folder)
+    srv = start_server(tmp_path / "models", tmp_path / "server.log")
+    try:
+        body = {"id": "42", "inputs": [{"name": "input0", "shape": [-1], "datatype": "BYTES",
+                                        "data": ["Where is Eiffel Tower?"]}]}  # fmt: skip
+        r = httpx.post(f"{srv.http_url}/v2/models/llama2/infer", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        out = r.json()["outputs"][0]
+        assert out["name"] == "text_output" and out["datatype"] == "BYTES"
+        assert "Paris" in out["data"][0]
+    finally:
+        srv.stop()
