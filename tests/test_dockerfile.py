@@ -98,3 +98,17 @@ def test_copy_sources_exist() -> None:
             if not (ROOT / src).exists():
                 missing.append(src)
     assert not missing, f"COPY sources missing from the repo: {missing}"
+
+
+def test_every_installed_package_is_copied() -> None:
+    """pip builds the image's wheel from the copied tree: a package pyproject lists but the
+    Dockerfile leaves out is missing in the image (and `meshserve serve` imports them all)."""
+    import tomllib
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {p.rstrip("*") for p in patterns}
+    copied = set()
+    for kw, args in _instructions():
+        if kw == "COPY" and not any(w.startswith("--from") for w in _words(args)):
+            copied |= {w.rstrip("/") for w in _words(args)[:-1] if not w.startswith("--")}
+    assert packages <= copied, f"packages not copied into the image: {sorted(packages - copied)}"

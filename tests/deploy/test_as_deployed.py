@@ -65,10 +65,13 @@ def test_deployment_serves_its_probes_and_metrics(tmp_path) -> None:
     ensure_iris()
     docs = k8s.render(k8s.DEPLOY / "overlays" / "embedded")
     _, container = _meshserve_container(docs)
+    # The default image (EXTRAS=sklearn) drops the llama2 example, which needs torch.
+    models = tmp_path / "models"
+    shutil.copytree(EXAMPLES, models, ignore=shutil.ignore_patterns("llama2"))
     env = {k: v for k, v in _env(docs, container).items() if v is not None}
     http, grpc = free_port(), free_port()
     mapped = {
-        env["MESHSERVE_MODEL_DIR"]: str(EXAMPLES),  # the image's /models holds examples/models
+        env["MESHSERVE_MODEL_DIR"]: str(models),  # the image's /models holds examples/models
         env["MESHSERVE_CACHE_DIR"]: str(tmp_path / "cache"),
     }
     env = {k: mapped.get(v, v) for k, v in env.items()}
