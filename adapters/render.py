@@ -143,6 +143,17 @@ def katib_experiment(spec: ExperimentSpec, settings: AdaptersSettings) -> dict[s
     }
 
 
+def _create_resource(manifest: dict[str, Any], name: str, success: str, failure: str) -> dict[str, Any]:
+    """An Argo resource template that creates ``manifest`` (a fresh name each run) and waits on it."""
+    manifest["metadata"] = {"generateName": f"{name}-", "labels": dict(MANAGED)}
+    return {
+        "action": "create",
+        "manifest": yaml.safe_dump(manifest, sort_keys=False),
+        "successCondition": success,
+        "failureCondition": failure,
+    }
+
+
 def _step_template(step: StepSpec, settings: AdaptersSettings, cache_store: str | None) -> dict[str, Any]:
     name = step.name
     t: dict[str, Any] = {"name": name, "activeDeadlineSeconds": int(step.timeout_seconds)}
@@ -175,24 +186,20 @@ def _step_template(step: StepSpec, settings: AdaptersSettings, cache_store: str 
                                     "--window-seconds", f"{window:g}"])  # fmt: skip
     elif step.kind == "train":
         assert step.train is not None
-        manifest = pytorchjob(step.train, settings)
-        manifest["metadata"] = {"generateName": f"{step.train.name}-", "labels": dict(MANAGED)}
-        t["resource"] = {
-            "action": "create",
-            "manifest": yaml.safe_dump(manifest, sort_keys=False),
-            "successCondition": "status.replicaStatuses.Master.succeeded > 0",
-            "failureCondition": "status.replicaStatuses.Master.failed > 0",
-        }
+        t["resource"] = _create_resource(
+            pytorchjob(step.train, settings),
+            step.train.name,
+            success="status.replicaStatuses.Master.succeeded > 0",
+            failure="status.replicaStatuses.Master.failed > 0",
+        )
     elif step.kind == "tune":
         assert step.tune is not None
-        manifest = katib_experiment(step.tune, settings)
-        manifest["metadata"] = {"generateName": f"{step.tune.name}-", "labels": dict(MANAGED)}
-        t["resource"] = {
-            "action": "create",
-            "manifest": yaml.safe_dump(manifest, sort_keys=False),
-            "successCondition": "status.trialsSucceeded > 0",
-            "failureCondition": "status.trialsFailed > " + str(step.tune.maxFailedTrialCount),
-        }
+        t["resource"] = _create_resource(
+            katib_experiment(step.tune, settings),
+            step.tune.name,
+            success="status.trialsSucceeded > 0",
+            failure="status.trialsFailed > " + str(step.tune.maxFailedTrialCount),
+        )
     elif step.kind == "deploy":
         t["container"] = container(["python", "-m", "adapters.steps", "deploy", "--server",
                                     settings.server_url, "--model", str(step.model)])  # fmt: skip

@@ -68,6 +68,15 @@ async def _command(step: StepSpec, log: Any, env: dict[str, str], cwd: Path) -> 
     return last
 
 
+async def _child_job(manager: Any, child: Job, what: str, log: Any) -> tuple[Job, Job]:
+    """Wait for a job a step started (training, tuning); a failed one fails the step."""
+    log.write(f"{what} job {child.id}\n".encode())
+    done = await manager.wait(child.id)
+    if done.state != "succeeded":
+        raise StepFailed(f"{what} job {child.id} failed: {done.error}")
+    return child, done
+
+
 async def run_step(manager: Any, job: Job, step: StepSpec, log: Any, env: dict[str, str], cwd: Path) -> str:
     if step.kind in ("command", "evaluate"):
         return await _command(step, log, env, cwd)
@@ -90,20 +99,12 @@ async def run_step(manager: Any, job: Job, step: StepSpec, log: Any, env: dict[s
         return "fresh" if fresh else "stale"
     if step.kind == "train":
         assert step.train is not None
-        child = manager.submit_training(step.train, parent=job.id)
-        log.write(f"training job {child.id}\n".encode())
-        done = await manager.wait(child.id)
-        if done.state != "succeeded":
-            raise StepFailed(f"training job {child.id} failed: {done.error}")
+        child, done = await _child_job(manager, manager.submit_training(step.train, parent=job.id), "training", log)
         log.write(f"metrics {done.metrics}\n".encode())
         return str(done.result.get("model") or child.id)
     if step.kind == "tune":
         assert step.tune is not None
-        child = manager.submit_experiment(step.tune, parent=job.id)
-        log.write(f"tuning job {child.id}\n".encode())
-        done = await manager.wait(child.id)
-        if done.state != "succeeded":
-            raise StepFailed(f"tuning job {child.id} failed: {done.error}")
+        child, done = await _child_job(manager, manager.submit_experiment(step.tune, parent=job.id), "tuning", log)
         return str(done.result.get("model") or child.id)
     if step.kind == "deploy":
         assert step.model is not None

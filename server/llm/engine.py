@@ -44,55 +44,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from protocol.errors import CapacityExhausted, InvalidInput, ModelExecutionError, ModelLoadError
+from protocol.errors import CapacityExhausted, ModelExecutionError, ModelLoadError
 from server.llm.params import check_params
-from server.llm.text import Detokenizer, StopMatcher
+from server.llm.prompts import adds_special_tokens, apply_chat_template, check_token_ids
+from server.llm.sequence import EngineStats, GenerationStream, Sequence
+from server.llm.text import Detokenizer
 from server.llm.types import GenerationChunk, SamplingParams
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16", "auto": None}  # fmt: skip
-
-
-class Sequence:
-    """One request's state; the worker thread owns everything but ``aborted``."""
-
-    __slots__ = (
-        "id", "prompt_ids", "params", "queue", "tokens", "last", "pos", "generator", "detok", "stops",
-        "finished", "aborted", "budget", "seen", "arrival", "first_token_at", "last_token_at", "error",
-    )  # fmt: skip
-
-    def __init__(self, rid: str, prompt_ids: list[int], params: SamplingParams, budget: int) -> None:
-        self.id = rid
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
-        self.tokens: list[int] = []
-        self.last = prompt_ids[-1]
-        self.pos = len(prompt_ids) - 1  # position id of ``last``, the next token fed
-        self.generator: Any = None
-        self.detok: Detokenizer | None = None
-        self.stops = StopMatcher(params.stop)
-        self.finished = False
-        self.aborted = False
-        self.budget = budget  # tokens it may still generate (max_tokens, bounded by the context)
-        self.seen: Any = None  # token ids for the repetition penalty
-        self.arrival = time.perf_counter()
-        self.first_token_at = 0.0
-        self.last_token_at = 0.0
-        self.error: BaseException | None = None
-
-
-class EngineStats:
-    """Plain counters read at scrape time (no metrics cost on the decode path)."""
-
-    __slots__ = ("prompt_tokens", "generation_tokens", "requests_finished", "requests_aborted", "steps",
-                 "rejected", "running", "waiting")  # fmt: skip
-
-    def __init__(self) -> None:
-        self.prompt_tokens = self.generation_tokens = self.requests_finished = self.requests_aborted = 0
-        self.steps = self.rejected = self.running = self.waiting = 0
 
 
 class TransformersEngine:
@@ -228,27 +190,13 @@ class TransformersEngine:
 
     # -- requests --------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise InvalidInput(f"model {self.model_name!r} has no chat template")
-        try:
-            return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
-        except Exception as e:
-            raise InvalidInput(f"cannot apply the chat template: {type(e).__name__}: {e}") from None
+        return apply_chat_template(self.tokenizer, self.model_name, messages, add_generation_prompt)
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
-            # A chat template usually writes the BOS itself: do not add a second one.
-            bos = getattr(self.tokenizer, "bos_token", None)
-            special = not (bos and prompt.startswith(bos))
+            special = adds_special_tokens(self.tokenizer, prompt)
             return list(self.tokenizer(prompt, add_special_tokens=special)["input_ids"])
-        if not isinstance(prompt, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise InvalidInput("a prompt is a string or a list of token ids")
-        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidInput(f"token id(s) {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
-        return list(prompt)
+        return check_token_ids(prompt, self.vocab_size)
 
     def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str
@@ -526,68 +474,6 @@ class TransformersEngine:
             mine.keys = torch.cat([pad(mine.keys, (0, 0, pad_old, 0)), pad(theirs.keys, (0, 0, pad_new, 0))], 0)
             mine.values = torch.cat([pad(mine.values, (0, 0, pad_old, 0)), pad(theirs.values, (0, 0, pad_new, 0))], 0)
         self._rows = self._rows + joined
-
-
-class GenerationStream:
-    """The chunks of one sequence. ``aclose()``, a cancelled ``__anext__`` or dropping the
-    stream (even one never iterated) takes the sequence out of the queue or batch at once."""
-
-    __slots__ = ("_engine", "_seq", "_closed")
-
-    def __init__(self, engine: TransformersEngine, seq: Sequence) -> None:
-        self._engine = engine
-        self._seq = seq
-        self._closed = False
-
-    @property
-    def request_id(self) -> str:
-        return self._seq.id
-
-    def __aiter__(self) -> GenerationStream:
-        return self
-
-    async def __anext__(self) -> GenerationChunk:
-        if self._closed:
-            raise StopAsyncIteration
-        seq = self._seq
-        try:
-            item = await seq.queue.get()
-        except BaseException:  # cancelled: the client went away
-            self._close()
-            raise
-        if isinstance(item, BaseException):
-            self._closed = True
-            raise item
-        while item.finish_reason is None and not seq.queue.empty():  # a slow reader: merge what piled up
-            more = seq.queue.get_nowait()
-            if isinstance(more, BaseException):
-                self._closed = True
-                raise more
-            item = _merge(item, more)
-        if item.finish_reason is not None:
-            self._closed = True
-        return item
-
-    async def aclose(self) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            if not self._seq.finished:
-                self._engine._abort(self._seq)
-
-    def __del__(self) -> None:
-        if not self._closed and not self._seq.finished:
-            loop = self._engine._loop
-            if loop is not None and not loop.is_closed():  # collected on any thread: abort on the loop
-                loop.call_soon_threadsafe(self._engine._abort, self._seq)
-
-
-def _merge(a: GenerationChunk, b: GenerationChunk) -> GenerationChunk:
-    return GenerationChunk(
-        a.text + b.text, a.token_ids + b.token_ids, b.finish_reason, b.prompt_tokens, b.completion_tokens
-    )
 
 
 def _positive(p: dict[str, Any], key: str, default: int, zero_ok: bool = False) -> int:

@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from protocol.errors import CapacityExhausted, InvalidInput, ModelExecutionError, ModelLoadError
+from protocol.errors import CapacityExhausted, ModelExecutionError, ModelLoadError
 from server.llm.params import check_params
+from server.llm.prompts import adds_special_tokens, apply_chat_template, check_token_ids
 from server.llm.types import GenerationChunk, SamplingParams
 
 PASSTHROUGH = (
@@ -91,26 +92,12 @@ class VLLMEngine:
         return None  # vLLM's memory is its own (GPU); the server measures the process instead
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise InvalidInput(f"model {self.model_name!r} has no chat template")
-        try:
-            return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
-        except Exception as e:
-            raise InvalidInput(f"cannot apply the chat template: {type(e).__name__}: {e}") from None
+        return apply_chat_template(self.tokenizer, self.model_name, messages, add_generation_prompt)
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
-            bos = getattr(self.tokenizer, "bos_token", None)  # a chat template usually writes the BOS itself
-            return list(self.tokenizer.encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos))))
-        if not isinstance(prompt, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise InvalidInput("a prompt is a string or a list of token ids")
-        vocab = len(self.tokenizer)
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise InvalidInput(f"token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
-        return list(prompt)
+            return list(self.tokenizer.encode(prompt, add_special_tokens=adds_special_tokens(self.tokenizer, prompt)))
+        return check_token_ids(prompt, len(self.tokenizer))
 
     def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str) -> VLLMStream:
         if self._engine is None:
