@@ -57,6 +57,27 @@ class PayloadTooLarge(InferenceError):
     grpc_code = "RESOURCE_EXHAUSTED"
 
 
+class Unauthenticated(InferenceError):
+    """No or wrong credentials on a route that needs them."""
+
+    http_status = 401
+    grpc_code = "UNAUTHENTICATED"
+
+
+class BodyTimeout(InferenceError):
+    """The client did not send its whole body in time (a slow or stalled client)."""
+
+    http_status = 408
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
+class RequestTimeout(InferenceError):
+    """The server did not finish the request within the per-request timeout."""
+
+    http_status = 504
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
 class ModelExecutionError(InferenceError):
     """The model itself raised; the only error that maps to 500."""
 

@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from protocol.errors import InferenceError, InvalidInput
+from protocol.errors import InvalidInput
 
 if TYPE_CHECKING:
     import grpc
@@ -48,25 +48,6 @@ def redact(text: str) -> str:
         if secret in text:
             text = text.replace(secret, "***")
     return text
-
-
-class Unauthenticated(InferenceError):
-    http_status = 401
-    grpc_code = "UNAUTHENTICATED"
-
-
-class BodyTimeout(InferenceError):
-    """The client did not send its whole body in time (a slow or stalled client)."""
-
-    http_status = 408
-    grpc_code = "DEADLINE_EXCEEDED"
-
-
-class RequestTimeout(InferenceError):
-    """The server did not finish the request within the per-request timeout."""
-
-    http_status = 504
-    grpc_code = "DEADLINE_EXCEEDED"
 
 
 class Deadlines:

@@ -9,7 +9,7 @@ from time import perf_counter_ns
 
 import grpc
 
-from protocol.errors import InferenceError, InvalidInput
+from protocol.errors import InferenceError, InvalidInput, RequestTimeout
 from protocol.grpc import grpc_service_pb2 as pb
 from protocol.grpc import grpc_service_pb2_grpc as pb_grpc
 from protocol.grpc.codec import decode_infer_request, encode_infer_response
@@ -18,7 +18,7 @@ from server.dataplane import DataPlane
 from server.llm.grpc_stream import stream_llm
 from server.llm.service import is_llm_model
 from server.observe import clean_request_id, log_access
-from server.security import RequestTimeout, build_auth, grpc_auth_interceptor, redact
+from server.security import build_auth, grpc_auth_interceptor, redact
 
 log = logging.getLogger(__name__)
 

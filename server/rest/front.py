@@ -13,7 +13,15 @@ from collections.abc import Awaitable, Callable
 from time import perf_counter_ns
 from typing import Any
 
-from protocol.errors import InferenceError, InvalidInput, PayloadTooLarge, ServerNotReady
+from protocol.errors import (
+    BodyTimeout,
+    InferenceError,
+    InvalidInput,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServerNotReady,
+    Unauthenticated,
+)
 from protocol.rest_codec import HEADER_LENGTH, decode_infer_request, encode_error, encode_infer_response
 from server import tracing
 from server.dataplane import DataPlane
@@ -24,10 +32,7 @@ from server.security import (
     HEALTH_PATHS,
     METRICS_PATH,
     WWW_AUTHENTICATE,
-    BodyTimeout,
     Deadlines,
-    RequestTimeout,
-    Unauthenticated,
     build_auth,
     redact,
 )
