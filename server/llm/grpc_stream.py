@@ -106,7 +106,7 @@ async def stream_llm(dp: DataPlane, msg: pb.ModelInferRequest) -> AsyncIterator[
                 return text, sampling.bind(engine.max_model_len, DEFAULT_MAX_TOKENS, defaults)
 
             gen = await Generation.start(dp, msg.model_name, msg.model_version or None, build,
-                                         rid or request_id("grpc"))  # fmt: skip
+                                         rid or request_id("grpc"), text_input=True)  # fmt: skip
             async for chunk in gen.chunks():
                 last = chunk.finish_reason is not None
                 if not chunk.text and not last:

@@ -71,7 +71,7 @@ async def _start(dp: DataPlane, name: str, version: str | None, request: Request
     def build(engine, defaults):
         return text, sampling.bind(engine.max_model_len, DEFAULT_MAX_TOKENS, defaults)
 
-    gen = await Generation.start(dp, name, version, build, rid or request_id("gen"))
+    gen = await Generation.start(dp, name, version, build, rid or request_id("gen"), text_input=True)
     head = {"model_name": gen.model_name, "model_version": gen.model_version}
     if rid is not None:
         head["id"] = rid

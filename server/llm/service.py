@@ -85,18 +85,25 @@ class Generation:
         self.first = first
 
     @classmethod
-    async def start(cls, dp: DataPlane, name: str, version: str | None, build: Build, rid: str) -> Generation:
+    async def start(
+        cls, dp: DataPlane, name: str, version: str | None, build: Build, rid: str, text_input: bool = False
+    ) -> Generation:
         """Errors before the first token (unknown model, bad parameters, a prompt past the
-        context, a full queue) raise here, while the endpoint can still answer with a status."""
+        context, a full queue) raise here, while the endpoint can still answer with a status.
+        ``text_input``: the prompt is an OIP text_input, which the model may put through its
+        chat template (``parameters.chat``); OpenAI prompts and chats are taken as they are."""
         stack = AsyncExitStack()
         try:
-            if dp._draining:
+            if dp._stopping:  # as infer: requests still arriving while draining are served
                 raise ServerNotReady("server is shutting down")
             key = dp.repository.resolve(name, version)
             loaded = await stack.enter_async_context(dp.cache.acquire(key))
             engine = engine_of(loaded, name)
             defaults = model_defaults(loaded.model.settings.parameters.get("generation"))
             prompt, params = build(engine, defaults)
+            wrap = getattr(loaded.model, "text_prompt", None) if text_input else None
+            if wrap is not None and isinstance(prompt, str):
+                prompt = wrap(engine, prompt)
             it = engine.generate(prompt, params, rid)
             stack.push_async_callback(_aclose, it)
             try:

@@ -98,6 +98,11 @@ class LLMModel(Model):
     def sampling_params(self, parameters: dict[str, Any] | None) -> SamplingParams:
         return sampling_params_from(parameters, self.defaults)
 
+    def text_prompt(self, engine: LLMEngine, text: str) -> str:
+        """A text_input (plain infer, OIP generate, gRPC streaming) as the engine gets it:
+        through the chat template as a user message when the model's settings say "chat"."""
+        return self._chat(engine, text) if self.chat else text
+
     def _chat(self, engine: LLMEngine, text: str) -> str:
         try:
             return engine.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
@@ -109,8 +114,7 @@ class LLMModel(Model):
         if engine is None:
             raise InvalidInput(f"model {self.name!r} is not loaded")
         prompts = _prompts(request, self.name)
-        if self.chat:
-            prompts = [self._chat(engine, p) for p in prompts]
+        prompts = [self.text_prompt(engine, p) for p in prompts]
         base = request.id or uuid.uuid4().hex
         params = [self.sampling_params(request.parameters) for _ in prompts]
         # Queue every prompt first: bad input or a full queue fails the whole request before any work.

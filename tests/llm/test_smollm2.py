@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 
 import httpx
@@ -59,5 +60,12 @@ def test_seed_request_gets_an_answer_from_the_llama2_example(smollm2, tmp_path):
         out = r.json()["outputs"][0]
         assert out["name"] == "text_output" and out["datatype"] == "BYTES"
         assert "Paris" in out["data"][0]
+        # Triton's generate and its SSE stream take the same text_input through the chat template.
+        gen = {"text_input": "Where is Eiffel Tower?", "parameters": {"max_tokens": 24}}
+        r = httpx.post(f"{srv.http_url}/v2/models/llama2/generate", json=gen, timeout=120)
+        assert r.status_code == 200 and "Paris" in r.json()["text_output"], r.text
+        with httpx.stream("POST", f"{srv.http_url}/v2/models/llama2/generate_stream", json=gen, timeout=120) as s:
+            events = [json.loads(line[5:]) for line in s.iter_lines() if line.startswith("data:")]
+        assert "Paris" in "".join(e["text_output"] for e in events)
     finally:
         srv.stop()
