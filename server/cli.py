@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         except (ValidationError, OSError, ValueError) as e:
             print(f"meshserve: invalid settings: {e}", file=sys.stderr)
             return 2
+        if settings.model_dir is not None and not Path(settings.model_dir).is_dir():
+            print(f"meshserve: invalid settings: model directory {settings.model_dir} does not exist", file=sys.stderr)
+            return 2
         serve(settings)
         return 0
     from protocol.errors import InferenceError

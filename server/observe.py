@@ -286,7 +286,8 @@ def flush_access_log() -> None:
 
 
 # -- log formats -----------------------------------------------------------------
-_STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+# uvicorn's color_message is its message again with ANSI colours: not for a JSON line.
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "color_message"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -319,6 +320,8 @@ def redact(text: str) -> str:
 
 
 def configure_logging(level: str, fmt: str, access: bool = True) -> None:
+    # Progress bars (Hugging Face downloads and weight loading) are not log lines: off in a server.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())

@@ -77,6 +77,14 @@ async def run(settings: Settings, started: asyncio.Event | None = None, router: 
         private_grpc.add_insecure_port(f"unix:{router.grpc_socket(router.index)}")
         private.append((private_rest, private_grpc))
 
+    else:  # bound here, so a taken port is one clear line, as for gRPC
+        from server.workers import reuseport_socket
+
+        try:
+            sockets = [reuseport_socket(settings.host, settings.http_port, reuse_port=False)]
+        except OSError as e:
+            raise OSError(f"cannot bind REST to {settings.host}:{settings.http_port} ({e.strerror or e})") from None
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -98,7 +106,12 @@ async def run(settings: Settings, started: asyncio.Event | None = None, router: 
     who = f"worker {router.index}/{router.workers}: " if router is not None else ""
     log.info("%sREST on %s:%d, gRPC on %s:%d", who, settings.host, settings.http_port, settings.host, grpc_port)
 
-    await dataplane.start()
+    try:
+        await dataplane.start()
+    except BaseException:  # e.g. etcd unreachable: close what started, then report
+        http_server.should_exit = True
+        await asyncio.gather(grpc_server.stop(None), *tasks, return_exceptions=True)
+        raise
     # Everything imported and loaded so far lives as long as the process: keep it out of the
     # cyclic GC's scans, which otherwise grow with every library a model pulls in and are
     # paid by requests.

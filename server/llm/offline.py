@@ -42,6 +42,8 @@ def read_jobs(path: Path, defaults: dict[str, Any]) -> list[Job]:
     """Every input line checked before anything runs: a bad line stops the run naming it."""
     jobs: list[Job] = []
     seen: set[str] = set()
+    if not Path(path).is_file():
+        raise InvalidInput(f"input file {path} does not exist (or is not a file)")
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             if not raw.strip():
