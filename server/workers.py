@@ -210,9 +210,15 @@ class Router:
         return rows
 
 
+# Gauges every worker reports whole (each registers every model): the pod's value is
+# any one worker's, so the merge takes the largest instead of the sum.
+SAME_IN_EVERY_WORKER = frozenset({"meshserve_models_registered"})
+
+
 def merge_metrics(texts: list[bytes]) -> bytes:
     """Sum samples with the same name and labels across workers (counters, histogram
-    buckets, sums and counts, gauges); ``_created`` timestamps are left out."""
+    buckets, sums and counts, gauges), except the gauges in ``SAME_IN_EVERY_WORKER``
+    (their largest); ``_created`` timestamps are left out."""
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.metrics_core import Metric
     from prometheus_client.parser import text_string_to_metric_families
@@ -229,7 +235,10 @@ def merge_metrics(texts: list[bytes]) -> bytes:
                 if s.name.endswith("_created"):
                     continue
                 key = (s.name, tuple(sorted(s.labels.items())))
-                acc[key] = acc.get(key, 0.0) + s.value
+                if fam.name in SAME_IN_EVERY_WORKER:
+                    acc[key] = max(acc.get(key, s.value), s.value)
+                else:
+                    acc[key] = acc.get(key, 0.0) + s.value
     for name, fam in families.items():
         for (sample, labels), value in sums[name].items():
             fam.add_sample(sample, dict(labels), value)

@@ -20,6 +20,7 @@ from fastapi.responses import Response
 from protocol.errors import InferenceError, ModelNotFound
 from protocol.rest_codec import loads_object
 from server.llm.api_params import OpenAIRequest, ParamError, openai_request
+from server.llm.request_stats import OPENAI, RequestStats
 from server.llm.service import (
     CLIENT_GONE,
     ClientGone,
@@ -99,8 +100,10 @@ def build_openai_router(dp: DataPlane) -> APIRouter:
             return error_response(ModelNotFound(f"the model {model_id!r} does not exist"))
         return _json(model_card(entry))
 
-    async def start(request: Request, chat: bool) -> tuple[OpenAIRequest, list[Generation], str]:
-        req = openai_request(loads_object(await request.body()), chat)
+    async def start(request: Request, chat: bool, stats: RequestStats) -> tuple[OpenAIRequest, list[Generation], str]:
+        body = loads_object(await request.body())
+        stats.model(body.get("model", ""))  # before the checks, so their 400s count under the model
+        req = openai_request(body, chat)
         if req.echo and not all(isinstance(p, str) for p in req.prompts):
             raise ParamError("'echo' needs text prompts", "echo")
         rid = request_id("chatcmpl" if chat else "cmpl")
@@ -127,17 +130,24 @@ def build_openai_router(dp: DataPlane) -> APIRouter:
 
     @router.post("/completions", summary="Text completion")
     async def completions(request: Request) -> Response:
+        stats = RequestStats(dp, OPENAI)
         try:
-            req, gens, rid = await start(request, chat=False)
+            req, gens, rid = await start(request, False, stats)
             head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": req.model}
             echoes = [p if req.echo else "" for p in req.prompts]
             if req.stream:
-                return GenerationResponse(_completion_events(gens, head, req, echoes), gens)
+                return GenerationResponse(_completion_events(gens, head, req, echoes, stats), gens, stats)
             dones = await collect_all_while_connected(gens, request.receive)
         except ClientGone:
+            stats.end(CLIENT_GONE)
             return Response(status_code=CLIENT_GONE)
-        except Exception as e:
+        except BaseException as e:
+            stats.fail(e)
+            stats.end()
+            if not isinstance(e, Exception):
+                raise
             return error_response(e)
+        stats.end()
         choices = [
             {"index": i, "text": echoes[i] + d.text, "logprobs": None, "finish_reason": _finish(d)}
             for i, d in enumerate(dones)
@@ -147,16 +157,24 @@ def build_openai_router(dp: DataPlane) -> APIRouter:
 
     @router.post("/chat/completions", summary="Chat completion")
     async def chat_completions(request: Request) -> Response:
+        stats = RequestStats(dp, OPENAI)
         try:
-            req, (gen,), rid = await start(request, chat=True)
+            req, (gen,), rid = await start(request, True, stats)
             head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": req.model}
             if req.stream:
-                return GenerationResponse(_chat_events(gen, {**head, "object": "chat.completion.chunk"}, req), gen)
+                events = _chat_events(gen, {**head, "object": "chat.completion.chunk"}, req, stats)
+                return GenerationResponse(events, gen, stats)
             done = await gen.collect_while_connected(request.receive)
         except ClientGone:
+            stats.end(CLIENT_GONE)
             return Response(status_code=CLIENT_GONE)
-        except Exception as e:
+        except BaseException as e:
+            stats.fail(e)
+            stats.end()
+            if not isinstance(e, Exception):
+                raise
             return error_response(e)
+        stats.end()
         message = {"role": "assistant", "content": done.text}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish(done)}
         return _json({**head, "choices": [choice], "usage": _usage(done.prompt_tokens, done.completion_tokens)})
@@ -170,7 +188,7 @@ def _finish(c: Completed | Any) -> str | None:
 
 
 async def _completion_events(
-    gens: list[Generation], head: dict, req: OpenAIRequest, echoes: list[str]
+    gens: list[Generation], head: dict, req: OpenAIRequest, echoes: list[str], stats: RequestStats
 ) -> AsyncIterator[bytes]:
     usage_field = {"usage": None} if req.include_usage else {}
     last = {i: g.first for i, g in enumerate(gens)}
@@ -187,11 +205,13 @@ async def _completion_events(
             usage = _usage(sum(c.prompt_tokens for c in last.values()), sum(c.completion_tokens for c in last.values()))
             yield sse_event({**head, "choices": [], "usage": usage})
     except Exception as e:
-        yield sse_event(error_body(e)[1])
+        status, body = error_body(e)
+        stats.status = status
+        yield sse_event(body)
     yield DONE
 
 
-async def _chat_events(gen: Generation, head: dict, req: OpenAIRequest) -> AsyncIterator[bytes]:
+async def _chat_events(gen: Generation, head: dict, req: OpenAIRequest, stats: RequestStats) -> AsyncIterator[bytes]:
     usage_field = {"usage": None} if req.include_usage else {}
     last = gen.first
     try:
@@ -207,5 +227,7 @@ async def _chat_events(gen: Generation, head: dict, req: OpenAIRequest) -> Async
         if req.include_usage:
             yield sse_event({**head, "choices": [], "usage": _usage(last.prompt_tokens, last.completion_tokens)})
     except Exception as e:
-        yield sse_event(error_body(e)[1])
+        status, body = error_body(e)
+        stats.status = status
+        yield sse_event(body)
     yield DONE

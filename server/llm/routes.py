@@ -20,6 +20,7 @@ from fastapi.responses import Response
 from protocol.errors import InferenceError
 from protocol.rest_codec import loads_object
 from server.llm.api_params import OIP_FIELDS, ParamError, oip_sampling
+from server.llm.request_stats import OIP, RequestStats
 from server.llm.service import CLIENT_GONE, ClientGone, Generation, request_id
 from server.llm.sse import GenerationResponse, sse_event
 
@@ -85,11 +86,18 @@ def build_llm_router(dp: DataPlane) -> APIRouter:
     @router.post("/v2/models/{name}/generate", summary="Generate text (Triton generate extension)")
     @router.post("/v2/models/{name}/versions/{version}/generate", summary="Generate text with one version")
     async def generate(name: str, request: Request, version: str | None = None) -> Response:
-        gen, head, prefix = await _start(dp, name, version, request)
+        stats = RequestStats(dp, OIP, name)
         try:
+            gen, head, prefix = await _start(dp, name, version, request)
             done = await gen.collect_while_connected(request.receive)
         except ClientGone:
+            stats.end(CLIENT_GONE)
             return Response(status_code=CLIENT_GONE)
+        except BaseException as e:
+            stats.fail(e)
+            raise
+        finally:
+            stats.end()
         return _json(
             {
                 **head,
@@ -103,8 +111,14 @@ def build_llm_router(dp: DataPlane) -> APIRouter:
     @router.post("/v2/models/{name}/generate_stream", summary="Generate text as Server-Sent Events")
     @router.post("/v2/models/{name}/versions/{version}/generate_stream", summary="Stream one version's text")
     async def generate_stream(name: str, request: Request, version: str | None = None) -> Response:
-        gen, head, prefix = await _start(dp, name, version, request)
-        return GenerationResponse(_events(gen, head, prefix), gen)
+        stats = RequestStats(dp, OIP, name)
+        try:
+            gen, head, prefix = await _start(dp, name, version, request)
+        except BaseException as e:
+            stats.fail(e)
+            stats.end()
+            raise
+        return GenerationResponse(_events(gen, head, prefix, stats), gen, stats)
 
     from server.llm.openai_api import build_openai_router
 
@@ -114,7 +128,9 @@ def build_llm_router(dp: DataPlane) -> APIRouter:
     return router
 
 
-async def _events(gen: Generation, head: dict[str, Any], prefix: str) -> AsyncIterator[bytes]:
+async def _events(
+    gen: Generation, head: dict[str, Any], prefix: str, stats: RequestStats | None = None
+) -> AsyncIterator[bytes]:
     try:
         async for chunk in gen.chunks():
             yield sse_event(
@@ -128,4 +144,6 @@ async def _events(gen: Generation, head: dict[str, Any], prefix: str) -> AsyncIt
             )
             prefix = ""
     except InferenceError as e:
+        if stats is not None:
+            stats.fail(e)
         yield sse_event({"error": e.message})

@@ -14,6 +14,7 @@ import anyio
 import orjson
 from fastapi.responses import StreamingResponse
 
+from server.llm.request_stats import RequestStats
 from server.llm.service import Generation
 
 SSE_MEDIA_TYPE = "text/event-stream; charset=utf-8"
@@ -25,9 +26,12 @@ def sse_event(doc: Any) -> bytes:
 
 
 class GenerationResponse(StreamingResponse):
-    def __init__(self, events: AsyncIterator[bytes], gens: Generation | list[Generation]) -> None:
+    def __init__(
+        self, events: AsyncIterator[bytes], gens: Generation | list[Generation], stats: RequestStats | None = None
+    ) -> None:
         super().__init__(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
         self._gens = gens if isinstance(gens, list) else [gens]
+        self._stats = stats
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
@@ -36,3 +40,5 @@ class GenerationResponse(StreamingResponse):
             with anyio.CancelScope(shield=True):
                 for gen in self._gens:
                     await gen.close()
+            if self._stats is not None:
+                self._stats.end()  # 200, or the status of the error event that ended the stream

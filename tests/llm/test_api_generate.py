@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from tests.llm.api_support import engine_gauge, llm_models, sse_events, wait_for_gauge
+from tests.prod.conftest import scrape
 from tests.support.server import start_server
 
 # A running batch of 2 and one waiting slot: the capacity test fills it with 3 streams.
@@ -210,6 +211,9 @@ def test_full_queue_is_503_and_the_others_finish(server, http):
     # long enough that the running two cannot finish while the test fills the queue
     long = {"text_input": "Tell me a long story", "parameters": {**LONG, "max_tokens": 240}}
     body = {"text_input": "Tell me a long story", "parameters": {**LONG, "max_tokens": 20}}
+    text = http.get("/metrics").text
+    refused = scrape(text, "meshserve_inference_requests_total", model="tiny-llama", protocol="rest", status="503")
+    rejected = scrape(text, "meshserve_llm_request_rejected_total", model="tiny-llama")
     running = [_raw_stream_first_event(server, long) for _ in range(PARAMS["max_num_seqs"])]
     assert wait_for_gauge(http, "running", 2) == 2
     waiting_result: dict = {}
@@ -226,6 +230,10 @@ def test_full_queue_is_503_and_the_others_finish(server, http):
     assert "capacity" in r.json()["error"] and "retry" in r.json()["error"]
     r = generate(http, body, path="generate_stream")
     assert r.status_code == 503 and r.headers["content-type"] == "application/json"
+    text = http.get("/metrics").text  # both refusals counted, as requests and by the engine
+    assert scrape(text, "meshserve_inference_requests_total", model="tiny-llama", protocol="rest",
+                  status="503") == refused + 2  # fmt: skip
+    assert scrape(text, "meshserve_llm_request_rejected_total", model="tiny-llama") == rejected + 2
     for s in running:  # the running ones finish their tokens; the queued one then runs
         s.settimeout(60)
         got = b""

@@ -116,6 +116,8 @@ def test_two_workers_share_ports_and_models(tmp_path):
                     assert scrape(text, total, model=name, protocol="grpc", status="OK") == n
                 assert scrape(text, "meshserve_model_loads_total") == len(names)
                 assert scrape(text, "meshserve_models_resident") == len(names)
+                # Every worker registers every model: the pod has each once, not once per worker.
+                assert scrape(text, "meshserve_models_registered") == len(names)
         # One copy of each model: worker 0 holds 3, worker 1 holds 1.
         rss0, rss1 = (_rss(p) for p in pids)
         print(f"worker RSS: {rss0 / MB:.0f} MiB (3 models of {SIZE // MB} MiB), {rss1 / MB:.0f} MiB (1 model)")
