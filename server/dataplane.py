@@ -113,6 +113,11 @@ class DataPlane:
     def draining(self) -> bool:
         return self._draining
 
+    @property
+    def stopping(self) -> bool:
+        """The listeners have closed: new work is refused (503)."""
+        return self._stopping
+
     # -- health and metadata -------------------------------------------------
     def live(self) -> bool:
         return True

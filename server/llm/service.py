@@ -94,7 +94,7 @@ class Generation:
         chat template (``parameters.chat``); OpenAI prompts and chats are taken as they are."""
         stack = AsyncExitStack()
         try:
-            if dp._stopping:  # as infer: requests still arriving while draining are served
+            if dp.stopping:  # as infer: requests still arriving while draining are served
                 raise ServerNotReady("server is shutting down")
             key = dp.repository.resolve(name, version)
             loaded = await stack.enter_async_context(dp.cache.acquire(key))
