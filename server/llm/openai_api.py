@@ -138,15 +138,8 @@ def build_openai_router(dp: DataPlane) -> APIRouter:
             if req.stream:
                 return GenerationResponse(_completion_events(gens, head, req, echoes, stats), gens, stats)
             dones = await collect_all_while_connected(gens, request.receive)
-        except ClientGone:
-            stats.end(CLIENT_GONE)
-            return Response(status_code=CLIENT_GONE)
         except BaseException as e:
-            stats.fail(e)
-            stats.end()
-            if not isinstance(e, Exception):
-                raise
-            return error_response(e)
+            return _ended_early(stats, e)
         stats.end()
         choices = [
             {"index": i, "text": echoes[i] + d.text, "logprobs": None, "finish_reason": _finish(d)}
@@ -165,21 +158,27 @@ def build_openai_router(dp: DataPlane) -> APIRouter:
                 events = _chat_events(gen, {**head, "object": "chat.completion.chunk"}, req, stats)
                 return GenerationResponse(events, gen, stats)
             done = await gen.collect_while_connected(request.receive)
-        except ClientGone:
-            stats.end(CLIENT_GONE)
-            return Response(status_code=CLIENT_GONE)
         except BaseException as e:
-            stats.fail(e)
-            stats.end()
-            if not isinstance(e, Exception):
-                raise
-            return error_response(e)
+            return _ended_early(stats, e)
         stats.end()
         message = {"role": "assistant", "content": done.text}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish(done)}
         return _json({**head, "choices": [choice], "usage": _usage(done.prompt_tokens, done.completion_tokens)})
 
     return router
+
+
+def _ended_early(stats: RequestStats, e: BaseException) -> Response:
+    """A request that ended before its answer: counted once, answered with its error
+    (a client that left gets nothing; cancellation goes on up)."""
+    if isinstance(e, ClientGone):
+        stats.end(CLIENT_GONE)
+        return Response(status_code=CLIENT_GONE)
+    stats.fail(e)
+    stats.end()
+    if not isinstance(e, Exception):
+        raise e
+    return error_response(e)
 
 
 def _finish(c: Completed | Any) -> str | None:
