@@ -3,16 +3,18 @@ model beside it), and reading the engine's gauges through /metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.support.server import EXAMPLES
+from tests.support.server import EXAMPLES, RunningServer, start_server
 
 
 def llm_models(base: Path, tiny_llama: Path, parameters: dict[str, Any] | None = None, settings: bool = True) -> Path:
@@ -27,6 +29,17 @@ def llm_models(base: Path, tiny_llama: Path, parameters: dict[str, Any] | None =
         (target / "model-settings.json").write_text(json.dumps(doc))
     shutil.copytree(EXAMPLES / "echo", models / "echo", ignore=shutil.ignore_patterns("__pycache__"))
     return models
+
+
+@contextlib.contextmanager
+def llm_server(base: Path, tiny_llama: Path, *args: str, parameters: dict[str, Any] | None = None,
+               settings: bool = True) -> Iterator[RunningServer]:  # fmt: skip
+    """A real server over ``llm_models(...)``, stopped on exit."""
+    srv = start_server(llm_models(base, tiny_llama, parameters, settings), base / "server.log", *args)
+    try:
+        yield srv
+    finally:
+        srv.stop()
 
 
 def sse_events(lines: Any) -> list[Any]:

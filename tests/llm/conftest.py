@@ -21,3 +21,12 @@ def small_llama(tmp_path_factory: pytest.TempPathFactory):
     from tests.llm.tiny_llama import build
 
     return build(tmp_path_factory.mktemp("llm") / "small-llama", variant="small")
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    """A client of the module's own ``server`` fixture."""
+    import httpx
+
+    with httpx.Client(base_url=server.http_url, timeout=60) as client:
+        yield client

@@ -12,9 +12,8 @@ import httpx
 import orjson
 import pytest
 
-from tests.llm.api_support import engine_gauge, llm_models, sse_events, wait_for_gauge
+from tests.llm.api_support import engine_gauge, llm_server, sse_events, wait_for_gauge
 from tests.prod.conftest import scrape
-from tests.support.server import start_server
 
 # A running batch of 2 and one waiting slot: the capacity test fills it with 3 streams.
 # The model's own sampling defaults apply where a request sets nothing.
@@ -27,16 +26,8 @@ LONG = {"max_tokens": 200, "ignore_eos": True, "temperature": 0}
 
 @pytest.fixture(scope="module")
 def server(tiny_llama, tmp_path_factory):
-    base = tmp_path_factory.mktemp("api-generate")
-    srv = start_server(llm_models(base, tiny_llama, PARAMS), base / "server.log")
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.http_url, timeout=60) as client:
-        yield client
+    with llm_server(tmp_path_factory.mktemp("api-generate"), tiny_llama, parameters=PARAMS) as srv:
+        yield srv
 
 
 def generate(http, body, model="tiny-llama", path="generate"):

@@ -10,9 +10,8 @@ import httpx
 import orjson
 import pytest
 
-from tests.llm.api_support import llm_models, sse_events
+from tests.llm.api_support import llm_server, sse_events
 from tests.prod.conftest import scrape
-from tests.support.server import start_server
 
 TOTAL = "meshserve_inference_requests_total"
 DURATION = "meshserve_inference_request_duration_seconds"
@@ -22,16 +21,8 @@ PARAMS = {"generation": {"max_tokens": 4, "ignore_eos": True}}
 
 @pytest.fixture(scope="module")
 def server(tiny_llama, tmp_path_factory):
-    base = tmp_path_factory.mktemp("api-metrics")
-    srv = start_server(llm_models(base, tiny_llama, PARAMS), base / "server.log")
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.http_url, timeout=60) as client:
-        yield client
+    with llm_server(tmp_path_factory.mktemp("api-metrics"), tiny_llama, parameters=PARAMS) as srv:
+        yield srv
 
 
 def _figures(http: httpx.Client, protocol: str, model: str = "tiny-llama") -> dict[str, float]:

@@ -5,34 +5,24 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
 import openai
 import pytest
 
-from tests.llm.api_support import engine_gauge, llm_models, sse_events, wait_for_gauge
-from tests.support.server import start_server
+from tests.llm.api_support import engine_gauge, llm_server, sse_events, wait_for_gauge
 
 GREEDY = {"temperature": 0, "max_tokens": 10, "extra_body": {"ignore_eos": True}}
 
 
 @pytest.fixture(scope="module")
 def server(tiny_llama, tmp_path_factory):
-    base = tmp_path_factory.mktemp("api-openai")
     # No settings file and no preload: the routes find the LLM by its files and load it on first use.
-    srv = start_server(llm_models(base, tiny_llama, settings=False), base / "server.log", "--no-preload")
-    yield srv
-    srv.stop()
+    with llm_server(tmp_path_factory.mktemp("api-openai"), tiny_llama, "--no-preload", settings=False) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server):
     with openai.OpenAI(base_url=server.http_url + "/v1", api_key="unused", max_retries=0) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.http_url, timeout=60) as c:
         yield c
 
 
