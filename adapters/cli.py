@@ -81,11 +81,11 @@ def run_command(args: argparse.Namespace) -> int:
             job = _wait(server, job["id"])
         print(json.dumps(job, indent=2))
         return 0 if job.get("state") != "failed" else 1
-    from adapters import render
-    from adapters.errors import parse
-    from adapters.rest import check_experiment, check_workflow
-    from adapters.settings import AdaptersSettings
-    from adapters.specs import ExperimentSpec, TrainingSpec, WorkflowSpec
+    from meshserve.adapters import render
+    from meshserve.adapters.errors import parse
+    from meshserve.adapters.rest import check_experiment, check_workflow
+    from meshserve.adapters.settings import AdaptersSettings
+    from meshserve.adapters.specs import ExperimentSpec, TrainingSpec, WorkflowSpec
 
     model = {"training": TrainingSpec, "tuning": ExperimentSpec, "workflow": WorkflowSpec}[kind]
     spec = parse(model, _load(args.spec))
@@ -107,8 +107,8 @@ def run_command(args: argparse.Namespace) -> int:
 def _run_here(kind: str, spec: Any, state_dir: Path | None) -> int:
     import asyncio
 
-    from adapters.manager import Manager
-    from adapters.settings import AdaptersSettings
+    from meshserve.adapters.manager import Manager
+    from meshserve.adapters.settings import AdaptersSettings
 
     async def go() -> dict[str, Any]:
         settings = AdaptersSettings(**({"state_dir": state_dir} if state_dir else {}))

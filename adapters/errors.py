@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
+from meshserve.protocol.errors import InvalidInput
 from pydantic import BaseModel, ValidationError
-
-from protocol.errors import InvalidInput
 
 M = TypeVar("M", bound=BaseModel)
 

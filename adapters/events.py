@@ -6,7 +6,7 @@ import hashlib
 import hmac
 from typing import Any
 
-from adapters.specs import TriggerSpec
+from meshserve.adapters.specs import TriggerSpec
 
 SIGNATURE_HEADER = "X-Hub-Signature-256"
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from protocol.errors import InvalidInput
+from meshserve.protocol.errors import InvalidInput
 
 
 class CacheStore:

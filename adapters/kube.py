@@ -13,8 +13,7 @@ from typing import Any
 
 import httpx
 import yaml
-
-from protocol.errors import InvalidInput
+from meshserve.protocol.errors import InvalidInput
 
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 PLURALS = {

@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from meshserve.adapters.settings import AdaptersSettings
+from meshserve.adapters.specs import ExperimentSpec, TrainingSpec, WorkflowSpec
+from meshserve.adapters.store import Job, JobCollector, JobStore
+from meshserve.adapters.training import TrainingFailed, check_model, run_training
 from prometheus_client import CollectorRegistry, Histogram
-
-from adapters.settings import AdaptersSettings
-from adapters.specs import ExperimentSpec, TrainingSpec, WorkflowSpec
-from adapters.store import Job, JobCollector, JobStore
-from adapters.training import TrainingFailed, check_model, run_training
 
 log = logging.getLogger("meshserve.adapters")
 
@@ -170,7 +169,7 @@ class Manager:
 
     # -- tuning and workflows -----------------------------------------------------
     def submit_experiment(self, spec: ExperimentSpec, parent: str | None = None) -> Job:
-        from adapters.tuning import run_experiment
+        from meshserve.adapters.tuning import run_experiment
 
         job = self.store.create("tuning", spec.name, spec.model_dump(by_alias=True), parent)
 
@@ -181,7 +180,7 @@ class Manager:
         return self._start(job, work)
 
     def submit_workflow(self, spec: WorkflowSpec, parent: str | None = None, env: dict[str, str] | None = None) -> Job:
-        from adapters.workflows import run_workflow
+        from meshserve.adapters.workflows import run_workflow
 
         job = self.store.create("workflow", spec.name, spec.model_dump(by_alias=True), parent)
         job_dir = self.job_dir(job.id)

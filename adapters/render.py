@@ -11,9 +11,8 @@ import shlex
 from typing import Any
 
 import yaml
-
-from adapters.settings import AdaptersSettings
-from adapters.specs import ExperimentSpec, StepSpec, TrainingSpec, TriggerSpec, WorkflowSpec
+from meshserve.adapters.settings import AdaptersSettings
+from meshserve.adapters.specs import ExperimentSpec, StepSpec, TrainingSpec, TriggerSpec, WorkflowSpec
 
 MANAGED = {"app.kubernetes.io/managed-by": "meshserve"}
 MODELS_MOUNT = "/mnt/models"
@@ -31,7 +30,7 @@ def _container_command(spec: TrainingSpec) -> list[str]:
     if spec.command:
         return list(spec.command)
     if spec.entrypoint:
-        return ["python", "-m", "adapters.worker", spec.entrypoint]
+        return ["python", "-m", "meshserve.adapters.worker", spec.entrypoint]
     return []
 
 
@@ -100,7 +99,7 @@ def katib_experiment(spec: ExperimentSpec, settings: AdaptersSettings) -> dict[s
     doc["target"] = "kubernetes"
     # The template's placeholders survive as text in the pod (Katib substitutes them per
     # trial); the pod's shape comes from the template with sample values.
-    from adapters.tuning import sample_values, substitute
+    from meshserve.adapters.tuning import sample_values, substitute
 
     sample = TrainingSpec.model_validate(substitute(doc, sample_values(spec)))
     job = pytorchjob(sample, settings, spec_json=json.dumps(doc, separators=(",", ":")))
@@ -176,14 +175,14 @@ def _step_template(step: StepSpec, settings: AdaptersSettings, cache_store: str 
     elif step.kind == "ingest":
         cmd = list(step.command or [])
         if store:  # the data is fresh once ingestion succeeded
-            touch = ["python", "-m", "adapters.steps", "touch", "--store", store]
+            touch = ["python", "-m", "meshserve.adapters.steps", "touch", "--store", store]
             script = shlex.join(cmd) + " && " + shlex.join(touch)
             cmd = ["sh", "-c", script]
         t["container"] = container(cmd)
     elif step.kind == "check-freshness":
         window = step.freshness.window_seconds if step.freshness else 3600
-        t["container"] = container(["python", "-m", "adapters.steps", "check-freshness", "--store", str(store),
-                                    "--window-seconds", f"{window:g}"])  # fmt: skip
+        t["container"] = container(["python", "-m", "meshserve.adapters.steps", "check-freshness",
+                                    "--store", str(store), "--window-seconds", f"{window:g}"])  # fmt: skip
     elif step.kind == "train":
         assert step.train is not None
         t["resource"] = _create_resource(
@@ -201,7 +200,7 @@ def _step_template(step: StepSpec, settings: AdaptersSettings, cache_store: str 
             failure="status.trialsFailed > " + str(step.tune.maxFailedTrialCount),
         )
     elif step.kind == "deploy":
-        t["container"] = container(["python", "-m", "adapters.steps", "deploy", "--server",
+        t["container"] = container(["python", "-m", "meshserve.adapters.steps", "deploy", "--server",
                                     settings.server_url, "--model", str(step.model)])  # fmt: skip
     return t
 

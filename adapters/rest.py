@@ -9,15 +9,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
-
-from adapters import events, render
-from adapters.errors import parse
-from adapters.manager import Manager
-from adapters.settings import AdaptersSettings
-from adapters.specs import ExperimentSpec, TrainingSpec, TriggerSpec, WorkflowSpec
-from adapters.training import live_log
-from protocol.errors import InvalidInput, ModelNotFound
-from protocol.rest_codec import dumps, encode_error, loads_object
+from meshserve.adapters import events, render
+from meshserve.adapters.errors import parse
+from meshserve.adapters.manager import Manager
+from meshserve.adapters.settings import AdaptersSettings
+from meshserve.adapters.specs import ExperimentSpec, TrainingSpec, TriggerSpec, WorkflowSpec
+from meshserve.adapters.training import live_log
+from meshserve.protocol.errors import InvalidInput, ModelNotFound
+from meshserve.protocol.rest_codec import dumps, encode_error, loads_object
 
 log = logging.getLogger("meshserve.adapters")
 PREFIX = "/v1/adapters"
@@ -43,7 +42,7 @@ def settings_for(server_settings: Any) -> AdaptersSettings:
 
 def check_experiment(spec: ExperimentSpec) -> None:
     """The trial template must make a valid training spec (400 now, not a failed trial later)."""
-    from adapters.tuning import sample_values, substitute
+    from meshserve.adapters.tuning import sample_values, substitute
 
     parse(TrainingSpec, substitute(spec.trialTemplate.trialSpec, sample_values(spec)), "trialTemplate.trialSpec")
 
@@ -68,7 +67,7 @@ def mount(app: FastAPI, dataplane: Any) -> Manager:
 
 
 async def _submit_kube(manager: Manager, resources: list[dict[str, Any]]) -> Response:
-    from adapters.kube import KubeError, client_for
+    from meshserve.adapters.kube import KubeError, client_for
 
     client = client_for(manager.settings)
     created = []

@@ -1,5 +1,5 @@
 """Built-in workflow steps as a command, for rendered Argo workflows' containers:
-``python -m adapters.steps check-freshness|touch|deploy ...``."""
+``python -m meshserve.adapters.steps check-freshness|touch|deploy ...``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m adapters.steps")
+    parser = argparse.ArgumentParser(prog="python -m meshserve.adapters.steps")
     sub = parser.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check-freshness", help="print fresh or stale")
     c.add_argument("--store", required=True)
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--server", required=True)
     d.add_argument("--model", required=True)
     args = parser.parse_args(argv)
-    from adapters.freshness import CacheStore, check
+    from meshserve.adapters.freshness import CacheStore, check
 
     if args.cmd == "check-freshness":
         fresh, _ = asyncio.run(check(CacheStore(args.store), args.window_seconds))

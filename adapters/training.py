@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from adapters.specs import TrainingSpec
+from meshserve.adapters.specs import TrainingSpec
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 LOG_TAIL = 4000
 
 
@@ -45,7 +44,7 @@ def tail(path: Path, limit: int = LOG_TAIL) -> str:
 
 def worker_command(spec: TrainingSpec) -> list[str]:
     assert spec.entrypoint is not None
-    return [sys.executable, "-m", "adapters.worker", spec.entrypoint]
+    return [sys.executable, "-m", "meshserve.adapters.worker", spec.entrypoint]
 
 
 def check_model(out: Path) -> str | None:
@@ -80,13 +79,12 @@ async def run_training(spec: TrainingSpec, job_dir: Path) -> dict[str, Any]:
     spec_file.write_text(spec.model_dump_json(indent=2))
     metrics_file = job_dir / "metrics.json"
     port = free_port()
-    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     procs: list[asyncio.subprocess.Process] = []
     logs: list[Path] = []
     try:
         for rank in range(spec.workers):
             env = {
-                **os.environ, **spec.env, "PYTHONPATH": pythonpath, "PYTHONUNBUFFERED": "1",
+                **os.environ, **spec.env, "PYTHONUNBUFFERED": "1",
                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                 "LOCAL_RANK": str(rank), "WORLD_SIZE": str(spec.workers), "LOCAL_WORLD_SIZE": str(spec.workers),
                 "GROUP_RANK": "0", "MESHSERVE_TRAIN_SPEC": str(spec_file), "MESHSERVE_OUTPUT_DIR": str(out),

@@ -13,9 +13,9 @@ import math
 import re
 from typing import Any
 
-from adapters.errors import parse
-from adapters.specs import ExperimentSpec, Parameter, TrainingSpec
-from adapters.store import Job
+from meshserve.adapters.errors import parse
+from meshserve.adapters.specs import ExperimentSpec, Parameter, TrainingSpec
+from meshserve.adapters.store import Job
 
 PLACEHOLDER = re.compile(r"\$\{trialParameters\.([A-Za-z_]\w*)\}")
 
@@ -101,8 +101,7 @@ def trial_spec(spec: ExperimentSpec, params: dict[str, Any], index: int) -> Trai
 
 async def run_experiment(manager: Any, job: Job, spec: ExperimentSpec) -> dict[str, Any]:
     import optuna
-
-    from adapters.manager import JobFailed
+    from meshserve.adapters.manager import JobFailed
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     direction = "maximize" if spec.objective.type == "maximize" else "minimize"
@@ -179,7 +178,7 @@ async def run_experiment(manager: Any, job: Job, spec: ExperimentSpec) -> dict[s
     if model_name and best.get("output_dir"):
         from pathlib import Path
 
-        from adapters.training import check_model
+        from meshserve.adapters.training import check_model
 
         why = check_model(Path(best["output_dir"]))
         if why:

@@ -1,9 +1,9 @@
 """What a training worker sees: its rank, its data partition, its hyper-parameters,
 where to write the model, and how to report metrics.
 
-The launcher (adapters.training) starts every worker with torchrun's environment
+The launcher (meshserve.adapters.training) starts every worker with torchrun's environment
 (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK) plus MESHSERVE_TRAIN_SPEC
-and MESHSERVE_OUTPUT_DIR, and runs ``python -m adapters.worker module:function``.
+and MESHSERVE_OUTPUT_DIR, and runs ``python -m meshserve.adapters.worker module:function``.
 The same entry point runs unchanged under a Kubeflow PyTorchJob, whose operator sets
 the same variables. Importing this module does not import torch.
 """
@@ -119,7 +119,7 @@ def _die_with_launcher() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or not (argv[0].endswith(".py") or ":" in argv[0]):
-        print("usage: python -m adapters.worker package.module:function | script.py", file=sys.stderr)
+        print("usage: python -m meshserve.adapters.worker package.module:function | script.py", file=sys.stderr)
         return 2
     _die_with_launcher()
     if argv[0].endswith(".py"):

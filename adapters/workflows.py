@@ -17,10 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from adapters.freshness import CacheStore, check
-from adapters.specs import WHEN, StepSpec, WorkflowSpec
-from adapters.store import Job
-from adapters.training import REPO_ROOT
+from meshserve.adapters.freshness import CacheStore, check
+from meshserve.adapters.specs import WHEN, StepSpec, WorkflowSpec
+from meshserve.adapters.store import Job
 
 RESULT_REF = "{{tasks.%s.outputs.result}}"
 
@@ -123,11 +122,10 @@ async def run_step(manager: Any, job: Job, step: StepSpec, log: Any, env: dict[s
 
 async def run_workflow(manager: Any, job: Job, spec: WorkflowSpec, job_dir: Path,
                        event_env: dict[str, str]) -> dict[str, Any]:  # fmt: skip
-    from adapters.manager import JobFailed
+    from meshserve.adapters.manager import JobFailed
 
     steps_dir = job_dir / "steps"
     steps_dir.mkdir(parents=True, exist_ok=True)
-    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     states: dict[str, dict[str, Any]] = {s.name: {"state": "pending"} for s in spec.steps}
     results: dict[str, str] = {}
     done_events = {s.name: asyncio.Event() for s in spec.steps}
@@ -147,7 +145,7 @@ async def run_workflow(manager: Any, job: Job, spec: WorkflowSpec, job_dir: Path
             if step.when and not evaluate_when(step.when, results):
                 rec.update(state="skipped", reason=f"when: {step.when}")
                 return
-            env = {**os.environ, "PYTHONPATH": pythonpath, "MESHSERVE_WORKFLOW": spec.name,
+            env = {**os.environ, "MESHSERVE_WORKFLOW": spec.name,
                    "MESHSERVE_WORKFLOW_JOB": job.id, **event_env, **step.env}  # fmt: skip
             log_path = steps_dir / f"{step.name}.log"
             rec.update(state="running", log=str(log_path), started=time.time())

@@ -1,5 +1,5 @@
 """Archive safety: no path may land outside the target. Zip extraction lives here;
-tar streams are extracted by ``loaders.tarstream`` with these same rules.
+tar streams are extracted by ``meshserve.loaders.tarstream`` with these same rules.
 
 Refused: absolute paths, ``..`` components, links (symbolic or hard) that point
 outside, device files and FIFOs. ``prefix`` selects a subtree (the ``models/``
@@ -13,7 +13,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from protocol.errors import ModelLoadError
+from meshserve.protocol.errors import ModelLoadError
 
 
 class UnsafeArchive(ModelLoadError):

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from loaders.files import files_size
+from meshserve.loaders.files import files_size
 
 _SIZE_FILE = ".meshserve-size"
 

@@ -7,12 +7,12 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
-from loaders.cache import ContentCache
-from loaders.oci import RegistryClient
-from loaders.pull import pull
-from loaders.remote import fetch_http, fetch_s3
-from loaders.resolve import UnsupportedURI, resolve_uri
-from protocol.errors import ModelLoadError
+from meshserve.loaders.cache import ContentCache
+from meshserve.loaders.oci import RegistryClient
+from meshserve.loaders.pull import pull
+from meshserve.loaders.remote import fetch_http, fetch_s3
+from meshserve.loaders.resolve import UnsupportedURI, resolve_uri
+from meshserve.protocol.errors import ModelLoadError
 
 REMOTE_SCHEMES = ("http", "https", "s3", "oci")
 

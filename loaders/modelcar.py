@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from loaders.oci import OCI_CONFIG, OCI_MANIFEST, Reference, RegistryClient, RegistryError
+from meshserve.loaders.oci import OCI_CONFIG, OCI_MANIFEST, Reference, RegistryClient, RegistryError
 
 LAYER_TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"

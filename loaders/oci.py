@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import httpx
-
-from protocol.errors import ModelLoadError
+from meshserve.protocol.errors import ModelLoadError
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"

@@ -13,10 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from loaders.archive import inside, safe_relative
-from loaders.cache import ContentCache
-from loaders.oci import DOCKER_CONFIG, OCI_CONFIG, Reference, RegistryClient, RegistryError
-from loaders.tarstream import extract_chunks, gunzip
+from meshserve.loaders.archive import inside, safe_relative
+from meshserve.loaders.cache import ContentCache
+from meshserve.loaders.oci import DOCKER_CONFIG, OCI_CONFIG, Reference, RegistryClient, RegistryError
+from meshserve.loaders.tarstream import extract_chunks, gunzip
 
 log = logging.getLogger(__name__)
 

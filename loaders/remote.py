@@ -19,11 +19,10 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import httpx
-
-from loaders.archive import extract_zip, inside, safe_relative
-from loaders.cache import ContentCache
-from loaders.tarstream import extract_chunks, gunzip
-from protocol.errors import ModelLoadError
+from meshserve.loaders.archive import extract_zip, inside, safe_relative
+from meshserve.loaders.cache import ContentCache
+from meshserve.loaders.tarstream import extract_chunks, gunzip
+from meshserve.protocol.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 ARCHIVES = {".tar": "tar", ".tar.gz": "tar.gz", ".tgz": "tar.gz", ".zip": "zip"}

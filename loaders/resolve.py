@@ -1,11 +1,11 @@
-"""Local model URIs: ``file://`` and plain paths (remote ones: loaders.fetcher)."""
+"""Local model URIs: ``file://`` and plain paths (remote ones: meshserve.loaders.fetcher)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from protocol.errors import ModelLoadError
+from meshserve.protocol.errors import ModelLoadError
 
 
 class UnsupportedURI(ModelLoadError):

@@ -4,7 +4,7 @@
 weights (hundreds of MB) those copies cost more than the disk. This reads the
 512-byte headers with ``tarfile.TarInfo.frombuf``, handles PAX and GNU
 long names, and hands file bodies to ``write`` as memoryview slices of the
-chunks, with the same safety rules as ``loaders.archive``.
+chunks, with the same safety rules as ``meshserve.loaders.archive``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from loaders.archive import UnsafeArchive, inside, safe_relative
-from protocol.errors import ModelLoadError
+from meshserve.loaders.archive import UnsafeArchive, inside, safe_relative
+from meshserve.protocol.errors import ModelLoadError
 
 BLOCK = 512
 

@@ -24,9 +24,10 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from loaders import ModelFetcher  # noqa: E402
-from loaders.modelcar import build_and_push  # noqa: E402
-from loaders.oci import Reference, RegistryClient  # noqa: E402
+from meshserve.loaders import ModelFetcher  # noqa: E402
+from meshserve.loaders.modelcar import build_and_push  # noqa: E402
+from meshserve.loaders.oci import Reference, RegistryClient  # noqa: E402
+
 from tests.loaders.conftest import start_registry  # noqa: E402
 from tests.support.server import meshserve_command, start_server  # noqa: E402
 

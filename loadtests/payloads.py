@@ -69,7 +69,7 @@ class Payload:
 def load_grpc_stubs() -> tuple[Any, Any]:
     """Return (grpc_service_pb2, grpc_service_pb2_grpc), preferring the repo's protocol package."""
     try:
-        from protocol.grpc import grpc_service_pb2, grpc_service_pb2_grpc
+        from meshserve.protocol.grpc import grpc_service_pb2, grpc_service_pb2_grpc
     except ImportError:  # repo stubs not generated yet: Triton's wire-identical ones
         from tritonclient.grpc import service_pb2 as grpc_service_pb2
         from tritonclient.grpc import service_pb2_grpc as grpc_service_pb2_grpc

@@ -3,13 +3,13 @@
 from meshserve import Model, InferenceRequest, Tensor
 """
 
-from protocol.errors import InferenceError, InvalidInput, ModelExecutionError
-from protocol.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor, TensorMetadata
-from server.model_settings import ModelSettings
-from server.process import serve
-from server.runtimes.base import Model
-from server.settings import Settings
-from server.version import __version__
+from meshserve.protocol.errors import InferenceError, InvalidInput, ModelExecutionError
+from meshserve.protocol.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor, TensorMetadata
+from meshserve.server.model_settings import ModelSettings
+from meshserve.server.process import serve
+from meshserve.server.runtimes.base import Model
+from meshserve.server.settings import Settings
+from meshserve.server.version import __version__
 
 __all__ = [
     "InferenceError",

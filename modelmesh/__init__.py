@@ -5,7 +5,7 @@ It is handed a load and an unload function and knows neither storage nor
 frameworks, so it is tested alone with stand-in models.
 """
 
-from modelmesh.cache import CacheEntry, CacheStats, ModelCache, ModelState
-from modelmesh.placement import PlacementPolicy
+from meshserve.modelmesh.cache import CacheEntry, CacheStats, ModelCache, ModelState
+from meshserve.modelmesh.placement import PlacementPolicy
 
 __all__ = ["CacheEntry", "CacheStats", "ModelCache", "ModelState", "PlacementPolicy"]

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Generic, TypeVar
 
-from modelmesh.placement import PlacementPolicy
-from protocol.errors import (
+from meshserve.modelmesh.placement import PlacementPolicy
+from meshserve.protocol.errors import (
     CapacityExhausted,
     InferenceError,
     ModelLoadError,

@@ -8,8 +8,8 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
-    from modelmesh.cache import CacheEntry
-    from modelmesh.store import PodRecord
+    from meshserve.modelmesh.cache import CacheEntry
+    from meshserve.modelmesh.store import PodRecord
 
 
 class Choice(NamedTuple):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol.errors import ModelNotFound
+from meshserve.protocol.errors import ModelNotFound
 
 
 def model_key(name: str, version: str | None) -> str:

@@ -3,8 +3,8 @@
 This package imports nothing from the rest of meshserve.
 """
 
-from protocol.datatypes import Datatype
-from protocol.errors import (
+from meshserve.protocol.datatypes import Datatype
+from meshserve.protocol.errors import (
     CapacityExhausted,
     InferenceError,
     InvalidInput,
@@ -13,7 +13,7 @@ from protocol.errors import (
     ModelNotReady,
     PayloadTooLarge,
 )
-from protocol.types import (
+from meshserve.protocol.types import (
     InferenceRequest,
     InferenceResponse,
     ModelMetadata,

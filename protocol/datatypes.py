@@ -7,8 +7,7 @@ from collections.abc import Sequence
 from enum import Enum
 
 import numpy as np
-
-from protocol.errors import InvalidInput
+from meshserve.protocol.errors import InvalidInput
 
 
 class Datatype(str, Enum):

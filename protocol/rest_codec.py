@@ -11,8 +11,7 @@ from typing import Any
 
 import numpy as np
 import orjson
-
-from protocol.datatypes import (
+from meshserve.protocol.datatypes import (
     DTYPES,
     bytes_array,
     cast_checked,
@@ -22,8 +21,8 @@ from protocol.datatypes import (
     encode_bytes_elements,
     resolve_shape,
 )
-from protocol.errors import InvalidInput
-from protocol.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
+from meshserve.protocol.errors import InvalidInput
+from meshserve.protocol.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
 
 HEADER_LENGTH = "inference-header-content-length"
 _DUMPS_OPTS = orjson.OPT_SERIALIZE_NUMPY

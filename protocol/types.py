@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from protocol.datatypes import datatype_of
+from meshserve.protocol.datatypes import datatype_of
 
 Parameters = dict[str, Any]
 
@@ -38,7 +37,7 @@ class Tensor:
         """Wrap an array (or anything numpy accepts), inferring the datatype."""
         arr = data if isinstance(data, np.ndarray) else np.asarray(data)
         if arr.dtype.kind in "SU":
-            from protocol.datatypes import as_bytes, bytes_array
+            from meshserve.protocol.datatypes import as_bytes, bytes_array
 
             arr = bytes_array([as_bytes(x) for x in arr.reshape(-1)], arr.shape)
         return cls(name, datatype_of(arr), arr, parameters)
@@ -84,7 +83,7 @@ class InferenceRequest:
         for t in self.inputs:
             if t.name == name:
                 return t
-        from protocol.errors import InvalidInput
+        from meshserve.protocol.errors import InvalidInput
 
         raise InvalidInput(f"request has no input named {name!r}")
 

@@ -18,9 +18,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
-
-from protocol.errors import ModelExecutionError
-from protocol.types import InferenceRequest, InferenceResponse, Tensor
+from meshserve.protocol.errors import ModelExecutionError
+from meshserve.protocol.types import InferenceRequest, InferenceResponse, Tensor
 
 Run = Callable[[InferenceRequest], Awaitable[InferenceResponse]]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from loaders.files import files_size  # noqa: F401  (the size prediction lives with the loaders)
+from meshserve.loaders.files import files_size  # noqa: F401  (the size prediction lives with the loaders)
 
 _CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from server.version import __version__
+from meshserve.server.version import __version__
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,13 +26,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-preload", action="store_const", const=False, dest="preload", help="load models on first use")
     s.add_argument("--log-level", help="debug, info, warning, error")
     s.add_argument("--store", help="etcd://host:port/prefix: join the pods sharing it into one mesh")
-    from server.production import add_flags
+    from meshserve.server.production import add_flags
 
     add_flags(s)
     p = sub.add_parser("pull", help="fetch a model URI into the cache (an init-container step)")
     p.add_argument("uri", help="oci://registry/repo:tag, https://..., s3://bucket/prefix")
     _remote_flags(p)
-    from adapters.cli import add_parsers
+    from meshserve.adapters.cli import add_parsers
 
     add_parsers(sub)  # train, tune, workflow
     b = sub.add_parser("modelcar", help="build and push KServe modelcar images")
@@ -65,7 +65,7 @@ def _remote_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _fetcher(args: argparse.Namespace):
-    from server.settings import Settings
+    from meshserve.server.settings import Settings
 
     return Settings.load(
         None,
@@ -77,7 +77,7 @@ def _fetcher(args: argparse.Namespace):
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from loaders.progress import Progress
+    from meshserve.loaders.progress import Progress
 
     fetcher = _fetcher(args)
     fetcher.offline_first = False  # an explicit pull asks the source
@@ -89,9 +89,9 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _modelcar_build(args: argparse.Namespace) -> int:
-    from loaders.modelcar import build_and_push
-    from loaders.oci import Reference
-    from loaders.progress import Progress
+    from meshserve.loaders.modelcar import build_and_push
+    from meshserve.loaders.oci import Reference
+    from meshserve.loaders.progress import Progress
 
     fetcher = _fetcher(args)
     ref = Reference.parse(args.tag)
@@ -108,11 +108,10 @@ def _modelcar_build(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
+        from meshserve.server import production
+        from meshserve.server.process import serve
+        from meshserve.server.settings import Settings
         from pydantic import ValidationError
-
-        from server import production
-        from server.process import serve
-        from server.settings import Settings
 
         try:
             settings = Settings.load(
@@ -138,11 +137,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         serve(settings)
         return 0
-    from protocol.errors import InferenceError
+    from meshserve.protocol.errors import InferenceError
 
     try:
         if args.command in ("train", "tune", "workflow"):
-            from adapters.cli import run_command
+            from meshserve.adapters.cli import run_command
 
             return run_command(args)
         if args.command == "pull":
@@ -150,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "modelcar":
             return _modelcar_build(args)
         if args.command == "generate":
-            from server.llm.offline import main as generate_main
+            from meshserve.server.llm.offline import main as generate_main
 
             return generate_main(args, _fetcher(args))
     except InferenceError as e:

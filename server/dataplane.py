@@ -9,13 +9,13 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from modelmesh import CacheEntry, ModelState
-from protocol.errors import InferenceError, ServerNotReady
-from protocol.types import InferenceRequest, InferenceResponse, ModelMetadata
-from server.repository import ModelRepository
-from server.security import check_load_uri, check_model_name, redact
-from server.settings import Settings
-from server.version import __version__
+from meshserve.modelmesh import CacheEntry, ModelState
+from meshserve.protocol.errors import InferenceError, ServerNotReady
+from meshserve.protocol.types import InferenceRequest, InferenceResponse, ModelMetadata
+from meshserve.server.repository import ModelRepository
+from meshserve.server.security import check_load_uri, check_model_name, redact
+from meshserve.server.settings import Settings
+from meshserve.server.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class DataPlane:
         self.executor = ThreadPoolExecutor(settings.predict_threads, thread_name_prefix="predict")
         self.repository = ModelRepository(settings, self.executor)
         self.cache = self.repository.cache
-        from server.metrics import build_metrics
+        from meshserve.server.metrics import build_metrics
 
         self.metrics = build_metrics(self)
         self._started = False
@@ -41,7 +41,7 @@ class DataPlane:
         self.drain_hooks: list[Callable[[], Awaitable[None]]] = []
         # Which models this process serves (all, unless it is one of several workers).
         self.owns: Callable[[str], bool] = lambda name: True
-        self.fleet = None  # server.fleet.Fleet when a coordination store joins pods (settings.store)
+        self.fleet = None  # meshserve.server.fleet.Fleet when a coordination store joins pods (settings.store)
 
     # -- lifecycle ----------------------------------------------------------
     async def start(self) -> None:
@@ -75,8 +75,8 @@ class DataPlane:
         self._started = True
 
     async def _join_fleet(self) -> None:
-        from modelmesh.store import StoreUnavailable, open_store
-        from server.fleet import Fleet
+        from meshserve.modelmesh.store import StoreUnavailable, open_store
+        from meshserve.server.fleet import Fleet
 
         fleet = Fleet(self, self.settings, open_store(self.settings.store, self.settings.fleet_lease_seconds))
         try:

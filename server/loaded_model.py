@@ -12,13 +12,12 @@ from concurrent.futures import Executor
 from typing import Any
 
 import numpy as np
-
-from protocol.datatypes import DTYPES, as_bytes, bytes_array
-from protocol.errors import InferenceError, InvalidInput, ModelExecutionError
-from protocol.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor, TensorMetadata
-from server import tracing
-from server.batching import DynamicBatcher
-from server.runtimes.base import Model
+from meshserve.protocol.datatypes import DTYPES, as_bytes, bytes_array
+from meshserve.protocol.errors import InferenceError, InvalidInput, ModelExecutionError
+from meshserve.protocol.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor, TensorMetadata
+from meshserve.server import tracing
+from meshserve.server.batching import DynamicBatcher
+from meshserve.server.runtimes.base import Model
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ class LoadedModel:
         settings = model.settings
         self.batcher: DynamicBatcher | None = None
         self._batching = settings.max_batch_size > 1 and model.supports_batching
-        from server import observe
+        from meshserve.server import observe
 
         self.timers = observe.CURRENT.phases(self.name) if observe.CURRENT is not None else None
 

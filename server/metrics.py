@@ -10,14 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from meshserve.server.llm.metrics import register_llm_metrics
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from server.llm.metrics import register_llm_metrics
-
 if TYPE_CHECKING:
-    from server.dataplane import DataPlane
+    from meshserve.server.dataplane import DataPlane
 
 LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -66,7 +65,7 @@ def build_metrics(dataplane: DataPlane) -> CollectorRegistry:
         "meshserve_model_load_seconds", "Time to load a model.", buckets=LOAD_BUCKETS, registry=registry
     )
     dataplane.cache.on_load = load_time.observe
-    from server import observe
+    from meshserve.server import observe
 
     # Per-request figures (server/observe.py): counts, latency phases, in-flight, batch sizes.
     dataplane.observe = observe.CURRENT = observe.RequestMetrics(registry, _registered(dataplane))
@@ -76,7 +75,7 @@ def build_metrics(dataplane: DataPlane) -> CollectorRegistry:
 
 def _registered(dataplane: DataPlane):
     """Whether a name is a registered model (only those become metric labels)."""
-    from protocol.errors import InferenceError
+    from meshserve.protocol.errors import InferenceError
 
     def known(name: str) -> bool:
         try:

@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from meshserve.protocol.datatypes import DTYPES
+from meshserve.protocol.errors import InvalidInput
+from meshserve.protocol.types import ModelMetadata, TensorMetadata
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-from protocol.datatypes import DTYPES
-from protocol.errors import InvalidInput
-from protocol.types import ModelMetadata, TensorMetadata
 
 SETTINGS_FILES = ("model-settings.json", "model-settings.yaml", "model-settings.yml")
 

@@ -314,7 +314,7 @@ class TextFormatter(logging.Formatter):
 
 
 def redact(text: str) -> str:
-    from server.security import redact as _redact
+    from meshserve.server.security import redact as _redact
 
     return _redact(text)
 

@@ -11,15 +11,14 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
-
-from server.dataplane import DataPlane
-from server.grpc.servicer import build_grpc_server
-from server.rest import build_rest_app
-from server.security import grpc_server_credentials
-from server.settings import Settings
+from meshserve.server.dataplane import DataPlane
+from meshserve.server.grpc.servicer import build_grpc_server
+from meshserve.server.rest import build_rest_app
+from meshserve.server.security import grpc_server_credentials
+from meshserve.server.settings import Settings
 
 if TYPE_CHECKING:
-    from server.workers import Router
+    from meshserve.server.workers import Router
 
 log = logging.getLogger("meshserve")
 
@@ -66,7 +65,7 @@ async def run(settings: Settings, started: asyncio.Event | None = None, router: 
     private: list[tuple[uvicorn.Server, Any]] = []  # (REST, gRPC) on Unix sockets, for peers
     sockets = None
     if router is not None:
-        from server.workers import worker_sockets
+        from meshserve.server.workers import worker_sockets
 
         shared, uds = worker_sockets(settings, router)
         sockets = [shared]
@@ -78,7 +77,7 @@ async def run(settings: Settings, started: asyncio.Event | None = None, router: 
         private.append((private_rest, private_grpc))
 
     else:  # bound here, so a taken port is one clear line, as for gRPC
-        from server.workers import reuseport_socket
+        from meshserve.server.workers import reuseport_socket
 
         try:
             sockets = [reuseport_socket(settings.host, settings.http_port, reuse_port=False)]
@@ -133,7 +132,7 @@ async def run(settings: Settings, started: asyncio.Event | None = None, router: 
         await router.close()
     await dataplane.stop()
     log.info("stopped")
-    from server.observe import flush_access_log
+    from meshserve.server.observe import flush_access_log
 
     flush_access_log()
     waiter.cancel()
@@ -161,13 +160,13 @@ async def shutdown(
 def serve(settings: Settings | None = None, router: Router | None = None) -> None:
     """Serve until SIGINT/SIGTERM (``from meshserve import serve``)."""
     settings = settings or Settings.load()
-    from server.observe import configure_logging
+    from meshserve.server.observe import configure_logging
 
     configure_logging(settings.log_level, settings.log_format, settings.access_log)
-    from server import tracing
+    from meshserve.server import tracing
 
     tracing.setup(settings.tracing, settings.server_name)
-    from server.memory import tune_allocator
+    from meshserve.server.memory import tune_allocator
 
     tune_allocator()
     try:
@@ -177,7 +176,7 @@ def serve(settings: Settings | None = None, router: Router | None = None) -> Non
     except ImportError:
         pass
     if settings.workers > 1 and router is None:
-        from server.workers import supervise
+        from meshserve.server.workers import supervise
 
         raise SystemExit(supervise(settings))
     try:

@@ -11,18 +11,18 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
-from loaders import is_remote, resolve_uri
-from modelmesh import CacheEntry, ModelCache, ModelState, PlacementPolicy
-from modelmesh.registry import ModelRegistry, model_key
-from protocol.errors import InvalidInput, ModelLoadError, ModelNotFound
-from server.capacity import default_capacity, files_size
-from server.loaded_model import LoadedModel
-from server.memory import release_free_memory, rss_bytes
-from server.model_settings import ModelSettings, parse_model_settings, read_settings_file
-from server.runtimes.base import Model
-from server.runtimes.files import runtimes_for_dir
-from server.runtimes.registry import resolve_runtime
-from server.settings import Settings
+from meshserve.loaders import is_remote, resolve_uri
+from meshserve.modelmesh import CacheEntry, ModelCache, ModelState, PlacementPolicy
+from meshserve.modelmesh.registry import ModelRegistry, model_key
+from meshserve.protocol.errors import InvalidInput, ModelLoadError, ModelNotFound
+from meshserve.server.capacity import default_capacity, files_size
+from meshserve.server.loaded_model import LoadedModel
+from meshserve.server.memory import release_free_memory, rss_bytes
+from meshserve.server.model_settings import ModelSettings, parse_model_settings, read_settings_file
+from meshserve.server.runtimes.base import Model
+from meshserve.server.runtimes.files import runtimes_for_dir
+from meshserve.server.runtimes.registry import resolve_runtime
+from meshserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
 GC_AFTER_UNLOAD_BYTES = 32 * 1024 * 1024

@@ -17,12 +17,11 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from protocol.errors import InvalidInput
+from meshserve.protocol.errors import InvalidInput
 
 if TYPE_CHECKING:
     import grpc
-
-    from server.settings import Settings
+    from meshserve.server.settings import Settings
 
 HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
 METRICS_PATH = "/metrics"

@@ -14,7 +14,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
-    from loaders import ModelFetcher
+    from meshserve.loaders import ModelFetcher
 
 
 class Settings(BaseSettings):
@@ -108,7 +108,7 @@ class Settings(BaseSettings):
     @classmethod
     def _store(cls, v: str | None) -> str | None:
         if v and v != "inprocess":
-            from modelmesh.store import parse_store_url
+            from meshserve.modelmesh.store import parse_store_url
 
             parse_store_url(v)  # ValueError: the settings error says what is wrong
         return v
@@ -128,7 +128,7 @@ class Settings(BaseSettings):
 
     def fetcher(self) -> ModelFetcher:
         """The model fetcher these settings describe."""
-        from loaders import ModelFetcher
+        from meshserve.loaders import ModelFetcher
 
         creds = (self.registry_username, self.registry_password or "") if self.registry_username else None
         return ModelFetcher(

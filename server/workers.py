@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from server.settings import Settings
+    from meshserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ def reuseport_socket(host: str, port: int, reuse_port: bool = True) -> socket.so
 
 
 def _worker_main(settings: Settings, index: int, rundir: str) -> None:
-    from server.process import serve
+    from meshserve.server.process import serve
 
     serve(settings, Router(index, settings.workers, rundir))
 
@@ -301,7 +301,7 @@ def supervise(settings: Settings) -> int:
             probe.append(s)
             settings = settings.model_copy(update={attr: s.getsockname()[1]})
     if settings.capacity_bytes is None:
-        from server.capacity import default_capacity
+        from meshserve.server.capacity import default_capacity
 
         settings = settings.model_copy(update={"capacity_bytes": max(1, default_capacity(settings.capacity_fraction))})
     # Each worker holds its own models: a 1/N share of the pod's model memory.

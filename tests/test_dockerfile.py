@@ -105,10 +105,27 @@ def test_every_installed_package_is_copied() -> None:
     Dockerfile leaves out is missing in the image (and `meshserve serve` imports them all)."""
     import tomllib
 
-    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
-    packages = {p.rstrip("*") for p in patterns}
+    package_dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    packages = set(package_dirs.values())
     copied = set()
     for kw, args in _instructions():
         if kw == "COPY" and not any(w.startswith("--from") for w in _words(args)):
             copied |= {w.rstrip("/") for w in _words(args)[:-1] if not w.startswith("--")}
     assert packages <= copied, f"packages not copied into the image: {sorted(packages - copied)}"
+
+
+def test_the_wheel_installs_only_meshserve(tmp_path) -> None:
+    """The card's folders are meshserve's sub-packages: no generic top-level name
+    (``server``, ``protocol``, ``adapters``) can shadow or be shadowed."""
+    import zipfile
+
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
+                           "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = tmp_path.glob("meshserve-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"meshserve"}
+    for sub in ("server", "protocol", "modelmesh", "loaders", "adapters"):
+        assert f"meshserve/{sub}/__init__.py" in names
+    assert "meshserve/protocol/grpc/grpc_service.proto" in names

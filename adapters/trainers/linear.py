@@ -14,7 +14,7 @@ import csv
 import json
 from pathlib import Path
 
-from adapters import worker
+from meshserve.adapters import worker
 
 
 def _read(files: list[str], rank: int, world: int, by_row: bool) -> tuple[list[str], list[list[float]], list[float]]:

@@ -1,6 +1,6 @@
 """Write the adapter examples' dataset: two CSV partitions of y = 2*x1 - 3*x2 + 1 (+ a little noise).
 
-Columns are what the built-in trainer (adapters.trainers.linear) reads: ``id``, the
+Columns are what the built-in trainer (meshserve.adapters.trainers.linear) reads: ``id``, the
 features, and ``y`` last. The specs beside this file read the partitions from
 /tmp/meshserve-examples/data (absolute: training workers run in their job's folder).
 

@@ -6,8 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-
-from protocol.datatypes import (
+from meshserve.protocol.datatypes import (
     DTYPES,
     bytes_array,
     cast_checked,
@@ -17,9 +16,9 @@ from protocol.datatypes import (
     encode_bytes_elements,
     resolve_shape,
 )
-from protocol.errors import InvalidInput
-from protocol.grpc import grpc_service_pb2 as pb
-from protocol.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor, Uint64
+from meshserve.protocol.errors import InvalidInput
+from meshserve.protocol.grpc import grpc_service_pb2 as pb
+from meshserve.protocol.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor, Uint64
 
 # Which InferTensorContents field carries each datatype (FP16 has none: raw only).
 CONTENTS_FIELD = {

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protocol.grpc import grpc_service_pb2 as protocol_dot_grpc_dot_grpc__service__pb2
+from meshserve.protocol.grpc import grpc_service_pb2 as meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protocol/grpc/grpc_service_pb2_grpc.py depends on'
+        + ' but the generated code in meshserve/protocol/grpc/grpc_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,53 +36,53 @@ class GRPCInferenceServiceStub:
         """
         self.ServerLive = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerLive',
-                request_serializer=protocol_dot_grpc_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
-                response_deserializer=protocol_dot_grpc_dot_grpc__service__pb2.ServerLiveResponse.FromString,
+                request_serializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ServerLiveResponse.FromString,
                 _registered_method=True)
         self.ServerReady = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerReady',
-                request_serializer=protocol_dot_grpc_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
-                response_deserializer=protocol_dot_grpc_dot_grpc__service__pb2.ServerReadyResponse.FromString,
+                request_serializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ServerReadyResponse.FromString,
                 _registered_method=True)
         self.ModelReady = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelReady',
-                request_serializer=protocol_dot_grpc_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
-                response_deserializer=protocol_dot_grpc_dot_grpc__service__pb2.ModelReadyResponse.FromString,
+                request_serializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ModelReadyResponse.FromString,
                 _registered_method=True)
         self.ServerMetadata = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerMetadata',
-                request_serializer=protocol_dot_grpc_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
-                response_deserializer=protocol_dot_grpc_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
+                request_serializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
                 _registered_method=True)
         self.ModelMetadata = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelMetadata',
-                request_serializer=protocol_dot_grpc_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
-                response_deserializer=protocol_dot_grpc_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
+                request_serializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
                 _registered_method=True)
         self.ModelInfer = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelInfer',
-                request_serializer=protocol_dot_grpc_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
-                response_deserializer=protocol_dot_grpc_dot_grpc__service__pb2.ModelInferResponse.FromString,
+                request_serializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ModelInferResponse.FromString,
                 _registered_method=True)
         self.ModelStreamInfer = channel.stream_stream(
                 '/inference.GRPCInferenceService/ModelStreamInfer',
-                request_serializer=protocol_dot_grpc_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
-                response_deserializer=protocol_dot_grpc_dot_grpc__service__pb2.ModelStreamInferResponse.FromString,
+                request_serializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ModelStreamInferResponse.FromString,
                 _registered_method=True)
         self.RepositoryIndex = channel.unary_unary(
                 '/inference.GRPCInferenceService/RepositoryIndex',
-                request_serializer=protocol_dot_grpc_dot_grpc__service__pb2.RepositoryIndexRequest.SerializeToString,
-                response_deserializer=protocol_dot_grpc_dot_grpc__service__pb2.RepositoryIndexResponse.FromString,
+                request_serializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.RepositoryIndexRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.RepositoryIndexResponse.FromString,
                 _registered_method=True)
         self.RepositoryModelLoad = channel.unary_unary(
                 '/inference.GRPCInferenceService/RepositoryModelLoad',
-                request_serializer=protocol_dot_grpc_dot_grpc__service__pb2.RepositoryModelLoadRequest.SerializeToString,
-                response_deserializer=protocol_dot_grpc_dot_grpc__service__pb2.RepositoryModelLoadResponse.FromString,
+                request_serializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.RepositoryModelLoadRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.RepositoryModelLoadResponse.FromString,
                 _registered_method=True)
         self.RepositoryModelUnload = channel.unary_unary(
                 '/inference.GRPCInferenceService/RepositoryModelUnload',
-                request_serializer=protocol_dot_grpc_dot_grpc__service__pb2.RepositoryModelUnloadRequest.SerializeToString,
-                response_deserializer=protocol_dot_grpc_dot_grpc__service__pb2.RepositoryModelUnloadResponse.FromString,
+                request_serializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.RepositoryModelUnloadRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.RepositoryModelUnloadResponse.FromString,
                 _registered_method=True)
 
 
@@ -156,53 +156,53 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'ServerLive': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerLive,
-                    request_deserializer=protocol_dot_grpc_dot_grpc__service__pb2.ServerLiveRequest.FromString,
-                    response_serializer=protocol_dot_grpc_dot_grpc__service__pb2.ServerLiveResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ServerLiveRequest.FromString,
+                    response_serializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ServerLiveResponse.SerializeToString,
             ),
             'ServerReady': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerReady,
-                    request_deserializer=protocol_dot_grpc_dot_grpc__service__pb2.ServerReadyRequest.FromString,
-                    response_serializer=protocol_dot_grpc_dot_grpc__service__pb2.ServerReadyResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ServerReadyRequest.FromString,
+                    response_serializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ServerReadyResponse.SerializeToString,
             ),
             'ModelReady': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelReady,
-                    request_deserializer=protocol_dot_grpc_dot_grpc__service__pb2.ModelReadyRequest.FromString,
-                    response_serializer=protocol_dot_grpc_dot_grpc__service__pb2.ModelReadyResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ModelReadyRequest.FromString,
+                    response_serializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ModelReadyResponse.SerializeToString,
             ),
             'ServerMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerMetadata,
-                    request_deserializer=protocol_dot_grpc_dot_grpc__service__pb2.ServerMetadataRequest.FromString,
-                    response_serializer=protocol_dot_grpc_dot_grpc__service__pb2.ServerMetadataResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ServerMetadataRequest.FromString,
+                    response_serializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ServerMetadataResponse.SerializeToString,
             ),
             'ModelMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelMetadata,
-                    request_deserializer=protocol_dot_grpc_dot_grpc__service__pb2.ModelMetadataRequest.FromString,
-                    response_serializer=protocol_dot_grpc_dot_grpc__service__pb2.ModelMetadataResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ModelMetadataRequest.FromString,
+                    response_serializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ModelMetadataResponse.SerializeToString,
             ),
             'ModelInfer': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfer,
-                    request_deserializer=protocol_dot_grpc_dot_grpc__service__pb2.ModelInferRequest.FromString,
-                    response_serializer=protocol_dot_grpc_dot_grpc__service__pb2.ModelInferResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ModelInferRequest.FromString,
+                    response_serializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ModelInferResponse.SerializeToString,
             ),
             'ModelStreamInfer': grpc.stream_stream_rpc_method_handler(
                     servicer.ModelStreamInfer,
-                    request_deserializer=protocol_dot_grpc_dot_grpc__service__pb2.ModelInferRequest.FromString,
-                    response_serializer=protocol_dot_grpc_dot_grpc__service__pb2.ModelStreamInferResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ModelInferRequest.FromString,
+                    response_serializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ModelStreamInferResponse.SerializeToString,
             ),
             'RepositoryIndex': grpc.unary_unary_rpc_method_handler(
                     servicer.RepositoryIndex,
-                    request_deserializer=protocol_dot_grpc_dot_grpc__service__pb2.RepositoryIndexRequest.FromString,
-                    response_serializer=protocol_dot_grpc_dot_grpc__service__pb2.RepositoryIndexResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.RepositoryIndexRequest.FromString,
+                    response_serializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.RepositoryIndexResponse.SerializeToString,
             ),
             'RepositoryModelLoad': grpc.unary_unary_rpc_method_handler(
                     servicer.RepositoryModelLoad,
-                    request_deserializer=protocol_dot_grpc_dot_grpc__service__pb2.RepositoryModelLoadRequest.FromString,
-                    response_serializer=protocol_dot_grpc_dot_grpc__service__pb2.RepositoryModelLoadResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.RepositoryModelLoadRequest.FromString,
+                    response_serializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.RepositoryModelLoadResponse.SerializeToString,
             ),
             'RepositoryModelUnload': grpc.unary_unary_rpc_method_handler(
                     servicer.RepositoryModelUnload,
-                    request_deserializer=protocol_dot_grpc_dot_grpc__service__pb2.RepositoryModelUnloadRequest.FromString,
-                    response_serializer=protocol_dot_grpc_dot_grpc__service__pb2.RepositoryModelUnloadResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.RepositoryModelUnloadRequest.FromString,
+                    response_serializer=meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.RepositoryModelUnloadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -230,8 +230,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ServerLive',
-            protocol_dot_grpc_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
-            protocol_dot_grpc_dot_grpc__service__pb2.ServerLiveResponse.FromString,
+            meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
+            meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ServerLiveResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -257,8 +257,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ServerReady',
-            protocol_dot_grpc_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
-            protocol_dot_grpc_dot_grpc__service__pb2.ServerReadyResponse.FromString,
+            meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
+            meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ServerReadyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -284,8 +284,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelReady',
-            protocol_dot_grpc_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
-            protocol_dot_grpc_dot_grpc__service__pb2.ModelReadyResponse.FromString,
+            meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
+            meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ModelReadyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -311,8 +311,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ServerMetadata',
-            protocol_dot_grpc_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
-            protocol_dot_grpc_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
+            meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
+            meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -338,8 +338,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelMetadata',
-            protocol_dot_grpc_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
-            protocol_dot_grpc_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
+            meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
+            meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -365,8 +365,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelInfer',
-            protocol_dot_grpc_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
-            protocol_dot_grpc_dot_grpc__service__pb2.ModelInferResponse.FromString,
+            meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
+            meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ModelInferResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -392,8 +392,8 @@ class GRPCInferenceService:
             request_iterator,
             target,
             '/inference.GRPCInferenceService/ModelStreamInfer',
-            protocol_dot_grpc_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
-            protocol_dot_grpc_dot_grpc__service__pb2.ModelStreamInferResponse.FromString,
+            meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
+            meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.ModelStreamInferResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -419,8 +419,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/RepositoryIndex',
-            protocol_dot_grpc_dot_grpc__service__pb2.RepositoryIndexRequest.SerializeToString,
-            protocol_dot_grpc_dot_grpc__service__pb2.RepositoryIndexResponse.FromString,
+            meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.RepositoryIndexRequest.SerializeToString,
+            meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.RepositoryIndexResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -446,8 +446,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/RepositoryModelLoad',
-            protocol_dot_grpc_dot_grpc__service__pb2.RepositoryModelLoadRequest.SerializeToString,
-            protocol_dot_grpc_dot_grpc__service__pb2.RepositoryModelLoadResponse.FromString,
+            meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.RepositoryModelLoadRequest.SerializeToString,
+            meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.RepositoryModelLoadResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -473,8 +473,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/RepositoryModelUnload',
-            protocol_dot_grpc_dot_grpc__service__pb2.RepositoryModelUnloadRequest.SerializeToString,
-            protocol_dot_grpc_dot_grpc__service__pb2.RepositoryModelUnloadResponse.FromString,
+            meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.RepositoryModelUnloadRequest.SerializeToString,
+            meshserve_dot_protocol_dot_grpc_dot_grpc__service__pb2.RepositoryModelUnloadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -15,7 +15,7 @@ goes, forwarding, the two fronts), ``copies`` (the periodic pod record and extra
 channels), ``view`` (index rows, metrics) and ``wire`` (markers, remote errors, codec).
 """
 
-from server.fleet.core import Fleet
-from server.fleet.wire import ERROR_KEY, MARKER, ROUTE, CopyGone, decode_infer_response, store_lease
+from meshserve.server.fleet.core import Fleet
+from meshserve.server.fleet.wire import ERROR_KEY, MARKER, ROUTE, CopyGone, decode_infer_response, store_lease
 
 __all__ = ["ERROR_KEY", "MARKER", "ROUTE", "CopyGone", "Fleet", "decode_infer_response", "store_lease"]

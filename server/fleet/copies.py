@@ -7,18 +7,17 @@ import logging
 import time
 
 import grpc
+from meshserve.modelmesh import ModelState
+from meshserve.modelmesh.placement import rank_pods
+from meshserve.modelmesh.store import PodRecord, StoreUnavailable
+from meshserve.protocol.grpc import grpc_service_pb2 as pb
+from meshserve.server.fleet.wire import _cancelled_here, _remote_error, _Unreachable, store_lease
 
-from modelmesh import ModelState
-from modelmesh.placement import rank_pods
-from modelmesh.store import PodRecord, StoreUnavailable
-from protocol.grpc import grpc_service_pb2 as pb
-from server.fleet.wire import _cancelled_here, _remote_error, _Unreachable, store_lease
-
-log = logging.getLogger(__package__)  # "server.fleet", as before the split
+log = logging.getLogger(__package__)  # "meshserve.server.fleet", as before the split
 
 
 class Copies:
-    """Part of :class:`server.fleet.Fleet` (its state is set in ``Fleet.__init__``)."""
+    """Part of :class:`meshserve.server.fleet.Fleet` (its state is set in ``Fleet.__init__``)."""
 
     # -- the periodic work: the pod record and the copy rules -------------------
     def _stats(self) -> PodRecord:

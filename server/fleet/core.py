@@ -8,19 +8,18 @@ import time
 from typing import TYPE_CHECKING
 
 import grpc
-
-from modelmesh.store import CoordinationStore, PodRecord
-from protocol.grpc import grpc_service_pb2_grpc as pb_grpc
-from server.fleet.copies import Copies
-from server.fleet.lifecycle import Lifecycle
-from server.fleet.pods import Pods
-from server.fleet.routing import Routing
-from server.fleet.view import View
-from server.fleet.wire import MARKER, _advertised_host, _auth_metadata, store_lease
+from meshserve.modelmesh.store import CoordinationStore, PodRecord
+from meshserve.protocol.grpc import grpc_service_pb2_grpc as pb_grpc
+from meshserve.server.fleet.copies import Copies
+from meshserve.server.fleet.lifecycle import Lifecycle
+from meshserve.server.fleet.pods import Pods
+from meshserve.server.fleet.routing import Routing
+from meshserve.server.fleet.view import View
+from meshserve.server.fleet.wire import MARKER, _advertised_host, _auth_metadata, store_lease
 
 if TYPE_CHECKING:
-    from server.dataplane import DataPlane
-    from server.settings import Settings
+    from meshserve.server.dataplane import DataPlane
+    from meshserve.server.settings import Settings
 
 
 class Fleet(Lifecycle, Copies, Routing, View, Pods):

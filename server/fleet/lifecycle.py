@@ -7,17 +7,17 @@ import contextlib
 import logging
 from typing import Any
 
-from modelmesh import CacheEntry, ModelState
-from modelmesh.store import StoreUnavailable
-from protocol.errors import InferenceError
+from meshserve.modelmesh import CacheEntry, ModelState
+from meshserve.modelmesh.store import StoreUnavailable
+from meshserve.protocol.errors import InferenceError
 
-log = logging.getLogger(__package__)  # "server.fleet", as before the split
+log = logging.getLogger(__package__)  # "meshserve.server.fleet", as before the split
 
 HANDOFF_CONCURRENCY = 4
 
 
 class Lifecycle:
-    """Part of :class:`server.fleet.Fleet` (its state is set in ``Fleet.__init__``)."""
+    """Part of :class:`meshserve.server.fleet.Fleet` (its state is set in ``Fleet.__init__``)."""
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
@@ -88,7 +88,7 @@ class Lifecycle:
     def _register_remote(self, key: str, doc: dict[str, Any]) -> None:
         if self.cache.get(key) is not None:
             return
-        from server.model_settings import parse_model_settings
+        from meshserve.server.model_settings import parse_model_settings
 
         try:
             self.dp.repository.register(parse_model_settings(doc))

@@ -7,15 +7,14 @@ import logging
 import time
 
 import grpc
+from meshserve.modelmesh.store import PodRecord
+from meshserve.protocol.grpc import grpc_service_pb2_grpc as pb_grpc
 
-from modelmesh.store import PodRecord
-from protocol.grpc import grpc_service_pb2_grpc as pb_grpc
-
-log = logging.getLogger(__package__)  # "server.fleet", as before the split
+log = logging.getLogger(__package__)  # "meshserve.server.fleet", as before the split
 
 
 class Pods:
-    """Part of :class:`server.fleet.Fleet` (its state is set in ``Fleet.__init__``)."""
+    """Part of :class:`meshserve.server.fleet.Fleet` (its state is set in ``Fleet.__init__``)."""
 
     # -- who is alive ------------------------------------------------------------
     def _alive(self, pod_id: str) -> bool:

@@ -10,11 +10,10 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import grpc
-
-from modelmesh import CacheEntry, ModelState
-from modelmesh.placement import rank_pods
-from modelmesh.store import PodRecord, StoreUnavailable
-from protocol.errors import (
+from meshserve.modelmesh import CacheEntry, ModelState
+from meshserve.modelmesh.placement import rank_pods
+from meshserve.modelmesh.store import PodRecord, StoreUnavailable
+from meshserve.protocol.errors import (
     CapacityExhausted,
     InferenceError,
     ModelLoadError,
@@ -22,11 +21,11 @@ from protocol.errors import (
     ModelNotReady,
     ServerNotReady,
 )
-from protocol.grpc import grpc_service_pb2 as pb
-from protocol.grpc import grpc_service_pb2_grpc as pb_grpc
-from protocol.grpc.codec import decode_infer_request, encode_infer_request, encode_infer_response
-from protocol.types import InferenceRequest, InferenceResponse
-from server.fleet.wire import (
+from meshserve.protocol.grpc import grpc_service_pb2 as pb
+from meshserve.protocol.grpc import grpc_service_pb2_grpc as pb_grpc
+from meshserve.protocol.grpc.codec import decode_infer_request, encode_infer_request, encode_infer_response
+from meshserve.protocol.types import InferenceRequest, InferenceResponse
+from meshserve.server.fleet.wire import (
     ROUTE,
     CopyGone,
     _cancelled_here,
@@ -45,7 +44,7 @@ MAX_ATTEMPTS = 5
 
 
 class Routing:
-    """Part of :class:`server.fleet.Fleet` (its state is set in ``Fleet.__init__``)."""
+    """Part of :class:`meshserve.server.fleet.Fleet` (its state is set in ``Fleet.__init__``)."""
 
     # -- routing -----------------------------------------------------------------
     def serves_here(self, entry: CacheEntry | None) -> bool:

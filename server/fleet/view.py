@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from modelmesh import ModelState
+from meshserve.modelmesh import ModelState
 
 
 class View:
-    """Part of :class:`server.fleet.Fleet` (its state is set in ``Fleet.__init__``)."""
+    """Part of :class:`meshserve.server.fleet.Fleet` (its state is set in ``Fleet.__init__``)."""
 
     # -- the fleet view ----------------------------------------------------------------
     def index_rows(self, ready_only: bool = False) -> list[dict[str, Any]]:

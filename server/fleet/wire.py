@@ -9,18 +9,17 @@ from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
-
-from modelmesh import CacheEntry, ModelState
-from modelmesh.store import CoordinationStore
-from protocol import errors
-from protocol.datatypes import DTYPES
-from protocol.errors import InferenceError, ModelNotReady, ServerNotReady
-from protocol.grpc import grpc_service_pb2 as pb
-from protocol.grpc.codec import CONTENTS_FIELD, decode_parameters
-from protocol.types import InferenceResponse, Tensor
+from meshserve.modelmesh import CacheEntry, ModelState
+from meshserve.modelmesh.store import CoordinationStore
+from meshserve.protocol import errors
+from meshserve.protocol.datatypes import DTYPES
+from meshserve.protocol.errors import InferenceError, ModelNotReady, ServerNotReady
+from meshserve.protocol.grpc import grpc_service_pb2 as pb
+from meshserve.protocol.grpc.codec import CONTENTS_FIELD, decode_parameters
+from meshserve.protocol.types import InferenceResponse, Tensor
 
 if TYPE_CHECKING:
-    from server.settings import Settings
+    from meshserve.server.settings import Settings
 
 
 # Metadata on a forwarded call: serve it here, do not route it again. Its value says why it
@@ -69,7 +68,7 @@ def decode_infer_response(msg: pb.ModelInferResponse) -> InferenceResponse:
         if raw:
             buf = raw[i]
             if out.datatype == "BYTES":
-                from protocol.datatypes import bytes_array, decode_bytes_elements
+                from meshserve.protocol.datatypes import bytes_array, decode_bytes_elements
 
                 data = bytes_array(decode_bytes_elements(out.name, buf), shape)
             else:
@@ -77,7 +76,7 @@ def decode_infer_response(msg: pb.ModelInferResponse) -> InferenceResponse:
         else:
             values = getattr(out.contents, CONTENTS_FIELD[out.datatype])
             if out.datatype == "BYTES":
-                from protocol.datatypes import bytes_array
+                from meshserve.protocol.datatypes import bytes_array
 
                 data = bytes_array(list(values), shape)
             else:

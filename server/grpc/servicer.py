@@ -8,17 +8,16 @@ from collections.abc import AsyncIterator
 from time import perf_counter_ns
 
 import grpc
-
-from protocol.errors import InferenceError, InvalidInput, RequestTimeout
-from protocol.grpc import grpc_service_pb2 as pb
-from protocol.grpc import grpc_service_pb2_grpc as pb_grpc
-from protocol.grpc.codec import decode_infer_request, encode_infer_response
-from server import tracing
-from server.dataplane import DataPlane
-from server.llm.grpc_stream import stream_llm
-from server.llm.service import is_llm_model
-from server.observe import clean_request_id, log_access
-from server.security import build_auth, grpc_auth_interceptor, redact
+from meshserve.protocol.errors import InferenceError, InvalidInput, RequestTimeout
+from meshserve.protocol.grpc import grpc_service_pb2 as pb
+from meshserve.protocol.grpc import grpc_service_pb2_grpc as pb_grpc
+from meshserve.protocol.grpc.codec import decode_infer_request, encode_infer_response
+from meshserve.server import tracing
+from meshserve.server.dataplane import DataPlane
+from meshserve.server.llm.grpc_stream import stream_llm
+from meshserve.server.llm.service import is_llm_model
+from meshserve.server.observe import clean_request_id, log_access
+from meshserve.server.security import build_auth, grpc_auth_interceptor, redact
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ def _repository_config(params: dict) -> dict | None:
     p = params.get("config")
     if p is None:
         return None
-    from protocol.rest_codec import loads_object
+    from meshserve.protocol.rest_codec import loads_object
 
     which = p.WhichOneof("parameter_choice")
     if which not in ("string_param", "bytes_param"):

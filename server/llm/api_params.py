@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol.errors import InvalidInput
-from server.llm.types import SamplingParams
+from meshserve.protocol.errors import InvalidInput
+from meshserve.server.llm.types import SamplingParams
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256

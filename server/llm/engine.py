@@ -44,12 +44,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from protocol.errors import CapacityExhausted, ModelExecutionError, ModelLoadError
-from server.llm.params import check_params
-from server.llm.prompts import adds_special_tokens, apply_chat_template, check_token_ids
-from server.llm.sequence import EngineStats, GenerationStream, Sequence
-from server.llm.text import Detokenizer
-from server.llm.types import GenerationChunk, SamplingParams
+from meshserve.protocol.errors import CapacityExhausted, ModelExecutionError, ModelLoadError
+from meshserve.server.llm.params import check_params
+from meshserve.server.llm.prompts import adds_special_tokens, apply_chat_template, check_token_ids
+from meshserve.server.llm.sequence import EngineStats, GenerationStream, Sequence
+from meshserve.server.llm.text import Detokenizer
+from meshserve.server.llm.types import GenerationChunk, SamplingParams
 
 log = logging.getLogger(__name__)
 

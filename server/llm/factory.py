@@ -8,8 +8,8 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from protocol.errors import ModelLoadError
-from server.llm.types import LLMEngine
+from meshserve.protocol.errors import ModelLoadError
+from meshserve.server.llm.types import LLMEngine
 
 ENGINES = ("auto", "transformers", "vllm")
 
@@ -41,9 +41,9 @@ def create_engine(path: str | Path, name: str, parameters: dict[str, Any] | None
     """An engine for the model folder ``path`` (not started: ``await engine.start()`` loads and runs it)."""
     kind = choose_engine(parameters)
     if kind == "vllm":
-        from server.llm.vllm_engine import VLLMEngine
+        from meshserve.server.llm.vllm_engine import VLLMEngine
 
         return VLLMEngine(path, name, parameters)
-    from server.llm.engine import TransformersEngine
+    from meshserve.server.llm.engine import TransformersEngine
 
     return TransformersEngine(path, name, parameters)

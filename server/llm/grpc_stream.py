@@ -16,17 +16,16 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-from protocol.datatypes import bytes_array
-from protocol.errors import InferenceError, InvalidInput
-from protocol.grpc import grpc_service_pb2 as pb
-from protocol.grpc.codec import decode_infer_request, encode_infer_response
-from protocol.types import InferenceRequest, InferenceResponse, Tensor
-from server.llm.api_params import OIP_FIELDS, oip_sampling
-from server.llm.service import Generation, request_id
+from meshserve.protocol.datatypes import bytes_array
+from meshserve.protocol.errors import InferenceError, InvalidInput
+from meshserve.protocol.grpc import grpc_service_pb2 as pb
+from meshserve.protocol.grpc.codec import decode_infer_request, encode_infer_response
+from meshserve.protocol.types import InferenceRequest, InferenceResponse, Tensor
+from meshserve.server.llm.api_params import OIP_FIELDS, oip_sampling
+from meshserve.server.llm.service import Generation, request_id
 
 if TYPE_CHECKING:
-    from server.dataplane import DataPlane
+    from meshserve.server.dataplane import DataPlane
 
 FINAL = "triton_final_response"
 EMPTY_FINAL = "triton_enable_empty_final_response"

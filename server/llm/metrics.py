@@ -6,7 +6,7 @@ latency, prompt and generation lengths) or once per decoding step (inter-token
 latency: every running sequence got one token in that step). Nothing is recorded
 per token beyond the engines' integer adds.
 
-The server calls :func:`register_llm_metrics` from ``server.metrics.build_metrics``;
+The server calls :func:`register_llm_metrics` from ``meshserve.server.metrics.build_metrics``;
 the llm runtime calls :func:`track` / :func:`untrack` as models load and unload.
 """
 

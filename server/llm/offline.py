@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import orjson
-
-from protocol.errors import CapacityExhausted, InferenceError, InvalidInput
-from server.llm.api_params import OIP_FIELDS, Sampling, chat_messages, model_defaults, oip_sampling
-from server.llm.types import LLMEngine
+from meshserve.protocol.errors import CapacityExhausted, InferenceError, InvalidInput
+from meshserve.server.llm.api_params import OIP_FIELDS, Sampling, chat_messages, model_defaults, oip_sampling
+from meshserve.server.llm.types import LLMEngine
 
 PROMPT_DEFAULT_MAX_TOKENS = 16  # as OIP generate and OpenAI completions; chat runs up to the context
 RETRY_SECONDS = 0.02
@@ -221,9 +220,9 @@ def generate_file(engine_factory: Any, input_path: Path, output_path: Path, defa
 
 
 def main(args: Any, fetcher: Any) -> int:
-    """The ``meshserve generate`` subcommand (args from server.cli)."""
-    from loaders.progress import Progress
-    from server.model_settings import read_settings_file
+    """The ``meshserve generate`` subcommand (args from meshserve.server.cli)."""
+    from meshserve.loaders.progress import Progress
+    from meshserve.server.model_settings import read_settings_file
 
     if args.max_in_flight < 1:
         raise InvalidInput("--max-in-flight must be at least 1")
@@ -242,7 +241,7 @@ def main(args: Any, fetcher: Any) -> int:
     parameters = dict(doc.get("parameters") or {})
 
     def factory() -> LLMEngine:
-        from server.llm.factory import create_engine
+        from meshserve.server.llm.factory import create_engine
 
         return create_engine(path, name, parameters)
 

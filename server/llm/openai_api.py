@@ -16,12 +16,11 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-
-from protocol.errors import InferenceError, ModelNotFound
-from protocol.rest_codec import loads_object
-from server.llm.api_params import OpenAIRequest, ParamError, openai_request
-from server.llm.request_stats import OPENAI, RequestStats
-from server.llm.service import (
+from meshserve.protocol.errors import InferenceError, ModelNotFound
+from meshserve.protocol.rest_codec import loads_object
+from meshserve.server.llm.api_params import OpenAIRequest, ParamError, openai_request
+from meshserve.server.llm.request_stats import OPENAI, RequestStats
+from meshserve.server.llm.service import (
     CLIENT_GONE,
     ClientGone,
     Completed,
@@ -33,10 +32,10 @@ from server.llm.service import (
     request_id,
     start_all,
 )
-from server.llm.sse import GenerationResponse, sse_event
+from meshserve.server.llm.sse import GenerationResponse, sse_event
 
 if TYPE_CHECKING:
-    from server.dataplane import DataPlane
+    from meshserve.server.dataplane import DataPlane
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import math
 from dataclasses import replace
 from typing import Any
 
-from protocol.errors import InvalidInput
-from server.llm.types import SamplingParams
+from meshserve.protocol.errors import InvalidInput
+from meshserve.server.llm.types import SamplingParams
 
 # Request parameter names that mean a sampling setting (OpenAI, vLLM, Triton, HF names).
 ALIASES = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from protocol.errors import InvalidInput
+from meshserve.protocol.errors import InvalidInput
 
 
 def apply_chat_template(

@@ -1,5 +1,5 @@
 """The server's per-request figures (``meshserve_inference_requests_total``, the duration
-histogram, the in-flight gauge; see :mod:`server.observe`) for the generate and
+histogram, the in-flight gauge; see :mod:`meshserve.server.observe`) for the generate and
 OpenAI endpoints: one stats lookup per request, nothing per token.
 
 A request is counted once, with its final HTTP status: the error's status when it is
@@ -13,7 +13,7 @@ from __future__ import annotations
 from time import perf_counter_ns
 from typing import Any
 
-from protocol.errors import InferenceError
+from meshserve.protocol.errors import InferenceError
 
 OIP = "rest"  # the OIP generate extension is counted with the REST front's infer
 OPENAI = "openai"

@@ -16,16 +16,15 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-
-from protocol.errors import InferenceError
-from protocol.rest_codec import loads_object
-from server.llm.api_params import OIP_FIELDS, ParamError, oip_sampling
-from server.llm.request_stats import OIP, RequestStats
-from server.llm.service import CLIENT_GONE, ClientGone, Generation, request_id
-from server.llm.sse import GenerationResponse, sse_event
+from meshserve.protocol.errors import InferenceError
+from meshserve.protocol.rest_codec import loads_object
+from meshserve.server.llm.api_params import OIP_FIELDS, ParamError, oip_sampling
+from meshserve.server.llm.request_stats import OIP, RequestStats
+from meshserve.server.llm.service import CLIENT_GONE, ClientGone, Generation, request_id
+from meshserve.server.llm.sse import GenerationResponse, sse_event
 
 if TYPE_CHECKING:
-    from server.dataplane import DataPlane
+    from meshserve.server.dataplane import DataPlane
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +119,7 @@ def build_llm_router(dp: DataPlane) -> APIRouter:
             raise
         return GenerationResponse(_events(gen, head, prefix, stats), gen, stats)
 
-    from server.llm.openai_api import build_openai_router
+    from meshserve.server.llm.openai_api import build_openai_router
 
     openai = build_openai_router(dp)
     router.include_router(openai, prefix="/openai/v1")

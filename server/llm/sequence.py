@@ -7,11 +7,11 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from server.llm.text import Detokenizer, StopMatcher
-from server.llm.types import GenerationChunk, SamplingParams
+from meshserve.server.llm.text import Detokenizer, StopMatcher
+from meshserve.server.llm.types import GenerationChunk, SamplingParams
 
 if TYPE_CHECKING:
-    from server.llm.engine import TransformersEngine
+    from meshserve.server.llm.engine import TransformersEngine
 
 
 class Sequence:

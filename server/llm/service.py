@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
-
-from protocol.errors import InferenceError, InvalidInput, ModelExecutionError, ServerNotReady
-from server.llm.api_params import Sampling, model_defaults
-from server.llm.types import GenerationChunk, LLMEngine, SamplingParams
+from meshserve.protocol.errors import InferenceError, InvalidInput, ModelExecutionError, ServerNotReady
+from meshserve.server.llm.api_params import Sampling, model_defaults
+from meshserve.server.llm.types import GenerationChunk, LLMEngine, SamplingParams
 
 if TYPE_CHECKING:
-    from server.dataplane import DataPlane
-    from server.loaded_model import LoadedModel
+    from meshserve.server.dataplane import DataPlane
+    from meshserve.server.loaded_model import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ def is_llm(entry: Any) -> bool:
     uri = getattr(spec, "uri", None)
     if not uri or getattr(spec, "implementation", None) or "://" in uri:
         return False
-    from server.runtimes.files import runtimes_for_dir  # a local folder: what its files say
+    from meshserve.server.runtimes.files import runtimes_for_dir  # a local folder: what its files say
 
     return any(r in LLM_RUNTIMES for r in runtimes_for_dir(Path(uri)))
 

@@ -13,9 +13,8 @@ from typing import Any
 import anyio
 import orjson
 from fastapi.responses import StreamingResponse
-
-from server.llm.request_stats import RequestStats
-from server.llm.service import Generation
+from meshserve.server.llm.request_stats import RequestStats
+from meshserve.server.llm.service import Generation
 
 SSE_MEDIA_TYPE = "text/event-stream; charset=utf-8"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -48,13 +48,13 @@ class LLMEngine(Protocol):
     Closing the iterator (``await stream.aclose()``, even before iterating it) or
     cancelling the task that iterates it (e.g. when a client disconnects) drops the
     sequence from the waiting queue at once and from the running batch at the next step.
-    A full queue raises ``protocol.errors.CapacityExhausted`` (503 / UNAVAILABLE);
+    A full queue raises ``meshserve.protocol.errors.CapacityExhausted`` (503 / UNAVAILABLE);
     bad parameters or a prompt longer than the context raise ``InvalidInput``.
     """
 
     model_name: str
     max_model_len: int
-    # Metrics hooks (server.llm.metrics.Observer) or None: on_first_token(seconds),
+    # Metrics hooks (meshserve.server.llm.metrics.Observer) or None: on_first_token(seconds),
     # on_step(seconds), on_finish(prompt_tokens, completion_tokens, seconds).
     observer: Any
 

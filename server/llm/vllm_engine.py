@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from protocol.errors import CapacityExhausted, ModelExecutionError, ModelLoadError
-from server.llm.params import check_params
-from server.llm.prompts import adds_special_tokens, apply_chat_template, check_token_ids
-from server.llm.types import GenerationChunk, SamplingParams
+from meshserve.protocol.errors import CapacityExhausted, ModelExecutionError, ModelLoadError
+from meshserve.server.llm.params import check_params
+from meshserve.server.llm.prompts import adds_special_tokens, apply_chat_template, check_token_ids
+from meshserve.server.llm.types import GenerationChunk, SamplingParams
 
 PASSTHROUGH = (
     "dtype", "max_model_len", "tensor_parallel_size", "gpu_memory_utilization", "enforce_eager", "max_num_seqs",

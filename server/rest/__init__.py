@@ -1,5 +1,5 @@
 """The REST front: a thin ASGI layer over the data plane."""
 
-from server.rest.front import build_rest_app
+from meshserve.server.rest.front import build_rest_app
 
 __all__ = ["build_rest_app"]

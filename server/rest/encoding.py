@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import zlib
 
-from protocol.errors import InvalidInput, PayloadTooLarge
+from meshserve.protocol.errors import InvalidInput, PayloadTooLarge
 
 MIN_COMPRESSED_RESPONSE = 1024  # smaller bodies go as they are: compressing them costs more than it saves
 _WBITS = {b"gzip": 16 + zlib.MAX_WBITS, b"x-gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}

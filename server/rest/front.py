@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from time import perf_counter_ns
 from typing import Any
 
-from protocol.errors import (
+from meshserve.protocol.errors import (
     BodyTimeout,
     InferenceError,
     InvalidInput,
@@ -22,13 +22,13 @@ from protocol.errors import (
     ServerNotReady,
     Unauthenticated,
 )
-from protocol.rest_codec import HEADER_LENGTH, decode_infer_request, encode_error, encode_infer_response
-from server import tracing
-from server.dataplane import DataPlane
-from server.fleet import ROUTE
-from server.observe import FrontStats, clean_request_id, log_access
-from server.rest.encoding import MIN_COMPRESSED_RESPONSE, decode_body, encode_body, response_encoding
-from server.security import (
+from meshserve.protocol.rest_codec import HEADER_LENGTH, decode_infer_request, encode_error, encode_infer_response
+from meshserve.server import tracing
+from meshserve.server.dataplane import DataPlane
+from meshserve.server.fleet import ROUTE
+from meshserve.server.observe import FrontStats, clean_request_id, log_access
+from meshserve.server.rest.encoding import MIN_COMPRESSED_RESPONSE, decode_body, encode_body, response_encoding
+from meshserve.server.security import (
     HEALTH_PATHS,
     METRICS_PATH,
     WWW_AUTHENTICATE,
@@ -36,8 +36,8 @@ from server.security import (
     build_auth,
     redact,
 )
-from server.settings import Settings
-from server.workers import MODEL_PATH, Router
+from meshserve.server.settings import Settings
+from meshserve.server.workers import MODEL_PATH, Router
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class RestFront:
         self.dataplane = dataplane
         self.router = router
         self.max_body = max_body
-        from server.rest.routes import build_api
+        from meshserve.server.rest.routes import build_api
 
         self.api = build_api(dataplane)
         settings = settings or dataplane.settings
@@ -260,7 +260,7 @@ class RestFront:
                 text = await self.router.metrics(generate_latest(self.dataplane.metrics), fwd)
                 ctype = CONTENT_TYPE_LATEST.encode()
             else:
-                from protocol.rest_codec import dumps, loads_object
+                from meshserve.protocol.rest_codec import dumps, loads_object
 
                 ready = (loads_object(body) if body.strip() else {}).get("ready", False)
                 if not isinstance(ready, bool):

@@ -8,12 +8,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from meshserve.protocol.errors import InferenceError, InvalidInput
+from meshserve.protocol.rest_codec import dumps, encode_error, loads_object
+from meshserve.server.dataplane import DataPlane
+from meshserve.server.version import __version__
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from protocol.errors import InferenceError, InvalidInput
-from protocol.rest_codec import dumps, encode_error, loads_object
-from server.dataplane import DataPlane
-from server.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +22,7 @@ def json_response(doc: Any, status: int = 200) -> Response:
 
 
 def error_response(status: int, message: str) -> Response:
-    from server.security import redact
+    from meshserve.server.security import redact
 
     return Response(encode_error(redact(message)), status_code=status, media_type="application/json")
 
@@ -59,7 +58,7 @@ def build_api(dp: DataPlane) -> FastAPI:
         return error_response(500, "internal server error")
 
     if dp.settings.adapters:  # training, tuning, workflows, events under /v1/adapters
-        from adapters.rest import mount
+        from meshserve.adapters.rest import mount
 
         mount(app, dp)
 
@@ -99,7 +98,7 @@ def build_api(dp: DataPlane) -> FastAPI:
     async def infer(name: str, request: Request, version: str | None = None) -> Response:
         # The front answers infer itself; this route documents it and serves the
         # app when it is mounted elsewhere, through the same code path.
-        from server.rest.front import HEADER_LENGTH, run_infer
+        from meshserve.server.rest.front import HEADER_LENGTH, run_infer
 
         raw = request.headers.get(HEADER_LENGTH)
         header_length = int(raw) if raw is not None and raw.isdigit() else None
@@ -146,7 +145,7 @@ def build_api(dp: DataPlane) -> FastAPI:
         await dp.unload_model(name)
         return json_response({})
 
-    from server.llm.routes import build_llm_router
+    from meshserve.server.llm.routes import build_llm_router
 
     app.include_router(build_llm_router(dp))
     return app

@@ -1,5 +1,5 @@
 """The runtime SPI and the built-in runtimes."""
 
-from server.runtimes.base import Model
+from meshserve.server.runtimes.base import Model
 
 __all__ = ["Model"]

@@ -12,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from protocol.types import InferenceRequest, ModelMetadata
+from meshserve.protocol.types import InferenceRequest, ModelMetadata
 
 if TYPE_CHECKING:
-    from server.model_settings import ModelSettings
+    from meshserve.server.model_settings import ModelSettings
 
 
 class Model:

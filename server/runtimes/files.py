@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from protocol.errors import ModelLoadError
+from meshserve.protocol.errors import ModelLoadError
 
 SKLEARN_SUFFIXES = (".joblib", ".pkl", ".pickle")
 TORCH_SUFFIXES = (".pt", ".pth", ".pt2", ".ts", ".torchscript")

@@ -8,12 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
-from protocol.errors import ModelLoadError
-from server.memory import measure_rss
-from server.runtimes.base import error_summary
-from server.runtimes.files import LIGHTGBM_SUFFIXES, find_model_file, is_lightgbm_text
-from server.runtimes.trees import TreeModel
+from meshserve.protocol.errors import ModelLoadError
+from meshserve.server.memory import measure_rss
+from meshserve.server.runtimes.base import error_summary
+from meshserve.server.runtimes.files import LIGHTGBM_SUFFIXES, find_model_file, is_lightgbm_text
+from meshserve.server.runtimes.trees import TreeModel
 
 
 def _objective(file: Any) -> str:

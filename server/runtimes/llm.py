@@ -1,7 +1,7 @@
 """Generative LLMs behind the plain OIP ``infer``: a BYTES prompt in, ``text_output`` out.
 
 The model folder is a ``save_pretrained`` causal LM (config.json, weights, tokenizer).
-``load`` builds the engine (:func:`server.llm.factory.create_engine`: the embedded
+``load`` builds the engine (:func:`meshserve.server.llm.factory.create_engine`: the embedded
 continuous-batching transformers engine, or vLLM) and starts it; the OIP generate,
 OpenAI and gRPC streaming endpoints reach the same engine through ``self.engine``.
 
@@ -19,13 +19,13 @@ import asyncio
 import uuid
 from typing import Any
 
-from protocol.datatypes import bytes_array
-from protocol.errors import InvalidInput, ModelLoadError
-from protocol.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor, TensorMetadata
-from server.llm import metrics
-from server.llm.params import check_params, sampling_params_from
-from server.llm.types import GenerationChunk, LLMEngine, SamplingParams
-from server.runtimes.base import Model
+from meshserve.protocol.datatypes import bytes_array
+from meshserve.protocol.errors import InvalidInput, ModelLoadError
+from meshserve.protocol.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor, TensorMetadata
+from meshserve.server.llm import metrics
+from meshserve.server.llm.params import check_params, sampling_params_from
+from meshserve.server.llm.types import GenerationChunk, LLMEngine, SamplingParams
+from meshserve.server.runtimes.base import Model
 
 INPUT = "text_input"
 OUTPUT = "text_output"
@@ -59,7 +59,7 @@ class LLMModel(Model):
             raise ModelLoadError(f"parameters.generation: {e.message}") from None
 
     async def load(self) -> None:
-        from server.llm.factory import create_engine
+        from meshserve.server.llm.factory import create_engine
 
         if self.path is None:
             raise ModelLoadError(f"model {self.name!r}: the llm runtime needs a model folder (uri)")

@@ -16,12 +16,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
-from protocol.errors import InvalidInput, ModelLoadError
-from protocol.types import InferenceRequest, ModelMetadata, Tensor, TensorMetadata
-from server.memory import measure_rss
-from server.runtimes.base import Model, error_summary
-from server.runtimes.files import ONNX_SUFFIXES, find_model_file
+from meshserve.protocol.errors import InvalidInput, ModelLoadError
+from meshserve.protocol.types import InferenceRequest, ModelMetadata, Tensor, TensorMetadata
+from meshserve.server.memory import measure_rss
+from meshserve.server.runtimes.base import Model, error_summary
+from meshserve.server.runtimes.files import ONNX_SUFFIXES, find_model_file
 
 ONNX_TYPES = {
     "tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64", "tensor(bool)": "BOOL",

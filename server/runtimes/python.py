@@ -13,7 +13,7 @@ import itertools
 import sys
 from pathlib import Path
 
-from protocol.errors import ModelLoadError
+from meshserve.protocol.errors import ModelLoadError
 
 _counter = itertools.count()
 

@@ -5,20 +5,20 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from protocol.errors import ModelLoadError
-from server.model_settings import ModelSettings
-from server.runtimes.base import Model
-from server.runtimes.files import runtimes_for_dir
-from server.runtimes.python import import_object
+from meshserve.protocol.errors import ModelLoadError
+from meshserve.server.model_settings import ModelSettings
+from meshserve.server.runtimes.base import Model
+from meshserve.server.runtimes.files import runtimes_for_dir
+from meshserve.server.runtimes.python import import_object
 
 BUILTIN = {
-    "sklearn": "server.runtimes.sklearn:SKLearnModel",
-    "torch": "server.runtimes.torch:TorchModel",
-    "onnx": "server.runtimes.onnx:OnnxModel",
-    "xgboost": "server.runtimes.xgboost:XGBoostModel",
-    "lightgbm": "server.runtimes.lightgbm:LightGBMModel",
-    "transformers": "server.runtimes.transformers:TransformersModel",
-    "llm": "server.runtimes.llm:LLMModel",
+    "sklearn": "meshserve.server.runtimes.sklearn:SKLearnModel",
+    "torch": "meshserve.server.runtimes.torch:TorchModel",
+    "onnx": "meshserve.server.runtimes.onnx:OnnxModel",
+    "xgboost": "meshserve.server.runtimes.xgboost:XGBoostModel",
+    "lightgbm": "meshserve.server.runtimes.lightgbm:LightGBMModel",
+    "transformers": "meshserve.server.runtimes.transformers:TransformersModel",
+    "llm": "meshserve.server.runtimes.llm:LLMModel",
 }
 ENTRY_POINT_GROUP = "meshserve.runtimes"
 

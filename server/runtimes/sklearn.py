@@ -11,12 +11,11 @@ import pickle
 from typing import Any
 
 import numpy as np
-
-from protocol.errors import InvalidInput, ModelLoadError
-from protocol.types import InferenceRequest, Tensor
-from server.runtimes.base import Model
-from server.runtimes.files import SKLEARN_SUFFIXES, find_model_file
-from server.runtimes.tabular import feature_matrix, wanted_methods
+from meshserve.protocol.errors import InvalidInput, ModelLoadError
+from meshserve.protocol.types import InferenceRequest, Tensor
+from meshserve.server.runtimes.base import Model
+from meshserve.server.runtimes.files import SKLEARN_SUFFIXES, find_model_file
+from meshserve.server.runtimes.tabular import feature_matrix, wanted_methods
 
 MODEL_SUFFIXES = SKLEARN_SUFFIXES
 METHODS = ("predict", "predict_proba", "decision_function", "transform")

@@ -4,9 +4,8 @@ one feature matrix, and the methods its requested outputs name."""
 from __future__ import annotations
 
 import numpy as np
-
-from protocol.errors import InvalidInput
-from protocol.types import InferenceRequest
+from meshserve.protocol.errors import InvalidInput
+from meshserve.protocol.types import InferenceRequest
 
 
 def feature_matrix(model: str, request: InferenceRequest) -> np.ndarray:

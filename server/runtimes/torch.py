@@ -18,12 +18,11 @@ import threading
 from typing import Any
 
 import numpy as np
-
-from protocol.errors import InvalidInput, ModelLoadError
-from protocol.types import InferenceRequest, ModelMetadata, Tensor, TensorMetadata
-from server.runtimes.base import Model, error_summary
-from server.runtimes.files import TORCH_SUFFIXES, find_model_file
-from server.runtimes.python import import_object
+from meshserve.protocol.errors import InvalidInput, ModelLoadError
+from meshserve.protocol.types import InferenceRequest, ModelMetadata, Tensor, TensorMetadata
+from meshserve.server.runtimes.base import Model, error_summary
+from meshserve.server.runtimes.files import TORCH_SUFFIXES, find_model_file
+from meshserve.server.runtimes.python import import_object
 
 FORMATS = ("torchscript", "export", "state_dict")
 # torch.export.load keeps its deserializer in a global: two loads at once (startup

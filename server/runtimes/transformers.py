@@ -19,12 +19,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
-from protocol.datatypes import bytes_array
-from protocol.errors import InvalidInput, ModelLoadError
-from protocol.types import InferenceRequest, ModelMetadata, Tensor, TensorMetadata
-from server.runtimes.base import Model, error_summary
-from server.runtimes.torch import DTYPE_NAMES, pick_device, tensor_bytes
+from meshserve.protocol.datatypes import bytes_array
+from meshserve.protocol.errors import InvalidInput, ModelLoadError
+from meshserve.protocol.types import InferenceRequest, ModelMetadata, Tensor, TensorMetadata
+from meshserve.server.runtimes.base import Model, error_summary
+from meshserve.server.runtimes.torch import DTYPE_NAMES, pick_device, tensor_bytes
 
 TASKS = ("text-classification", "token-classification", "fill-mask", "zero-shot-classification", "feature-extraction")
 ALIASES = {

@@ -7,11 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
-from protocol.errors import InvalidInput, ModelLoadError
-from protocol.types import InferenceRequest, ModelMetadata, Tensor, TensorMetadata
-from server.runtimes.base import Model
-from server.runtimes.tabular import feature_matrix, wanted_methods
+from meshserve.protocol.errors import InvalidInput, ModelLoadError
+from meshserve.protocol.types import InferenceRequest, ModelMetadata, Tensor, TensorMetadata
+from meshserve.server.runtimes.base import Model
+from meshserve.server.runtimes.tabular import feature_matrix, wanted_methods
 
 METHODS = ("predict", "predict_proba")
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
-
-from protocol.errors import ModelLoadError
-from server.memory import measure_rss
-from server.runtimes.base import error_summary
-from server.runtimes.files import XGBOOST_SUFFIXES, find_model_file, is_xgboost_file
-from server.runtimes.trees import TreeModel
+from meshserve.protocol.errors import ModelLoadError
+from meshserve.server.memory import measure_rss
+from meshserve.server.runtimes.base import error_summary
+from meshserve.server.runtimes.files import XGBOOST_SUFFIXES, find_model_file, is_xgboost_file
+from meshserve.server.runtimes.trees import TreeModel
 
 
 class XGBoostModel(TreeModel):

@@ -23,14 +23,15 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
     base = tmp_path_factory.mktemp("dist")
     files = write_partitions(base / "data", parts=4, rows=24)
     spec = {
-        "name": "linear", "entrypoint": "adapters.trainers.linear:train", "workers": 2,
+        "name": "linear", "entrypoint": "meshserve.adapters.trainers.linear:train", "workers": 2,
         "data": {"files": files, "shard": "file"},
         "hyperparameters": {"lr": 0.1, "epochs": 3, "batch_size": 8, "dump_dir": str(base / "dump")},
         "model": {"name": "linear"}, "timeout_seconds": 120,
     }  # fmt: skip
     (base / "spec.yaml").write_text(yaml.safe_dump(spec))
     proc = subprocess.run(
-        [sys.executable, "-m", "server.cli", "train", "run", str(base / "spec.yaml"), "--state-dir", str(base / "st")],
+        [sys.executable, "-m", "meshserve.server.cli", "train", "run", str(base / "spec.yaml"),
+         "--state-dir", str(base / "st")],
         cwd=REPO, capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -15,14 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
+from meshserve.adapters.events import matches, push_facts, sign, verify
+from meshserve.adapters.freshness import CacheStore, check
+from meshserve.adapters.manager import Manager
+from meshserve.adapters.settings import AdaptersSettings
+from meshserve.adapters.specs import ExperimentSpec, TrainingSpec, TriggerSpec, WorkflowSpec
+from meshserve.adapters.store import JobStore
+from meshserve.protocol.errors import InvalidInput
 
-from adapters.events import matches, push_facts, sign, verify
-from adapters.freshness import CacheStore, check
-from adapters.manager import Manager
-from adapters.settings import AdaptersSettings
-from adapters.specs import ExperimentSpec, TrainingSpec, TriggerSpec, WorkflowSpec
-from adapters.store import JobStore
-from protocol.errors import InvalidInput
 from tests.adapters.helpers import SCRIPTS
 from tests.support.server import free_port
 
@@ -262,8 +262,8 @@ def test_github_signature_and_push_matching():
 
 def test_kubernetes_submission_posts_the_resource_with_the_token(tmp_path):
     """The scaled-out path against a stand-in API server on a real socket."""
-    from adapters.kube import KubeClient
-    from adapters.render import pytorchjob
+    from meshserve.adapters.kube import KubeClient
+    from meshserve.adapters.render import pytorchjob
 
     seen: list[tuple[str, str, dict]] = []
 
@@ -295,7 +295,7 @@ def test_kubernetes_submission_posts_the_resource_with_the_token(tmp_path):
         created = client.create(job, "ml")
     finally:
         server.shutdown()
-    from adapters.kube import client_for
+    from meshserve.adapters.kube import client_for
 
     with pytest.raises(InvalidInput, match="kubeconfig"):
         client_for(AdaptersSettings(state_dir=tmp_path))  # target kubernetes without a cluster: 400
@@ -322,8 +322,9 @@ def test_a_model_folder_not_made_by_training_is_never_replaced(tmp_path):
 
 
 def test_row_and_file_sharding_give_disjoint_covering_partitions(tmp_path, monkeypatch):
-    from adapters import worker
-    from adapters.trainers.linear import _read
+    from meshserve.adapters import worker
+    from meshserve.adapters.trainers.linear import _read
+
     from tests.adapters.helpers import write_partitions
 
     files = write_partitions(tmp_path, parts=3, rows=10)

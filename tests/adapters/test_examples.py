@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from meshserve.adapters.specs import ExperimentSpec, TrainingSpec, TriggerSpec, WorkflowSpec
 
-from adapters.specs import ExperimentSpec, TrainingSpec, TriggerSpec, WorkflowSpec
 from tests.adapters.test_render import errors
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +23,7 @@ DATA_FILES = ["/tmp/meshserve-examples/data/part-0.csv", "/tmp/meshserve-example
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "meshserve.server.cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)  # fmt: skip
 
 
@@ -39,7 +39,7 @@ def render(kind: str, name: str) -> dict:
 
 def test_the_specs_parse_and_name_the_example_data():
     train = TrainingSpec.model_validate(load("train.yaml"))
-    assert train.workers == 2 and train.entrypoint == "adapters.trainers.linear:train"
+    assert train.workers == 2 and train.entrypoint == "meshserve.adapters.trainers.linear:train"
     assert train.data.files == DATA_FILES and train.model is not None and train.model.name == "linear-example"
     exp = ExperimentSpec.model_validate(load("experiment.yaml"))
     assert 2 <= exp.maxTrialCount <= 3 and exp.objective.objectiveMetricName == "loss"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from meshserve.adapters.events import sign
 
-from adapters.events import sign
 from tests.adapters.helpers import SCRIPTS
 from tests.support.server import RunningServer, start_server
 
@@ -131,7 +131,7 @@ def pipeline(base: Path, server_url: str) -> dict:
             {"name": "ingest", "kind": "ingest", "depends": ["check"], "command": [sys.executable, "-c", ingest],
              "when": "{{tasks.check.outputs.result}} == stale"},
             {"name": "train", "kind": "train", "depends": ["ingest"], "train": {
-                "name": "linear", "entrypoint": "adapters.trainers.linear:train", "workers": 2,
+                "name": "linear", "entrypoint": "meshserve.adapters.trainers.linear:train", "workers": 2,
                 "data": {"files": [str(data / "part-0.csv"), str(data / "part-1.csv")]},
                 "hyperparameters": {"lr": 0.2, "epochs": 20, "batch_size": 8},
                 "model": {"name": "linear-from-push"}, "timeout_seconds": 120}},
@@ -168,7 +168,8 @@ def test_pushes_to_other_branches_or_repos_trigger_nothing(client):
 @pytest.mark.parametrize(
     ("path", "doc", "field"),
     [
-        ("/v1/adapters/training/jobs", {"entrypoint": "adapters.trainers.linear:train", "workers": 0}, "workers"),
+        ("/v1/adapters/training/jobs",
+         {"entrypoint": "meshserve.adapters.trainers.linear:train", "workers": 0}, "workers"),
         ("/v1/adapters/training/jobs", {"entrypoint": "not a module", "workers": 1}, "entrypoint"),
         ("/v1/adapters/training/jobs", {"entrypoint": "a.b:c", "workerz": 2}, "workerz"),
         ("/v1/adapters/workflows", {"steps": [{"name": "a", "depends": ["b"], "command": ["true"]}]}, "depends"),
@@ -341,7 +342,7 @@ def test_cli_submits_waits_and_renders(srv, base):
     spec = base / "cli-train.yaml"
     spec.write_text(yaml.safe_dump({"name": "cli", "entrypoint": str(SCRIPTS / "scale.py"), "workers": 1,
                                     "hyperparameters": {"scale": 3}, "model": {"name": "from-cli"}}))  # fmt: skip
-    cli = [sys.executable, "-m", "server.cli"]
+    cli = [sys.executable, "-m", "meshserve.server.cli"]
     proc = subprocess.run([*cli, "train", "submit", str(spec), "--server", srv.http_url, "--wait"],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 0, proc.stderr

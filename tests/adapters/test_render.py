@@ -20,16 +20,15 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-
-from adapters import render
-from adapters.settings import AdaptersSettings
-from adapters.specs import ExperimentSpec, TrainingSpec, TriggerSpec, WorkflowSpec
+from meshserve.adapters import render
+from meshserve.adapters.settings import AdaptersSettings
+from meshserve.adapters.specs import ExperimentSpec, TrainingSpec, TriggerSpec, WorkflowSpec
 
 SCHEMAS = Path(__file__).parent / "schemas"
 SETTINGS = AdaptersSettings(namespace="ml", image="registry.example.com/meshserve:1.0", cache_store="etcd://etcd:2379/data")
 
 TRAIN = {
-    "name": "linear", "entrypoint": "adapters.trainers.linear:train", "workers": 3,
+    "name": "linear", "entrypoint": "meshserve.adapters.trainers.linear:train", "workers": 3,
     "data": {"files": ["/data/a.csv", "/data/b.csv", "/data/c.csv"]},
     "hyperparameters": {"lr": 0.1, "epochs": 3}, "model": {"name": "linear"}, "env": {"OMP_NUM_THREADS": "2"},
 }  # fmt: skip
@@ -158,7 +157,8 @@ def test_argo_workflow_matches_the_schema_and_hera(rendered):
     assert tasks["evaluate"]["dependencies"] == ["train", "tune"]
     assert templates["ingest"]["retryStrategy"] == {"limit": "3", "retryPolicy": "Always",
                                                     "backoff": {"duration": "5s", "factor": "2"}}  # fmt: skip
-    assert templates["check"]["container"]["command"][:4] == ["python", "-m", "adapters.steps", "check-freshness"]
+    command = templates["check"]["container"]["command"]
+    assert command[:4] == ["python", "-m", "meshserve.adapters.steps", "check-freshness"]
     # Train and tune create the engines' own resources, which are valid in turn.
     job = yaml.safe_load(templates["train"]["resource"]["manifest"])
     assert job["kind"] == "PyTorchJob" and errors("pytorchjob.yaml", job) == []

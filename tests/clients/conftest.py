@@ -2,7 +2,7 @@
 
 These tests run in their own pytest process: tritonclient.grpc registers the
 same protobuf descriptors (package ``inference``) as meshserve's own stubs, so
-nothing here may import ``protocol.grpc`` or ``server.grpc``.
+nothing here may import ``meshserve.protocol.grpc`` or ``meshserve.server.grpc``.
 """
 
 from __future__ import annotations

@@ -32,9 +32,9 @@ def _get(url: str) -> tuple[int, bytes]:
 
 def _start(command: list[str], env: dict[str, str], log: Path, port: int, ready_path: str):
     # `meshserve` is the console script of this package: run the same entry point
-    # (server.cli:main, checked in test_manifests) with this interpreter and tree.
+    # (meshserve.server.cli:main, checked in test_manifests) with this interpreter and tree.
     assert command[0] == "meshserve"
-    argv = [sys.executable, "-m", "server.cli", *command[1:]]
+    argv = [sys.executable, "-m", "meshserve.server.cli", *command[1:]]
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MESHSERVE_")}
     out = open(log, "wb")
     proc = subprocess.Popen(argv, env={**clean, **env}, stdout=out, stderr=subprocess.STDOUT, cwd=k8s.ROOT)

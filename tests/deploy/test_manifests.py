@@ -12,10 +12,10 @@ import sys
 from typing import Any
 
 import pytest
+from meshserve.server import cli
+from meshserve.server.runtimes.registry import BUILTIN
+from meshserve.server.settings import Settings
 
-from server import cli
-from server.runtimes.registry import BUILTIN
-from server.settings import Settings
 from tests.deploy import k8s
 
 KUSTOMIZATIONS = k8s.kustomizations()
@@ -102,7 +102,7 @@ def _docker_env() -> dict[str, str]:
 def serve_flags() -> set[str]:
     """The flags `meshserve serve --help` prints: the real parser, in its own process."""
     proc = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--help"], capture_output=True, text=True, cwd=k8s.ROOT,
+        [sys.executable, "-m", "meshserve.server.cli", "serve", "--help"], capture_output=True, text=True, cwd=k8s.ROOT,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
@@ -292,9 +292,9 @@ def test_command_is_the_image_entrypoint_and_args_are_real_flags(directory, serv
     _, container = _meshserve_container(k8s.render(directory))
     assert container["command"] == _docker_json("ENTRYPOINT") == ["meshserve"]
     assert container["args"][: len(_docker_json("CMD"))] == _docker_json("CMD") == ["serve"]
-    # ... and `meshserve` is the console script for server.cli:main (tomllib is 3.11+).
+    # ... and `meshserve` is the console script for meshserve.server.cli:main (tomllib is 3.11+).
     pyproject = (k8s.ROOT / "pyproject.toml").read_text()
-    assert re.search(r'^\[project\.scripts\]\nmeshserve = "server\.cli:main"$', pyproject, re.M)
+    assert re.search(r'^\[project\.scripts\]\nmeshserve = "meshserve\.server\.cli:main"$', pyproject, re.M)
     _check_serve_args(container["args"], serve_flags)
 
 

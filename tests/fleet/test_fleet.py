@@ -8,9 +8,9 @@ import time
 import grpc
 import httpx
 import numpy as np
+from meshserve.protocol.grpc import grpc_service_pb2 as pb
+from meshserve.protocol.grpc import grpc_service_pb2_grpc as pb_grpc
 
-from protocol.grpc import grpc_service_pb2 as pb
-from protocol.grpc import grpc_service_pb2_grpc as pb_grpc
 from tests.fleet.conftest import etcd_call, holders, index, infer, pod_index, wait_for
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from modelmesh.store import EtcdStore, PodRecord
+from meshserve.modelmesh.store import EtcdStore, PodRecord
 
 
 async def _until(predicate, timeout: float = 5.0) -> None:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
-from modelmesh.placement import rank_pods
-from modelmesh.store import EtcdStore, FleetView, InProcessStore, PodRecord, open_store, parse_store_url
+from meshserve.modelmesh.placement import rank_pods
+from meshserve.modelmesh.store import EtcdStore, FleetView, InProcessStore, PodRecord, open_store, parse_store_url
 
 
 def pod(i: str, **kw) -> PodRecord:
@@ -68,7 +67,7 @@ def test_store_urls():
 
 
 def test_extra_copies_are_evicted_first():
-    from modelmesh import CacheEntry, PlacementPolicy
+    from meshserve.modelmesh import CacheEntry, PlacementPolicy
 
     entries = []
     for i, extra in enumerate([False, False, True, False, True]):  # oldest first

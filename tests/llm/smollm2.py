@@ -11,7 +11,7 @@ import importlib.util
 import tempfile
 from pathlib import Path
 
-from server.llm.gguf import convert
+from meshserve.server.llm.gguf import convert
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

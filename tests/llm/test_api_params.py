@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from protocol.errors import InvalidInput
-from server.llm.api_params import ParamError, chat_messages, model_defaults, oip_sampling, openai_request
+from meshserve.protocol.errors import InvalidInput
+from meshserve.server.llm.api_params import ParamError, chat_messages, model_defaults, oip_sampling, openai_request
 
 
 def test_oip_aliases_and_options():

@@ -13,10 +13,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
-from protocol.errors import CapacityExhausted, InvalidInput
-from server.llm.engine import TransformersEngine
-from server.llm.types import GenerationChunk, SamplingParams
+from meshserve.protocol.errors import CapacityExhausted, InvalidInput
+from meshserve.server.llm.engine import TransformersEngine
+from meshserve.server.llm.types import GenerationChunk, SamplingParams
 
 PROMPTS = [
     "Where is Eiffel Tower?",
@@ -374,9 +373,8 @@ def test_streamed_text_is_the_decoded_tokens(engine, loop, reference):
 
 # -- metrics -----------------------------------------------------------------------------
 def test_metrics_observe_requests_and_steps(engine, loop):
+    from meshserve.server.llm import metrics
     from prometheus_client import CollectorRegistry, generate_latest
-
-    from server.llm import metrics
 
     registry = CollectorRegistry()
     metrics.register_llm_metrics(registry)
@@ -401,11 +399,10 @@ def test_metrics_observe_requests_and_steps(engine, loop):
 # -- the llm runtime in-process ---------------------------------------------------------------
 def test_runtime_rejects_invalid_utf8_and_keeps_serving(loop, tiny_llama):
     import numpy as np
-
-    from protocol.datatypes import bytes_array
-    from protocol.types import InferenceRequest, Tensor
-    from server.model_settings import parse_model_settings
-    from server.runtimes.llm import LLMModel
+    from meshserve.protocol.datatypes import bytes_array
+    from meshserve.protocol.types import InferenceRequest, Tensor
+    from meshserve.server.model_settings import parse_model_settings
+    from meshserve.server.runtimes.llm import LLMModel
 
     model = LLMModel(
         parse_model_settings({"name": "tiny", "parameters": {"generation": {"max_tokens": 3}}}), tiny_llama
@@ -431,7 +428,7 @@ def test_runtime_rejects_invalid_utf8_and_keeps_serving(loop, tiny_llama):
 
 # -- failures -----------------------------------------------------------------------------------
 def test_a_failed_step_fails_its_sequences_and_the_engine_keeps_serving(loop, tiny_llama, reference):
-    from protocol.errors import ModelExecutionError
+    from meshserve.protocol.errors import ModelExecutionError
 
     eng = make_engine(loop, tiny_llama)
     real = eng._forward
@@ -455,7 +452,7 @@ def test_a_failed_step_fails_its_sequences_and_the_engine_keeps_serving(loop, ti
 
 
 def test_stop_fails_sequences_in_flight(loop, tiny_llama):
-    from protocol.errors import ModelExecutionError
+    from meshserve.protocol.errors import ModelExecutionError
 
     eng = make_engine(loop, tiny_llama)
 
@@ -500,9 +497,9 @@ def test_a_templated_prompt_gets_no_second_bos(loop, tiny_llama):
     ],
 )
 def test_bad_model_settings_fail_the_load_clearly(loop, tiny_llama, parameters, fragment):
-    from protocol.errors import ModelLoadError
-    from server.model_settings import parse_model_settings
-    from server.runtimes.llm import LLMModel
+    from meshserve.protocol.errors import ModelLoadError
+    from meshserve.server.model_settings import parse_model_settings
+    from meshserve.server.runtimes.llm import LLMModel
 
     with pytest.raises(ModelLoadError, match=fragment):
         model = LLMModel(parse_model_settings({"name": "bad", "parameters": parameters}), tiny_llama)
@@ -510,10 +507,10 @@ def test_bad_model_settings_fail_the_load_clearly(loop, tiny_llama, parameters, 
 
 
 def test_chat_setting_sends_plain_infer_prompts_through_the_chat_template(loop, tiny_llama):
-    from protocol.datatypes import bytes_array
-    from protocol.types import InferenceRequest, Tensor
-    from server.model_settings import parse_model_settings
-    from server.runtimes.llm import LLMModel
+    from meshserve.protocol.datatypes import bytes_array
+    from meshserve.protocol.types import InferenceRequest, Tensor
+    from meshserve.server.model_settings import parse_model_settings
+    from meshserve.server.runtimes.llm import LLMModel
 
     def prompt_tokens(chat: bool) -> int:
         settings = {"name": "m", "parameters": {"chat": chat, "generation": {"max_tokens": 2, "temperature": 0}}}

@@ -23,8 +23,8 @@ LINES = [
 
 
 def meshserve(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=180)  # fmt: skip
+    return subprocess.run([sys.executable, "-m", "meshserve.server.cli", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=180)  # fmt: skip
 
 
 def write_jsonl(path, rows) -> None:

@@ -8,9 +8,9 @@ import shutil
 
 import httpx
 import pytest
+from meshserve.server.llm.engine import TransformersEngine
+from meshserve.server.llm.types import SamplingParams
 
-from server.llm.engine import TransformersEngine
-from server.llm.types import SamplingParams
 from tests.llm.smollm2 import converted, gguf_dir
 from tests.support.server import EXAMPLES, start_server
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from server.llm.params import sampling_params_from
-from server.llm.text import Detokenizer, StopMatcher
+from meshserve.server.llm.params import sampling_params_from
+from meshserve.server.llm.text import Detokenizer, StopMatcher
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,9 @@ async def collect(stream):
 
 
 async def main(folder: str) -> dict:
-    from protocol.errors import CapacityExhausted, InvalidInput
-    from server.llm.factory import create_engine
-    from server.llm.types import SamplingParams
+    from meshserve.protocol.errors import CapacityExhausted, InvalidInput
+    from meshserve.server.llm.factory import create_engine
+    from meshserve.server.llm.types import SamplingParams
 
     params = {"engine": "vllm", "enforce_eager": True, "max_model_len": 256, "max_num_seqs": 4, "max_waiting": 2,
               "dtype": "float32"}  # fmt: skip

@@ -12,11 +12,11 @@ import threading
 from pathlib import Path
 
 import pytest
+from meshserve.loaders import ModelFetcher
+from meshserve.loaders.archive import UnsafeArchive
+from meshserve.loaders.modelcar import build_and_push
+from meshserve.loaders.oci import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, Reference, RegistryClient, RegistryError
 
-from loaders import ModelFetcher
-from loaders.archive import UnsafeArchive
-from loaders.modelcar import build_and_push
-from loaders.oci import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, RegistryClient, RegistryError
 from tests.loaders.conftest import docker_config, model_tree, tree_of
 
 
@@ -177,7 +177,7 @@ def test_malicious_layers_are_refused(registry, tmp_path, members, message):
 def test_tampered_blob_is_refused(private_registry, tmp_path):
     uri, _ = push_model(private_registry, tmp_path, "t/m", "1")
     with RegistryClient(private_registry.host, insecure=True) as client:
-        _, manifest = client.image_manifest(__import__("loaders").oci.Reference.parse(uri))
+        _, manifest = client.image_manifest(Reference.parse(uri))
     hexdigest = manifest["layers"][0]["digest"].split(":")[1]
     blob = private_registry.data / "docker/registry/v2/blobs/sha256" / hexdigest[:2] / hexdigest / "data"
     raw = bytearray(blob.read_bytes())
@@ -275,7 +275,7 @@ def test_oras_pushed_artifacts_pull(registry, tmp_path, monkeypatch):
 
 
 def test_concurrent_pulls_download_once(registry, tmp_path, monkeypatch):
-    import loaders.pull as pull_module
+    import meshserve.loaders.pull as pull_module
 
     uri, src = push_model(registry, tmp_path, "race/m", "1")
     calls = []

@@ -9,11 +9,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from meshserve.loaders import ModelFetcher
+from meshserve.loaders.archive import UnsafeArchive
+from meshserve.loaders.cache import ContentCache
+from meshserve.protocol.errors import ModelLoadError
 
-from loaders import ModelFetcher
-from loaders.archive import UnsafeArchive
-from loaders.cache import ContentCache
-from protocol.errors import ModelLoadError
 from tests.loaders.conftest import model_tree, tree_of
 
 

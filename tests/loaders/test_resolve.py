@@ -1,7 +1,6 @@
 import pytest
-
-from loaders import UnsupportedURI, resolve_uri
-from protocol.errors import ModelLoadError
+from meshserve.loaders import UnsupportedURI, resolve_uri
+from meshserve.protocol.errors import ModelLoadError
 
 
 def test_paths_and_file_uris(tmp_path):

@@ -3,9 +3,8 @@
 import asyncio
 
 import pytest
-
-from modelmesh import ModelCache, ModelState
-from protocol.errors import ModelLoadError, ModelNotFound, ModelNotReady
+from meshserve.modelmesh import ModelCache, ModelState
+from meshserve.protocol.errors import ModelLoadError, ModelNotFound, ModelNotReady
 
 
 class Loader:

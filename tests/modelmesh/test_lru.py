@@ -3,9 +3,8 @@
 import asyncio
 
 import pytest
-
-from modelmesh import ModelCache, ModelState, PlacementPolicy
-from protocol.errors import CapacityExhausted, ModelLoadError, ModelNotReady
+from meshserve.modelmesh import ModelCache, ModelState, PlacementPolicy
+from meshserve.protocol.errors import CapacityExhausted, ModelLoadError, ModelNotReady
 
 
 class Models:

@@ -1,7 +1,6 @@
 import pytest
-
-from modelmesh.registry import ModelRegistry, model_key
-from protocol.errors import ModelNotFound
+from meshserve.modelmesh.registry import ModelRegistry, model_key
+from meshserve.protocol.errors import ModelNotFound
 
 
 def test_versions_resolve_latest_ready_first():

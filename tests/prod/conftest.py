@@ -84,7 +84,7 @@ def scrape(text: str, name: str, **labels: str) -> float:
 
 
 def grpc_infer_request(model: str, x: list[float], sleep: float = 0.0):
-    from protocol.grpc import grpc_service_pb2 as pb
+    from meshserve.protocol.grpc import grpc_service_pb2 as pb
 
     req = pb.ModelInferRequest(model_name=model)
     t = req.inputs.add(name="x", datatype="FP32", shape=[len(x)])
@@ -95,7 +95,7 @@ def grpc_infer_request(model: str, x: list[float], sleep: float = 0.0):
 
 
 def grpc_stub(channel):
-    from protocol.grpc import grpc_service_pb2_grpc as pb_grpc
+    from meshserve.protocol.grpc import grpc_service_pb2_grpc as pb_grpc
 
     return pb_grpc.GRPCInferenceServiceStub(channel)
 

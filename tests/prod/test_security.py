@@ -70,7 +70,7 @@ def test_tokens_on_every_data_plane_route(http):
 def test_grpc_tokens(srv):
     with grpc.insecure_channel(srv.grpc_address) as channel:
         stub = grpc_stub(channel)
-        from protocol.grpc import grpc_service_pb2 as pb
+        from meshserve.protocol.grpc import grpc_service_pb2 as pb
 
         for metadata in ((), (("authorization", "Bearer nope"),), (("x-api-key", ROTATED + "x"),)):
             for call, req in [
@@ -103,7 +103,7 @@ def test_health_and_metrics_can_require_the_token(prod_models, tmp_path):
         for path in ("/v2/health/ready", "/v2/health/live", "/metrics"):
             assert httpx.get(s.http_url + path).status_code == 401
             assert httpx.get(s.http_url + path, headers=AUTH).status_code in (200, 503)
-        from protocol.grpc import grpc_service_pb2 as pb
+        from meshserve.protocol.grpc import grpc_service_pb2 as pb
 
         with grpc.insecure_channel(s.grpc_address) as channel, pytest.raises(grpc.RpcError) as e:
             grpc_stub(channel).ServerLive(pb.ServerLiveRequest(), timeout=5)
@@ -123,7 +123,7 @@ def test_errors_and_logs_never_carry_credentials(srv, http):
     r = http.post(f"/v2/models/{TOKEN}/infer", json=infer_doc([1]), headers=AUTH)
     assert r.status_code == 404 and TOKEN not in r.text
     with grpc.insecure_channel(srv.grpc_address) as channel:
-        from protocol.grpc import grpc_service_pb2 as pb
+        from meshserve.protocol.grpc import grpc_service_pb2 as pb
 
         md = (("authorization", f"Bearer {TOKEN}"),)
         rows = grpc_stub(channel).RepositoryIndex(pb.RepositoryIndexRequest(), metadata=md)
@@ -256,7 +256,7 @@ def test_model_names_cannot_escape(srv):
             assert status in (400, 404, 405), (path, out[:200])
             assert b"root:" not in payload and b"Traceback" not in payload
             assert orjson.loads(payload)["error"]
-    from protocol.grpc import grpc_service_pb2 as pb
+    from meshserve.protocol.grpc import grpc_service_pb2 as pb
 
     md = (("authorization", f"Bearer {TOKEN}"),)
     with grpc.insecure_channel(srv.grpc_address) as channel:
@@ -377,7 +377,7 @@ def test_repository_loads_confined_to_the_model_dir(prod_models, tmp_path):
             ok = {"parameters": {"config": {"name": "copy", "uri": "slow", "implementation": "model.py:Slow"}}}
             assert http.post("/v2/repository/models/copy/load", json=ok).status_code == 200
             assert http.post("/v2/models/copy/infer", json=infer_doc([2])).json()["outputs"][0]["data"] == [4.0]
-        from protocol.grpc import grpc_service_pb2 as pb
+        from meshserve.protocol.grpc import grpc_service_pb2 as pb
 
         with grpc.insecure_channel(s.grpc_address) as channel:
             req = pb.RepositoryModelLoadRequest(model_name="copy2")

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from meshserve.protocol.errors import InvalidInput
+from meshserve.server.security import Auth, check_model_name
+from meshserve.server.settings import Settings
+from meshserve.server.workers import merge_metrics, owner_of
 
-from protocol.errors import InvalidInput
-from server.security import Auth, check_model_name
-from server.settings import Settings
-from server.workers import merge_metrics, owner_of
 from tests.prod.conftest import scrape
 
 

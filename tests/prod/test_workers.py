@@ -12,8 +12,8 @@ from pathlib import Path
 
 import grpc
 import httpx
+from meshserve.server.workers import owner_of
 
-from server.workers import owner_of
 from tests.prod.conftest import grpc_infer_request, grpc_stub, infer_doc, scrape, write_model
 from tests.support.server import start_server
 
@@ -90,7 +90,7 @@ def test_two_workers_share_ports_and_models(tmp_path):
                 assert dict(call.trailing_metadata())["x-request-id"] == f"id-{name}"
                 return out.outputs[0].contents.fp64_contents[0]
 
-        from protocol.grpc import grpc_service_pb2 as pb
+        from meshserve.protocol.grpc import grpc_service_pb2 as pb
 
         for _ in range(4):
             with grpc.insecure_channel(srv.grpc_address) as channel:
@@ -153,7 +153,7 @@ def test_a_port_in_use_fails_at_once(tmp_path):
         held.bind(("127.0.0.1", 0))
         held.listen()
         port = held.getsockname()[1]
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--http-port", str(port),
+        cmd = [sys.executable, "-m", "meshserve.server.cli", "serve", "--host", "127.0.0.1", "--http-port", str(port),
                "--grpc-port", str(free_port()), "--workers", "2", "--model-dir", str(tmp_path)]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO)
     assert out.returncode == 1 and "address in use" in out.stderr

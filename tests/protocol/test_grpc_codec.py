@@ -1,11 +1,10 @@
 import numpy as np
 import pytest
-
-from protocol.datatypes import DTYPES
-from protocol.errors import InvalidInput
-from protocol.grpc import grpc_service_pb2 as pb
-from protocol.grpc.codec import decode_infer_request, encode_infer_request, encode_infer_response
-from protocol.types import InferenceRequest, InferenceResponse, Tensor, Uint64
+from meshserve.protocol.datatypes import DTYPES
+from meshserve.protocol.errors import InvalidInput
+from meshserve.protocol.grpc import grpc_service_pb2 as pb
+from meshserve.protocol.grpc.codec import decode_infer_request, encode_infer_request, encode_infer_response
+from meshserve.protocol.types import InferenceRequest, InferenceResponse, Tensor, Uint64
 
 
 def _array(datatype: str) -> np.ndarray:

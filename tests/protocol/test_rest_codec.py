@@ -1,11 +1,10 @@
 import numpy as np
 import orjson
 import pytest
-
-from protocol.datatypes import DTYPES, encode_bytes_elements
-from protocol.errors import InvalidInput
-from protocol.rest_codec import decode_infer_request, encode_infer_response
-from protocol.types import InferenceResponse, RequestedOutput, Tensor
+from meshserve.protocol.datatypes import DTYPES, encode_bytes_elements
+from meshserve.protocol.errors import InvalidInput
+from meshserve.protocol.rest_codec import decode_infer_request, encode_infer_response
+from meshserve.protocol.types import InferenceResponse, RequestedOutput, Tensor
 
 NUMERIC = [d for d in DTYPES if d not in ("BYTES", "BOOL")]
 

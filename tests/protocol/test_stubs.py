@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from protocol.grpc.generate import generate
+from meshserve.protocol.grpc.generate import generate
 
 REPO = Path(__file__).resolve().parents[2]
 

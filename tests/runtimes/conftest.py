@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from protocol.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
-from server.loaded_model import LoadedModel
-from server.model_settings import parse_model_settings, read_settings_file
-from server.runtimes.registry import resolve_runtime
+from meshserve.protocol.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
+from meshserve.server.loaded_model import LoadedModel
+from meshserve.server.model_settings import parse_model_settings, read_settings_file
+from meshserve.server.runtimes.registry import resolve_runtime
 
 _executor = ThreadPoolExecutor(4)
 

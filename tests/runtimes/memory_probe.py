@@ -13,11 +13,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
-from protocol.types import InferenceRequest, Tensor
-from server.memory import release_free_memory, rss_bytes, tune_allocator
-from server.model_settings import ModelSettings
-from server.runtimes.registry import resolve_runtime
+from meshserve.protocol.types import InferenceRequest, Tensor
+from meshserve.server.memory import release_free_memory, rss_bytes, tune_allocator
+from meshserve.server.model_settings import ModelSettings
+from meshserve.server.runtimes.registry import resolve_runtime
 
 
 def load_predict_unload(folder: Path, x: np.ndarray) -> tuple[int, int]:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
-from protocol.errors import ModelLoadError
-from server.model_settings import ModelSettings
-from server.runtimes.registry import BUILTIN, infer_runtime, resolve_runtime
+from meshserve.protocol.errors import ModelLoadError
+from meshserve.server.model_settings import ModelSettings
+from meshserve.server.runtimes.registry import BUILTIN, infer_runtime, resolve_runtime
 
 
 def _touch(folder, *names: str, text: bytes = b"x"):

@@ -11,11 +11,11 @@ import grpc
 import httpx
 import numpy as np
 import pytest
+from meshserve.protocol.grpc import grpc_service_pb2_grpc as pb_grpc
+from meshserve.protocol.grpc.codec import encode_infer_request
+from meshserve.protocol.types import InferenceRequest, Tensor
+from meshserve.server.settings import Settings
 
-from protocol.grpc import grpc_service_pb2_grpc as pb_grpc
-from protocol.grpc.codec import encode_infer_request
-from protocol.types import InferenceRequest, Tensor
-from server.settings import Settings
 from tests.runtimes import tiny_models as tm
 from tests.support.server import EXAMPLES, start_server
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from meshserve.protocol.errors import InvalidInput, ModelLoadError
 
-from protocol.errors import InvalidInput, ModelLoadError
 from tests.runtimes.conftest import infer, load, outputs, request
 
 torch = pytest.importorskip("torch")

@@ -9,13 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-
-from protocol.errors import ModelExecutionError
-from protocol.types import InferenceRequest, Tensor
-from server.batching import batch_key
-from server.loaded_model import LoadedModel
-from server.model_settings import ModelSettings
-from server.runtimes.base import Model
+from meshserve.protocol.errors import ModelExecutionError
+from meshserve.protocol.types import InferenceRequest, Tensor
+from meshserve.server.batching import batch_key
+from meshserve.server.loaded_model import LoadedModel
+from meshserve.server.model_settings import ModelSettings
+from meshserve.server.runtimes.base import Model
 
 EXECUTOR = ThreadPoolExecutor(4)
 

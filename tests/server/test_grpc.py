@@ -5,11 +5,10 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-
-from protocol.grpc import grpc_service_pb2 as pb
-from protocol.grpc import grpc_service_pb2_grpc as pb_grpc
-from protocol.grpc.codec import decode_parameters, encode_infer_request
-from protocol.types import InferenceRequest, Tensor, Uint64
+from meshserve.protocol.grpc import grpc_service_pb2 as pb
+from meshserve.protocol.grpc import grpc_service_pb2_grpc as pb_grpc
+from meshserve.protocol.grpc.codec import decode_parameters, encode_infer_request
+from meshserve.protocol.types import InferenceRequest, Tensor, Uint64
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import time
 import urllib.request
 
 import pytest
+from meshserve.server.settings import Settings
 
-from server.settings import Settings
 from tests.support.server import meshserve_command, start_server
 
 
@@ -48,7 +48,7 @@ def test_sigterm_exits_zero(tmp_path, model_dir):
 
 
 def test_python_module_entry_point():
-    out = subprocess.run([sys.executable, "-m", "server.cli", "--version"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "meshserve.server.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("meshserve ")
 
 

@@ -26,7 +26,7 @@ def free_port() -> int:
 
 def meshserve_command() -> list[str]:
     exe = Path(sys.executable).with_name("meshserve")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "server.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "meshserve.server.cli"]
 
 
 def ensure_iris() -> None:
@@ -87,7 +87,10 @@ def start_server(
     if model_dir is not None:
         cmd += ["--model-dir", str(model_dir)]
     log = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=REPO)
+    # The repository on PYTHONPATH: training and workflow steps that tests submit import tests.* helpers.
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": pythonpath, **(env or {})})  # fmt: skip
     server = RunningServer(proc, http_port, grpc_port, log_path)
     path = "/v2/health/ready" if wait_ready else "/v2/health/live"
     deadline = time.monotonic() + timeout

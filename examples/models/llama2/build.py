@@ -6,7 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from server.llm.gguf import convert
+from meshserve.server.llm.gguf import convert
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 here = Path(__file__).resolve().parent

@@ -5,7 +5,7 @@ import json
 import os
 import time
 
-from adapters import worker
+from meshserve.adapters import worker
 
 hp = worker.hyperparameters()
 scale = float(hp["scale"])
