@@ -25,7 +25,7 @@ def add_parsers(sub: Any) -> None:
             a = psub.add_parser(action, help=text)
             a.add_argument("spec", type=Path, help="a YAML or JSON spec file")
             if action == "submit":
-                a.add_argument("--server", default="http://127.0.0.1:8080")
+                _server_flags(a)
                 a.add_argument("--wait", action="store_true", help="wait until the job ends")
             if action == "render":
                 a.add_argument("--namespace", default=None)
@@ -35,7 +35,20 @@ def add_parsers(sub: Any) -> None:
         for action in ("status", "logs"):
             a = psub.add_parser(action, help=f"a job's {action}")
             a.add_argument("job")
-            a.add_argument("--server", default="http://127.0.0.1:8080")
+            _server_flags(a)
+
+
+def _server_flags(a: argparse.ArgumentParser) -> None:
+    a.add_argument("--server", default="http://127.0.0.1:8080")
+    a.add_argument("--token", default=None,
+                   help="the server's auth token (default: $MESHSERVE_AUTH_TOKEN); --adapters servers require one")
+
+
+def _headers(args: argparse.Namespace) -> dict[str, str]:
+    import os
+
+    token = args.token or os.environ.get("MESHSERVE_AUTH_TOKEN")
+    return {"authorization": f"Bearer {token}"} if token else {}
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -47,11 +60,11 @@ def _load(path: Path) -> dict[str, Any]:
     return doc
 
 
-def _wait(server: str, job_id: str) -> dict[str, Any]:
+def _wait(server: str, job_id: str, headers: dict[str, str]) -> dict[str, Any]:
     import httpx
 
     while True:
-        job = httpx.get(f"{server}/v1/adapters/jobs/{job_id}", timeout=10).json()
+        job = httpx.get(f"{server}/v1/adapters/jobs/{job_id}", headers=headers, timeout=10).json()
         if job.get("state") in ("succeeded", "failed"):
             return job
         time.sleep(1)
@@ -63,24 +76,15 @@ def run_command(args: argparse.Namespace) -> int:
     if action in ("status", "logs", "submit"):
         import httpx
 
-        server = args.server.rstrip("/")
-        if action == "status":
-            r = httpx.get(f"{server}/v1/adapters/jobs/{args.job}", timeout=10)
-            print(r.text)
-            return 0 if r.status_code == 200 else 1
-        if action == "logs":
-            r = httpx.get(f"{server}/v1/adapters/jobs/{args.job}/logs", timeout=10)
-            sys.stdout.write(r.text)
-            return 0 if r.status_code == 200 else 1
-        r = httpx.post(f"{server}/v1/adapters/{submit_path}", json=_load(args.spec), timeout=30)
-        if r.status_code >= 300:
-            print(f"meshserve {args.command}: {r.status_code} {r.text}", file=sys.stderr)
+        try:
+            return _remote(args, kind, submit_path)
+        except httpx.TransportError as e:
+            print(f"meshserve {args.command}: cannot reach {args.server} ({type(e).__name__}: {e}); "
+                  "is a server running with --adapters?", file=sys.stderr)  # fmt: skip
             return 1
-        job = r.json()
-        if args.wait and "id" in job:
-            job = _wait(server, job["id"])
-        print(json.dumps(job, indent=2))
-        return 0 if job.get("state") != "failed" else 1
+    if not args.spec.is_file():
+        print(f"meshserve {args.command}: no spec file {args.spec}", file=sys.stderr)
+        return 1
     from meshserve.adapters import render
     from meshserve.adapters.errors import parse
     from meshserve.adapters.rest import check_experiment, check_workflow
@@ -102,6 +106,34 @@ def run_command(args: argparse.Namespace) -> int:
         sys.stdout.write(yaml.safe_dump(fn[kind](spec, settings), sort_keys=False))  # type: ignore[operator]
         return 0
     return _run_here(kind, spec, args.state_dir)
+
+
+def _remote(args: argparse.Namespace, kind: str, submit_path: str) -> int:
+    import httpx
+
+    server, headers, action = args.server.rstrip("/"), _headers(args), args.adapter_command
+    if action == "status":
+        r = httpx.get(f"{server}/v1/adapters/jobs/{args.job}", headers=headers, timeout=10)
+        print(r.text)
+        return 0 if r.status_code == 200 else 1
+    if action == "logs":
+        r = httpx.get(f"{server}/v1/adapters/jobs/{args.job}/logs", headers=headers, timeout=10)
+        sys.stdout.write(r.text)
+        return 0 if r.status_code == 200 else 1
+    if not args.spec.is_file():
+        print(f"meshserve {args.command}: no spec file {args.spec}", file=sys.stderr)
+        return 1
+    r = httpx.post(f"{server}/v1/adapters/{submit_path}", json=_load(args.spec), headers=headers, timeout=30)
+    if r.status_code >= 300:
+        hint = {401: " (pass --token or set MESHSERVE_AUTH_TOKEN)",
+                404: " (is the server started with --adapters?)"}.get(r.status_code, "")  # fmt: skip
+        print(f"meshserve {args.command}: {r.status_code} {r.text}{hint}", file=sys.stderr)
+        return 1
+    job = r.json()
+    if args.wait and "id" in job:
+        job = _wait(server, job["id"], headers)
+    print(json.dumps(job, indent=2))
+    return 0 if job.get("state") != "failed" else 1
 
 
 def _run_here(kind: str, spec: Any, state_dir: Path | None) -> int:

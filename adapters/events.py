@@ -9,6 +9,7 @@ from typing import Any
 from meshserve.adapters.specs import TriggerSpec
 
 SIGNATURE_HEADER = "X-Hub-Signature-256"
+DELIVERY_HEADER = "X-GitHub-Delivery"  # a GUID per delivery: replay protection keys on it
 
 
 def sign(secret: str, body: bytes) -> str:

@@ -205,6 +205,13 @@ def add_routes(app: FastAPI, manager: Manager) -> None:
         kind = request.headers.get("X-GitHub-Event", "")
         if kind == "ping":
             return _json({"pong": True})
+        delivery = request.headers.get(events.DELIVERY_HEADER, "").strip()
+        if not delivery or len(delivery) > 128 or not delivery.isprintable():
+            return Response(encode_error(f"missing or malformed {events.DELIVERY_HEADER}"), status_code=400,
+                            media_type="application/json")  # fmt: skip
+        first = manager.store.claim_delivery(delivery)
+        if first is not None:  # a replay (or a redelivery): answer, start nothing
+            return _json({**first, "delivery": delivery, "replayed": True, "triggered": []})
         if kind != "push":
             return _json({"ignored": f"event {kind!r}", "triggered": []})
         event = loads_object(body)
@@ -217,4 +224,6 @@ def add_routes(app: FastAPI, manager: Manager) -> None:
                        "MESHSERVE_EVENT_SHA": sha or ""}  # fmt: skip
                 job = manager.submit_workflow(trigger.workflow, env=env)
                 started.append({"trigger": trigger.name, "job": job.id})
-        return _json({"repository": repo, "branch": branch, "triggered": started}, 202 if started else 200)
+        answer = {"repository": repo, "branch": branch, "triggered": started}
+        manager.store.delivery_result(delivery, answer)
+        return _json({**answer, "delivery": delivery}, 202 if started else 200)

@@ -32,6 +32,9 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(kind, state);
 CREATE TABLE IF NOT EXISTS triggers (name TEXT PRIMARY KEY, spec TEXT NOT NULL, created REAL NOT NULL);
+-- Webhook deliveries seen (GitHub's X-GitHub-Delivery): a replayed signed delivery starts nothing.
+-- Kept, not expired: the signature has no timestamp, so forgetting an id would re-arm its replay.
+CREATE TABLE IF NOT EXISTS deliveries (id TEXT PRIMARY KEY, received REAL NOT NULL, result TEXT NOT NULL);
 """
 
 
@@ -141,6 +144,22 @@ class JobStore:
         return [r[0] for r in rows]
 
     # -- triggers --------------------------------------------------------------
+    def claim_delivery(self, delivery_id: str) -> dict[str, Any] | None:
+        """Record a webhook delivery; None if it is new, else what the first one answered."""
+        with self._lock:
+            inserted = self._db.execute(
+                "INSERT OR IGNORE INTO deliveries (id, received, result) VALUES (?,?,?)",
+                (delivery_id, time.time(), "{}"),
+            ).rowcount
+            if inserted:
+                return None
+            row = self._db.execute("SELECT result FROM deliveries WHERE id=?", (delivery_id,)).fetchone()
+        return orjson.loads(row[0])
+
+    def delivery_result(self, delivery_id: str, result: dict[str, Any]) -> None:
+        with self._lock:
+            self._db.execute("UPDATE deliveries SET result=? WHERE id=?", (orjson.dumps(result), delivery_id))
+
     def put_trigger(self, name: str, spec: dict[str, Any]) -> None:
         with self._lock:
             self._db.execute(

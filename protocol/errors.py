@@ -64,6 +64,14 @@ class Unauthenticated(InferenceError):
     grpc_code = "UNAUTHENTICATED"
 
 
+class Forbidden(InferenceError):
+    """Refused by the server's policy whoever asks (a repository load naming code or a path
+    outside ``--model-dir``); the message says which setting would allow it."""
+
+    http_status = 403
+    grpc_code = "PERMISSION_DENIED"
+
+
 class BodyTimeout(InferenceError):
     """The client did not send its whole body in time (a slow or stalled client)."""
 

@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from meshserve.server import production
         from meshserve.server.process import serve
+        from meshserve.server.security import check_startup
         from meshserve.server.settings import Settings
         from pydantic import ValidationError
 
@@ -131,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         except (ValidationError, OSError, ValueError) as e:
             print(f"meshserve: invalid settings: {e}", file=sys.stderr)
+            return 2
+        try:
+            check_startup(settings)
+        except ValueError as e:
+            print(f"meshserve: refusing to start: {e}", file=sys.stderr)
             return 2
         if settings.model_dir is not None and not Path(settings.model_dir).is_dir():
             print(f"meshserve: invalid settings: model directory {settings.model_dir} does not exist", file=sys.stderr)

@@ -12,8 +12,9 @@ from typing import Any
 from meshserve.modelmesh import CacheEntry, ModelState
 from meshserve.protocol.errors import InferenceError, ServerNotReady
 from meshserve.protocol.types import InferenceRequest, InferenceResponse, ModelMetadata
+from meshserve.server.load_policy import check_load_config
 from meshserve.server.repository import ModelRepository
-from meshserve.server.security import check_load_uri, check_model_name, redact
+from meshserve.server.security import check_model_name, redact
 from meshserve.server.settings import Settings
 from meshserve.server.version import __version__
 
@@ -196,7 +197,9 @@ class DataPlane:
 
     async def load_model(self, name: str, config: dict[str, Any] | None = None) -> None:
         check_model_name(name)
-        check_load_uri(config, self.settings)
+        if config is not None:
+            ms = self.repository.parse_config(name, config)
+            check_load_config(config, self.settings, self.repository.registered_uri(name, ms.version))
         await self.repository.load(name, config)
 
     async def unload_model(self, name: str) -> None:

@@ -160,6 +160,9 @@ async def shutdown(
 def serve(settings: Settings | None = None, router: Router | None = None) -> None:
     """Serve until SIGINT/SIGTERM (``from meshserve import serve``)."""
     settings = settings or Settings.load()
+    from meshserve.server.security import check_startup
+
+    check_startup(settings)  # ValueError: settings that need an auth token and have none
     from meshserve.server.observe import configure_logging
 
     configure_logging(settings.log_level, settings.log_format, settings.access_log)

@@ -26,7 +26,12 @@ def add_flags(s: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, help="serving processes; each model lives in one of them (default 1)")
     g.add_argument(
         "--repository-uris", choices=["any", "model-dir", "none"],
-        help="where a repository load may point a model's uri (default any)",
+        help="where a repository load may point a model's uri: inside --model-dir (default), any (needs an auth "
+        "token), none",
+    )  # fmt: skip
+    g.add_argument(
+        "--repository-code", action="store_const", const=True,
+        help="let repository loads name code (import paths, trust_remote_code); needs an auth token",
     )  # fmt: skip
     g.add_argument("--tracing", action="store_const", const=True, help="OpenTelemetry spans (the otel extra)")
 
@@ -51,4 +56,5 @@ def values(args: argparse.Namespace) -> dict[str, Any]:
         "workers": args.workers,
         "tracing": args.tracing,
         "repository_uris": args.repository_uris,
+        "repository_code": args.repository_code,
     }

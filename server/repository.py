@@ -149,9 +149,7 @@ class ModelRepository:
         """Load a model; with ``config``, (re)register it from that settings document.
         A model already serving is reloaded from its files and swapped on success."""
         if config is not None:
-            if config.get("name", name) != name:
-                raise InvalidInput(f"config names model {config.get('name')!r}, not {name!r}")
-            ms = parse_model_settings(config, name=name)
+            ms = self.parse_config(name, config)
             if not ms.uri:
                 known = self.registry.get(model_key(name, ms.version))
                 old = known.spec if known else None
@@ -169,6 +167,18 @@ class ModelRepository:
             if entry.state is ModelState.READY:
                 spec = self._reread(key) or entry.spec
             await self.cache.load(key, spec=spec)
+
+    @staticmethod
+    def parse_config(name: str, config: dict[str, Any]) -> ModelSettings:
+        """A load's settings document, validated (400s come before any policy check)."""
+        if config.get("name", name) != name:
+            raise InvalidInput(f"config names model {config.get('name')!r}, not {name!r}")
+        return parse_model_settings(config, name=name)
+
+    def registered_uri(self, name: str, version: str | None = None) -> str | None:
+        """The uri a registered model loads from (None for an unknown model)."""
+        reg = self.registry.get(model_key(name, version if isinstance(version, str) else None))
+        return reg.spec.uri if reg is not None else None
 
     def _reread(self, key: str) -> ModelSettings | None:
         reg = self.registry.get(key)

@@ -166,26 +166,23 @@ def check_model_name(name: str, what: str = "model name") -> None:
         raise InvalidInput(f"invalid {what} {name[:64]!r}: use letters, digits, '-', '_' and '.' (not leading)")
 
 
-def check_load_uri(config: dict | None, settings: Settings) -> None:
-    """With ``--repository-uris model-dir``, a repository load may only name a directory
-    inside the model directory; with ``none``, no URI at all (only models already known)."""
-    mode = settings.repository_uris
-    uri = config.get("uri") if config else None
-    if uri is None or mode == "any" or not isinstance(uri, str):
+def check_startup(settings: Settings) -> None:
+    """Settings that let clients run code or commands need an authenticated operator:
+    refuse to start with them and no token (README "Security")."""
+    if build_auth(settings) is not None:
         return
-    if mode == "none":
-        raise InvalidInput("loading a model from a URI through the repository API is disabled on this server")
-    from urllib.parse import unquote, urlparse
-
-    parsed = urlparse(uri)
-    base = settings.model_dir
-    if base is None or parsed.scheme not in ("", "file"):
-        raise InvalidInput("this server only loads models from inside its model directory")
-    path = Path(unquote(parsed.path) if parsed.scheme == "file" else uri)
-    if not path.is_absolute():
-        path = Path(base) / path
-    if not path.resolve().is_relative_to(Path(base).resolve()):
-        raise InvalidInput("the model uri must name a directory inside the model directory")
+    needs = []
+    if settings.repository_uris == "any":
+        needs.append("--repository-uris any (loads fetch and run models from any uri)")
+    if settings.repository_code:
+        needs.append("--repository-code (repository loads may name code)")
+    if settings.adapters:
+        needs.append("--adapters (its routes start training, tuning and workflow commands)")
+    if needs:
+        raise ValueError(
+            f"{'; '.join(needs)}: needs an auth token (--auth-token-file, or MESHSERVE_AUTH_TOKEN) so that "
+            "only an authenticated operator can use it"
+        )
 
 
 def grpc_auth_interceptor(auth: Auth) -> grpc.aio.ServerInterceptor:

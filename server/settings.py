@@ -92,8 +92,12 @@ class Settings(BaseSettings):
     cors_origins: list[str] | str = []  # CORS off unless origins are listed ("*" for any)
     max_connections: int | None = Field(default=None, ge=1)  # REST: 503 past this many open connections
     workers: int = Field(default=1, ge=1)
-    # Where a repository load's config may point its uri: anywhere, inside model_dir, or nowhere.
-    repository_uris: Literal["any", "model-dir", "none"] = "any"
+    # Where a repository load's config may point its uri: inside model_dir (default), anywhere
+    # (remote uris: needs an auth token), or nowhere. README "Security".
+    repository_uris: Literal["any", "model-dir", "none"] = "model-dir"
+    # Repository loads may name code (module import paths, files outside the model's folder,
+    # trust_remote_code): off by default; needs an auth token.
+    repository_code: bool = False
     tracing: bool = False  # OpenTelemetry spans (the `otel` extra); off: no cost
 
     @field_validator("cors_origins", mode="before")

@@ -4,9 +4,11 @@ model serves; tuning registers the best trial; bad input; restarts."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,8 +23,13 @@ SECRET = "s3cret-for-tests"
 REPO_NAME = "acme/models"
 
 
+TOKEN = "adapters-operator-token"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
 def _env(base: Path) -> dict[str, str]:
     return {
+        "MESHSERVE_AUTH_TOKEN": TOKEN,  # --adapters refuses to start without one
         "MESHSERVE_ADAPTERS_KUBECONFIG": str(base / "kubeconfig"),
         "MESHSERVE_ADAPTERS_NAMESPACE": "ml",
         "MESHSERVE_ADAPTERS_STATE_DIR": str(base / "state"),
@@ -91,7 +98,7 @@ def srv(base: Path, kube: KubeApi) -> Iterator[RunningServer]:
 
 @pytest.fixture(scope="module")
 def client(srv: RunningServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=srv.http_url, timeout=30) as c:
+    with httpx.Client(base_url=srv.http_url, timeout=30, headers=AUTH) as c:
         yield c
 
 
@@ -106,9 +113,10 @@ def wait_job(client: httpx.Client, job_id: str, timeout: float = 90) -> dict:
 
 
 def push(client: httpx.Client, branch: str = "main", repo: str = REPO_NAME, secret: str | None = SECRET,
-         event: str = "push") -> httpx.Response:  # fmt: skip
+         event: str = "push", delivery: str | None = None) -> httpx.Response:  # fmt: skip
     body = json.dumps({"ref": f"refs/heads/{branch}", "after": "abc123", "repository": {"full_name": repo}}).encode()
-    headers = {"X-GitHub-Event": event, "Content-Type": "application/json"}
+    headers = {"X-GitHub-Event": event, "Content-Type": "application/json",
+               "X-GitHub-Delivery": delivery or str(uuid.uuid4())}  # fmt: skip
     if secret is not None:
         headers["X-Hub-Signature-256"] = sign(secret, body)
     return client.post("/v1/adapters/events/github", content=body, headers=headers)
@@ -122,7 +130,8 @@ def pipeline(base: Path, server_url: str) -> dict:
     evaluate = ("import json, urllib.request as u, os; "
                 "r = u.Request(os.environ['SERVER'] + '/v2/models/linear-from-push/infer', method='POST', "
                 "data=json.dumps({'inputs': [{'name': 'input', 'datatype': 'FP32', 'shape': [1, 2], "
-                "'data': [0.5, 0.5]}]}).encode(), headers={'Content-Type': 'application/json'}); "
+                "'data': [0.5, 0.5]}]}).encode(), headers={'Content-Type': 'application/json', "
+                "'Authorization': 'Bearer ' + os.environ['TOKEN']}); "
                 "print(json.load(u.urlopen(r))['outputs'][0]['data'][0])")  # fmt: skip
     return {
         "name": "seed-loop",
@@ -136,7 +145,7 @@ def pipeline(base: Path, server_url: str) -> dict:
                 "hyperparameters": {"lr": 0.2, "epochs": 20, "batch_size": 8},
                 "model": {"name": "linear-from-push"}, "timeout_seconds": 120}},
             {"name": "evaluate", "kind": "evaluate", "depends": ["train"], "retries": 1, "backoff_seconds": 0.2,
-             "command": [sys.executable, "-c", evaluate], "env": {"SERVER": server_url}},
+             "command": [sys.executable, "-c", evaluate], "env": {"SERVER": server_url, "TOKEN": TOKEN}},
         ],
     }  # fmt: skip
 
@@ -221,6 +230,28 @@ def test_push_runs_the_pipeline_and_the_new_model_serves(client, base):
     metrics = client.get("/metrics").text
     assert 'meshserve_adapter_jobs{kind="workflow",state="succeeded"} 1.0' in metrics
     assert 'meshserve_adapter_job_duration_seconds_count{kind="training",state="succeeded"} 1.0' in metrics
+
+
+REPLAYED = "72d3162e-cc78-11e3-81ab-4c9367dc0958"
+
+
+def test_a_replayed_delivery_starts_nothing(client):
+    """The same signed delivery sent three times starts one job; a delivery without its id is refused."""
+    trigger = {"repository": "acme/replay", "workflow": {"name": "replay-wf", "steps": [
+        {"name": "a", "command": ["true"]}]}}  # fmt: skip
+    assert client.put("/v1/adapters/triggers/replay", json=trigger).status_code == 200
+    first = push(client, repo="acme/replay", delivery=REPLAYED)
+    assert first.status_code == 202, first.text
+    for _ in range(2):
+        again = push(client, repo="acme/replay", delivery=REPLAYED)
+        assert again.status_code == 200 and again.json()["replayed"] is True and again.json()["triggered"] == []
+    jobs = client.get("/v1/adapters/jobs", params={"limit": 1000}).json()["jobs"]
+    assert [j["name"] for j in jobs].count("replay-wf") == 1
+    body = b'{"ref": "refs/heads/main", "repository": {"full_name": "acme/replay"}}'
+    r = client.post("/v1/adapters/events/github", content=body,
+                    headers={"X-GitHub-Event": "push", "X-Hub-Signature-256": sign(SECRET, body)})  # fmt: skip
+    assert r.status_code == 400 and "X-GitHub-Delivery" in r.json()["error"]
+    assert client.delete("/v1/adapters/triggers/replay").status_code in (200, 204)
 
 
 def test_deploy_step_reloads_a_trained_model_and_fails_for_an_unknown_one(client):
@@ -343,12 +374,13 @@ def test_cli_submits_waits_and_renders(srv, base):
     spec.write_text(yaml.safe_dump({"name": "cli", "entrypoint": str(SCRIPTS / "scale.py"), "workers": 1,
                                     "hyperparameters": {"scale": 3}, "model": {"name": "from-cli"}}))  # fmt: skip
     cli = [sys.executable, "-m", "meshserve.server.cli"]
-    proc = subprocess.run([*cli, "train", "submit", str(spec), "--server", srv.http_url, "--wait"],
+    proc = subprocess.run([*cli, "train", "submit", str(spec), "--server", srv.http_url, "--wait", "--token", TOKEN],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     job = json.loads(proc.stdout)
     assert job["state"] == "succeeded" and job["result"]["model"] == "from-cli"
-    logs = subprocess.run([*cli, "train", "logs", job["id"], "--server", srv.http_url], capture_output=True, text=True)
+    logs = subprocess.run([*cli, "train", "logs", job["id"], "--server", srv.http_url], capture_output=True, text=True,
+                          env={**os.environ, "MESHSERVE_AUTH_TOKEN": TOKEN})  # fmt: skip
     assert "scale=3.0" in logs.stdout
     wf = base / "cli-wf.yaml"
     wf.write_text(yaml.safe_dump({"name": "cli-wf", "steps": [{"name": "a", "command": ["true"]}]}))
@@ -382,7 +414,7 @@ def test_jobs_survive_a_restart_and_interrupted_ones_are_failed(base, srv, clien
     assert not Path(f"/proc/{worker_pid}").exists(), "a worker outlived its server"
     again = _start(base, "restarted")
     try:
-        with httpx.Client(base_url=again.http_url, timeout=30) as c2:
+        with httpx.Client(base_url=again.http_url, timeout=30, headers=AUTH) as c2:
             jobs = {j["id"]: j for j in c2.get("/v1/adapters/jobs", params={"limit": 1000}).json()["jobs"]}
             assert {k: jobs[k]["state"] for k in done_before} == done_before
             assert jobs[job_id]["state"] == "failed"
@@ -392,6 +424,8 @@ def test_jobs_survive_a_restart_and_interrupted_ones_are_failed(base, srv, clien
                 {"name": "INPUT0", "datatype": "FP32", "shape": [1, 2], "data": [1, 1]}]})  # fmt: skip
             assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [2.0, 2.0]
             assert c2.get("/v1/adapters/triggers").json()["triggers"][0]["name"] == "seed"
+            # Deliveries seen before the restart are still remembered.
+            assert push(c2, delivery=REPLAYED, repo="acme/replay").json()["replayed"] is True
     finally:
         again.stop()
 

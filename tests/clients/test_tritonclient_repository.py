@@ -178,7 +178,7 @@ def test_reload_with_config_then_from_files(repo):
 
 def test_config_with_a_missing_uri_path_fails(repo):
     name = f"nowhere_{repo.protocol}"
-    config = json.dumps({"name": name, "implementation": "model.py:EchoModel", "uri": "/no/such/dir"})
+    config = json.dumps({"name": name, "implementation": "model.py:EchoModel", "uri": "no_such_dir"})
     e = repo.fails(repo.client.load_model, name, config=config)
     assert e.status() == repo.status(500)
     repo.assert_still_serving()

@@ -50,8 +50,10 @@ def test_modelcar_cli_then_serve_then_serve_offline(private_registry, tmp_path):
 
 
 def test_bad_uris_fail_the_model_not_the_server(registry, tmp_path):
-    env = {"MESHSERVE_CACHE_DIR": str(tmp_path / "cache"), "MESHSERVE_INSECURE_REGISTRIES": "true"}
-    srv = start_server(EXAMPLES, tmp_path / "log", env=env)
+    env = {"MESHSERVE_CACHE_DIR": str(tmp_path / "cache"), "MESHSERVE_INSECURE_REGISTRIES": "true",
+           "MESHSERVE_AUTH_TOKEN": "operator-token"}  # fmt: skip
+    srv = start_server(EXAMPLES, tmp_path / "log", "--repository-uris", "any", env=env)
+    auth = {"authorization": "Bearer operator-token"}
     try:
         for name, uri, reason in [
             ("ghost", f"oci://{registry.host}/no/such:1", "not found"),
@@ -59,10 +61,11 @@ def test_bad_uris_fail_the_model_not_the_server(registry, tmp_path):
             ("weird", "ftp://example/x", "not supported"),
         ]:
             config = {"implementation": "model.py:EchoModel", "uri": uri}
-            r = httpx.post(f"{srv.http_url}/v2/repository/models/{name}/load", json={"parameters": {"config": config}})
+            r = httpx.post(f"{srv.http_url}/v2/repository/models/{name}/load", json={"parameters": {"config": config}},
+                           headers=auth)  # fmt: skip
             assert r.status_code == 500 and reason in r.json()["error"] and uri.split("//")[1] in r.json()["error"]
         doc = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}
-        assert httpx.post(f"{srv.http_url}/v2/models/echo/infer", json=doc).status_code == 200
+        assert httpx.post(f"{srv.http_url}/v2/models/echo/infer", json=doc, headers=auth).status_code == 200
         assert httpx.get(f"{srv.http_url}/v2/health/ready").status_code == 200
     finally:
         srv.stop()

@@ -30,6 +30,7 @@ def srv(prod_models, tmp_path_factory):
     s = start_server(
         prod_models, d / "server.log", "--auth-token-file", str(d / "tokens"), "--request-timeout", "1",
         "--body-timeout", "1", "--max-request-bytes", str(LIMIT), "--cors-origins", "https://ui.example",
+        "--repository-uris", "any",
         env={"MESHSERVE_AUTH_TOKEN": TOKEN},
     )  # fmt: skip
     yield s
@@ -362,8 +363,8 @@ def test_tls_on_rest_and_grpc(prod_models, tmp_path):
         srv.stop()
 
 
-def test_repository_loads_confined_to_the_model_dir(prod_models, tmp_path):
-    s = start_server(prod_models, tmp_path / "log", "--repository-uris", "model-dir")
+def test_repository_loads_confined_to_the_model_dir_by_default(prod_models, tmp_path):
+    s = start_server(prod_models, tmp_path / "log")
     outside = tmp_path / "outside"
     outside.mkdir()
     try:
@@ -372,7 +373,7 @@ def test_repository_loads_confined_to_the_model_dir(prod_models, tmp_path):
                         "https://example.com/m.tar", "slow/../../outside"]:  # fmt: skip
                 doc = {"parameters": {"config": {"name": "copy", "uri": uri, "implementation": "model.py:Slow"}}}
                 r = http.post("/v2/repository/models/copy/load", json=doc)
-                assert r.status_code == 400 and "model directory" in r.json()["error"], (uri, r.text)
+                assert r.status_code == 403 and "model directory" in r.json()["error"], (uri, r.text)
                 assert str(outside) not in r.text
             ok = {"parameters": {"config": {"name": "copy", "uri": "slow", "implementation": "model.py:Slow"}}}
             assert http.post("/v2/repository/models/copy/load", json=ok).status_code == 200
@@ -384,6 +385,6 @@ def test_repository_loads_confined_to_the_model_dir(prod_models, tmp_path):
             req.parameters["config"].string_param = '{"name": "copy2", "uri": "/etc"}'
             with pytest.raises(grpc.RpcError) as e:
                 grpc_stub(channel).RepositoryModelLoad(req)
-            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
     finally:
         s.stop()
