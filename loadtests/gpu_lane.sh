@@ -61,7 +61,14 @@ nvidia-smi | tee "$OUT_DIR/env.txt"
 if [[ ${GPU_LANE_SKIP_INSTALL:-0} != 1 || ! -x $PY ]]; then
   step "venv $VENV"
   # --system-site-packages: a machine image's own CUDA torch serves when no index is reachable.
-  [[ -x $PY ]] || python3 -m venv --system-site-packages "$VENV" || exit 1
+  if [[ ! -x $PY ]]; then
+    python3 -m venv --system-site-packages "$VENV" || exit 1
+    # A python3 that is itself a venv (a machine image's): its packages too, after the lane's own.
+    outer=$(python3 -c 'import site, sys; print("\n".join(site.getsitepackages()) if sys.prefix != sys.base_prefix else "")')
+    if [[ -n $outer ]]; then
+      echo "$outer" >"$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/outer-python.pth"
+    fi
+  fi
   PIP=("$PY" -m pip install --quiet)
   [[ -n ${GPU_LANE_WHEELS:-} ]] && PIP+=(--find-links "$GPU_LANE_WHEELS")
   # meshserve's own dependencies, from pyproject.toml (meshserve goes in with --no-deps).
