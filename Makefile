@@ -17,7 +17,7 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	    docker-registry skopeo umoci busybox-static etcd-server >/dev/null; \
 	fi
-.PHONY: serve test test-vllm install examples lint bench bench-batching clean system-deps
+.PHONY: serve test test-vllm test-gpu install examples lint bench bench-batching clean system-deps
 
 # torch first, pinned: the runtime extras would otherwise resolve torch to a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
@@ -63,6 +63,13 @@ $(VLLM_VENV)/.installed:
 
 test-vllm: install $(VLLM_VENV)/.installed
 	MESHSERVE_TEST_VLLM=$(abspath $(VLLM_VENV))/bin/python $(BIN)/pytest tests/llm/test_vllm.py -q
+
+# GPU lane (not in CI, which has no GPU): on a machine with a CUDA GPU, a venv of its own
+# (.venv-gpu: vllm with its CUDA torch, onnxruntime-gpu), tests/gpu, then the GPU benchmark
+# (meshserve's vLLM engine vs vLLM's own server); results under $$OUT when set. Without a
+# GPU it says so and exits 0 at once.
+test-gpu:
+	bash loadtests/gpu_lane.sh
 
 lint: install
 	$(BIN)/ruff check .

