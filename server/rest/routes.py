@@ -148,4 +148,19 @@ def build_api(dp: DataPlane) -> FastAPI:
     from meshserve.server.llm.routes import build_llm_router
 
     app.include_router(build_llm_router(dp))
+    _document_bodies(app)
     return app
+
+
+def _document_bodies(app: FastAPI) -> None:
+    """The OpenAPI document with the hand-decoded request bodies described (server/rest/openapi.py)."""
+    from meshserve.server.rest.openapi import describe_bodies
+
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = describe_bodies(generate())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
