@@ -163,7 +163,7 @@ def test_connections_past_the_cap_get_503_then_the_server_recovers(srv):
         assert c.get("/v2/health/ready").status_code == 200
 
 
-def test_grpc_metadata_limit_and_idle_handshakes(srv):
+def test_grpc_metadata_limit_connection_cap_and_idle_handshakes(srv):
     with grpc.insecure_channel(srv.grpc_address) as channel:
         stub = grpc_stub(channel)
         assert stub.ModelInfer(grpc_infer_request("slow", [1]), metadata=(("x-pad", "a" * 1000),), timeout=5).outputs
@@ -171,6 +171,22 @@ def test_grpc_metadata_limit_and_idle_handshakes(srv):
             stub.ModelInfer(grpc_infer_request("slow", [1]), metadata=(("x-pad", "a" * 100_000),), timeout=5)
         assert e.value.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL)
         assert stub.ModelInfer(grpc_infer_request("slow", [1]), timeout=5).outputs
+    # Connections past --max-connections are closed at once: the calls on them are UNAVAILABLE.
+    own = [("grpc.use_local_subchannel_pool", 1)]  # a connection per channel
+    channels = [grpc.insecure_channel(srv.grpc_address, options=own) for _ in range(CAP + 5)]
+    codes = []
+    for channel in channels:
+        try:
+            grpc_stub(channel).ModelInfer(grpc_infer_request("slow", [1]), timeout=5)
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as e:
+            codes.append(e.code())
+    for channel in channels:
+        channel.close()
+    assert codes.count(grpc.StatusCode.OK) <= CAP and codes.count(grpc.StatusCode.UNAVAILABLE) >= 5
+    time.sleep(0.3)
+    with grpc.insecure_channel(srv.grpc_address, options=own) as channel:
+        assert grpc_stub(channel).ModelInfer(grpc_infer_request("slow", [1]), timeout=5).outputs
     # TCP connections that never speak HTTP/2 are closed after the header timeout.
     idle = [socket.create_connection(("127.0.0.1", srv.grpc_port), timeout=5) for _ in range(20)]
     t = time.monotonic()
