@@ -43,6 +43,13 @@ class CapacityExhausted(ModelNotReady):
     """No room for the model: every resident model is in use, pinned or hot."""
 
 
+class QueueFull(InferenceError):
+    """The model's line of waiting requests is full: try again shortly (REST adds Retry-After)."""
+
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
+
+
 class ServerNotReady(InferenceError):
     """The server is starting or draining."""
 

@@ -7,7 +7,8 @@ A batch leaves when it is full or its first request has waited that long; while
 every execution slot (``max_concurrency``) is busy, requests keep queueing and the
 next batch takes them all, so batches grow with load without a longer wait. Only
 requests that agree on input names, datatypes, trailing dims, requested outputs
-and parameters are merged; the rest wait for a batch of their own kind.
+and parameters are merged; the rest wait for a batch of their own kind. The line is
+bounded (``max_queue_size``, server/slots.py): past it a request is turned away at once.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 from meshserve.protocol.errors import ModelExecutionError
 from meshserve.protocol.types import InferenceRequest, InferenceResponse, Tensor
+from meshserve.server.slots import Slots
 
 Run = Callable[[InferenceRequest], Awaitable[InferenceResponse]]
 
@@ -76,7 +78,7 @@ class DynamicBatcher:
     """Queues requests for one loaded model and runs them in merged batches."""
 
     def __init__(
-        self, model: str, run: Run, slots: asyncio.Semaphore, max_batch_size: int, max_batch_latency_ms: float
+        self, model: str, run: Run, slots: Slots, max_batch_size: int, max_batch_latency_ms: float
     ) -> None:
         self.model = model
         self.max_batch_size = max_batch_size
@@ -98,6 +100,8 @@ class DynamicBatcher:
         if key is None or rows > self.max_batch_size or rows == 0:
             async with self._slots:  # nothing to merge it with: run it as it is
                 return await self._run(request)
+        if len(self._queue) >= max(self._slots.max_queue, self.max_batch_size):
+            raise self._slots.reject()
         loop = asyncio.get_running_loop()
         pending = _Pending(request, key, rows, loop.create_future(), loop.time())
         self._queue.append(pending)

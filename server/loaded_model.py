@@ -18,6 +18,7 @@ from meshserve.protocol.types import InferenceRequest, InferenceResponse, ModelM
 from meshserve.server import tracing
 from meshserve.server.batching import DynamicBatcher
 from meshserve.server.runtimes.base import Model
+from meshserve.server.slots import Slots
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class LoadedModel:
         self.version = model.version or ""
         self.size_bytes = size_bytes
         self.metadata: ModelMetadata = model.metadata()
-        self.semaphore = asyncio.Semaphore(model.settings.max_concurrency)
+        self.slots = Slots(self.name, model.settings.max_concurrency, model.settings.max_queue_size)
         self._inputs = {t.name: t for t in self.metadata.inputs}
         # Other names a runtime accepts for its inputs (e.g. an LLM's ``input0`` for ``text_input``).
         self._aliases: dict[str, str] = getattr(model, "input_aliases", None) or {}
@@ -79,7 +80,7 @@ class LoadedModel:
             if self.batcher is None:
                 settings = self.model.settings
                 self.batcher = DynamicBatcher(
-                    self.name, lambda r: self._call(r, executor), self.semaphore,
+                    self.name, lambda r: self._call(r, executor), self.slots,
                     settings.max_batch_size, settings.max_batch_latency,
                 )  # fmt: skip
                 if self.timers is not None:
@@ -88,24 +89,24 @@ class LoadedModel:
         if tracing.TRACER is not None:
             return await self._traced(request, executor, tracing.TRACER)
         if self.timers is None:
-            async with self.semaphore:
+            async with self.slots:
                 return await self._call(request, executor)
         t = time.perf_counter_ns()
-        async with self.semaphore:
+        async with self.slots:
             self.timers.queue((time.perf_counter_ns() - t) / 1e9)
             return await self._call(request, executor)
 
     async def _traced(self, request: InferenceRequest, executor: Executor, tracer: Any) -> InferenceResponse:
         t = time.perf_counter_ns()
         with tracer.start_as_current_span("queue"):
-            await self.semaphore.acquire()
+            await self.slots.take()
         try:
             if self.timers is not None:
                 self.timers.queue((time.perf_counter_ns() - t) / 1e9)
             with tracer.start_as_current_span("predict", attributes={"meshserve.model": self.name}):
                 return await self._call(request, executor)
         finally:
-            self.semaphore.release()
+            self.slots.release()
 
     def _on_batch(self, rows: int, arrivals: list[float]) -> None:
         now = asyncio.get_running_loop().time()

@@ -51,6 +51,9 @@ class ModelSettings(BaseModel):
     outputs: list[TensorSpec] = []
     parameters: dict[str, Any] = {}
     max_concurrency: int = Field(default=4, ge=1)
+    # Requests waiting for one of those slots (or for a batch): past it, 503 with Retry-After /
+    # UNAVAILABLE at once, so a burst cannot pile up memory and latency without end.
+    max_queue_size: int = Field(default=1024, ge=0)
     # Dynamic batching (runtimes that accept a batch dimension): rows merged into one
     # call, and how long (ms) the first request of a batch may wait for more.
     max_batch_size: int = Field(default=0, ge=0)

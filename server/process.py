@@ -14,6 +14,7 @@ import uvicorn
 from meshserve.server.dataplane import DataPlane
 from meshserve.server.grpc.servicer import build_grpc_server
 from meshserve.server.rest import build_rest_app
+from meshserve.server.rest.connections import bounded_http_protocol
 from meshserve.server.security import grpc_server_credentials
 from meshserve.server.settings import Settings
 
@@ -48,8 +49,10 @@ async def run(settings: Settings, started: asyncio.Event | None = None, router: 
     except RuntimeError:
         raise OSError(f"cannot bind gRPC to {settings.host}:{settings.grpc_port} (address in use?)") from None
     tls = settings.tls_cert is not None and settings.tls_key is not None
+    http = bounded_http_protocol(settings.max_header_bytes, settings.header_timeout_seconds)
     common: dict[str, Any] = dict(
-        lifespan="off", access_log=False, log_config=None, http="httptools",
+        lifespan="off", access_log=False, log_config=None, http=http,
+        timeout_keep_alive=settings.keepalive_timeout_seconds,
         timeout_graceful_shutdown=settings.shutdown_grace_seconds,
     )  # fmt: skip
     config = uvicorn.Config(

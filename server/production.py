@@ -20,7 +20,10 @@ def add_flags(s: argparse.ArgumentParser) -> None:
     g.add_argument("--request-timeout", type=float, help="seconds a request may take (504 / DEADLINE_EXCEEDED)")
     g.add_argument("--body-timeout", type=float, help="seconds a client has to send its body (408; default 30)")
     g.add_argument("--cors-origins", help="comma-separated allowed origins ('*' for any); CORS is off without it")
-    g.add_argument("--max-connections", type=int, help="REST: answer 503 past this many concurrent connections")
+    g.add_argument("--max-connections", type=int, help="REST: 503 past this many open connections (default 1000)")
+    g.add_argument("--max-header-bytes", type=int, help="REST: 431 past this many bytes of headers (default 64 KiB)")
+    g.add_argument("--header-timeout", type=float, help="seconds a connection has to send its headers (default 10)")
+    g.add_argument("--keepalive-timeout", type=float, help="seconds an idle keep-alive connection stays (default 5)")
     g.add_argument("--shutdown-grace", type=float, help="seconds in-flight requests get after SIGTERM (default 10)")
     g.add_argument("--drain-seconds", type=float, help="after SIGTERM, seconds not ready but still accepting")
     g.add_argument("--workers", type=int, help="serving processes; each model lives in one of them (default 1)")
@@ -51,6 +54,9 @@ def values(args: argparse.Namespace) -> dict[str, Any]:
         "body_timeout_seconds": args.body_timeout,
         "cors_origins": [o.strip() for o in origins.split(",") if o.strip()] if origins else None,
         "max_connections": args.max_connections,
+        "max_header_bytes": args.max_header_bytes,
+        "header_timeout_seconds": args.header_timeout,
+        "keepalive_timeout_seconds": args.keepalive_timeout,
         "shutdown_grace_seconds": args.shutdown_grace,
         "drain_seconds": args.drain_seconds,
         "workers": args.workers,

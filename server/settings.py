@@ -90,7 +90,15 @@ class Settings(BaseSettings):
     request_timeout_seconds: float | None = Field(default=None, gt=0)  # whole request: 504 / DEADLINE_EXCEEDED
     body_timeout_seconds: float = Field(default=30.0, gt=0)  # a client must send its body within this: 408
     cors_origins: list[str] | str = []  # CORS off unless origins are listed ("*" for any)
-    max_connections: int | None = Field(default=None, ge=1)  # REST: 503 past this many open connections
+    # REST: 503 past this many open connections. A bound by default: every connection holds
+    # a socket and buffers, and a flood must meet a wall before the file-descriptor limit
+    # (often 1024) does; 1000 is far above what one process serves at once.
+    max_connections: int | None = Field(default=1000, ge=1)
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)  # REST request line + headers: 431 past it
+    # A connection must finish its request head within this (from its first byte, or from
+    # opening): else it is closed. Idle keep-alive connections are closed after keepalive_timeout.
+    header_timeout_seconds: float = Field(default=10.0, gt=0)
+    keepalive_timeout_seconds: float = Field(default=5.0, gt=0)
     workers: int = Field(default=1, ge=1)
     # Where a repository load's config may point its uri: inside model_dir (default), anywhere
     # (remote uris: needs an auth token), or nowhere. README "Security".

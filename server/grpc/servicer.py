@@ -22,6 +22,9 @@ from meshserve.server.security import build_auth, grpc_auth_interceptor, redact
 log = logging.getLogger(__name__)
 
 STREAM_WINDOW = 64  # requests of one stream in flight at once
+GRPC_MAX_STREAMS = 256  # concurrent calls on one connection (HTTP/2 streams)
+GRPC_IDLE_MS = 5 * 60 * 1000  # a connection with no call for this long is closed (GOAWAY)
+GRPC_KEEPALIVE_MS = 2 * 60 * 1000
 
 
 async def _abort(context: grpc.aio.ServicerContext, e: Exception) -> None:
@@ -264,18 +267,36 @@ def _pumped(responses: AsyncIterator[pb.ModelStreamInferResponse]) -> tuple[Asyn
     return read(), task
 
 
+def connection_options(settings) -> list[tuple[str, int]]:
+    """The REST front's connection bounds, for gRPC: headers (metadata) size, a deadline to
+    finish the handshake, open connections, streams per connection, idle and dead peers."""
+    options = [
+        ("grpc.max_metadata_size", settings.max_header_bytes),
+        ("grpc.server_handshake_timeout_ms", int(settings.header_timeout_seconds * 1000)),
+        ("grpc.max_concurrent_streams", GRPC_MAX_STREAMS),
+        ("grpc.max_connection_idle_ms", GRPC_IDLE_MS),
+        ("grpc.keepalive_time_ms", GRPC_KEEPALIVE_MS),  # ping a quiet client; no answer in 20 s: gone
+        ("grpc.keepalive_timeout_ms", 20_000),
+    ]
+    if settings.max_connections is not None:
+        options.append(("grpc.max_allowed_incoming_connections", settings.max_connections))
+    return options
+
+
 def build_grpc_server(
     dataplane: DataPlane, max_message_bytes: int, reuse_port: bool = False, router=None, peer: bool = False
 ) -> grpc.aio.Server:
     """``router``: forward calls for other workers' models; ``peer``: the private server
     other workers forward to (they checked the credentials)."""
-    auth = None if peer else build_auth(dataplane.settings)
+    settings = dataplane.settings
+    auth = None if peer else build_auth(settings)
     server = grpc.aio.server(
         interceptors=[grpc_auth_interceptor(auth)] if auth is not None else None,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 1 if reuse_port else 0),
+            *connection_options(settings),
         ],
     )
     servicer = InferenceServicer(dataplane) if router is None else RoutingServicer(dataplane, router)

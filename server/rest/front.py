@@ -111,7 +111,7 @@ class RestFront:
                 raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {self.max_body}")
         except InferenceError as e:
             status = e.http_status
-            extra = _CHALLENGE if status == 401 else _CLOSE if status == 413 else None
+            extra = _ERROR_HEADER.get(status)
             await _send_json(send, status, encode_error(redact(e.message)), rid_header, extra)
             _log_other(rid, scope, status, t0)
             return
@@ -121,12 +121,12 @@ class RestFront:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", ()), rid_header]
-                if status in (408, 413):
-                    message["headers"].append(_CLOSE)
+                if status in (408, 413, 503):
+                    message["headers"].append(_ERROR_HEADER[status])
             await send(message)
 
         try:
-            await self.api(scope, _limited(receive, self.max_body, self.body_timeout), tagged)
+            await self.api(scope, self._body(receive), tagged)
         finally:
             _log_other(rid, scope, status, t0)
 
@@ -161,7 +161,7 @@ class RestFront:
                 raise Unauthenticated("missing or invalid credentials")
             if declared is not None and declared > self.max_body:
                 raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {self.max_body}")
-            body = await self._read_body(receive)
+            body = await _read_body(BodyReceive(receive, self.max_body, self.body_timeout, self.deadlines))
             if content_encoding is not None:
                 body = decode_body(body, content_encoding, self.max_body)
             if tracing.TRACER is None:
@@ -178,7 +178,7 @@ class RestFront:
                     raise RequestTimeout(f"request not served within {self.request_timeout:g}s") from None
         except InferenceError as e:
             status = e.http_status
-            extra = _CHALLENGE if status == 401 else _CLOSE if status in (408, 413) else None
+            extra = _ERROR_HEADER.get(status)
             await _send_json(send, status, encode_error(redact(e.message)), (b"x-request-id", str(rid).encode()), extra)
             self._done(stats, rid, name, status, t0)
             return
@@ -223,7 +223,7 @@ class RestFront:
             declared = _declared_length(scope)
             if declared is not None and declared > self.max_body:
                 raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {self.max_body}")
-            body = await self._read_body(receive)
+            body = await _read_body(self._body(receive))
             target = scope["raw_path"] or scope["path"].encode()
             if scope["query_string"]:
                 target += b"?" + scope["query_string"]
@@ -235,7 +235,7 @@ class RestFront:
                 log.warning("worker %d unreachable", owner)
                 raise ServerNotReady(f"the worker serving this model ({owner}) is unavailable") from None
         except InferenceError as e:
-            extra = _CHALLENGE if e.http_status == 401 else _CLOSE if e.http_status in (408, 413) else None
+            extra = _ERROR_HEADER.get(e.http_status)
             await _send_json(send, e.http_status, encode_error(redact(e.message)), extra)
             return
         out.append((b"content-length", str(len(data)).encode()))
@@ -247,7 +247,7 @@ class RestFront:
         assert self.router is not None
         try:
             self._check_auth(scope)
-            body = await _read_body(receive, self.max_body)
+            body = await _read_body(self._body(receive))
             fwd = [(k, v) for k, v in scope["headers"] if k in (b"authorization", b"x-api-key")]
             if scope["path"] == "/v2/health/ready":
                 # The pod is ready when every worker is (each answers for its own models).
@@ -271,25 +271,15 @@ class RestFront:
                 ctype = b"application/json"
         except InferenceError as e:
             await _send_json(
-                send, e.http_status, encode_error(redact(e.message)), _CHALLENGE if e.http_status == 401 else None
+                send, e.http_status, encode_error(redact(e.message)), _ERROR_HEADER.get(e.http_status)
             )
             return
         headers = [(b"content-type", ctype), (b"content-length", str(len(text)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": text})
 
-    async def _read_body(self, receive: Receive) -> bytes:
-        """The whole body, within the size limit and the body timeout (a stalled or
-        trickling client gets 408)."""
-        task = self.deadlines.arm(self.body_timeout)
-        try:
-            return await _read_body(receive, self.max_body)
-        except asyncio.CancelledError:
-            if self.deadlines.fired(task):
-                raise BodyTimeout(f"request body not received within {self.body_timeout:g}s") from None
-            raise
-        finally:
-            self.deadlines.disarm(task)
+    def _body(self, receive: Receive) -> BodyReceive:
+        return BodyReceive(receive, self.max_body, self.body_timeout, self.deadlines)
 
     def _check_auth(self, scope: Scope) -> None:
         if self.auth is None or not self.auth.protects(scope["path"]):
@@ -313,6 +303,8 @@ class RestFront:
 
 _CHALLENGE = (b"www-authenticate", WWW_AUTHENTICATE)
 _CLOSE = (b"connection", b"close")  # the rest of the body will not be read: end the connection
+_RETRY = (b"retry-after", b"1")  # 503: a full queue, a loading model, a draining pod are all brief
+_ERROR_HEADER = {401: _CHALLENGE, 408: _CLOSE, 413: _CLOSE, 503: _RETRY}
 
 
 def _log_other(rid: str | None, scope: Scope, status: int, t0: int) -> None:
@@ -363,45 +355,63 @@ def _declared_length(scope: Scope) -> int | None:
     return None
 
 
-async def _read_body(receive: Receive, limit: int) -> bytes:
+class BodyReceive:
+    """``receive`` for one request, on every route: the whole body must arrive within
+    ``timeout`` seconds of the first receive (408, however it trickles) and within
+    ``limit`` bytes (413). Once the body is complete no timeout applies: a later receive
+    waits for the disconnect as long as the response takes (a generation, a stream).
+    Timed with :class:`Deadlines`, as ``asyncio.timeout`` costs ~9 us a use."""
+
+    __slots__ = ("_receive", "_limit", "_timeout", "_deadlines", "_due", "_seen", "_done")
+
+    def __init__(self, receive: Receive, limit: int, timeout: float, deadlines: Deadlines) -> None:
+        self._receive = receive
+        self._limit = limit
+        self._timeout = timeout
+        self._deadlines = deadlines
+        self._due = 0.0
+        self._seen = 0
+        self._done = False
+
+    async def __call__(self) -> dict[str, Any]:
+        if self._done:
+            return await self._receive()
+        now = asyncio.get_running_loop().time()
+        if not self._due:
+            self._due = now + self._timeout
+        elif now >= self._due:
+            raise BodyTimeout(f"request body not received within {self._timeout:g}s")
+        task = self._deadlines.arm(self._due - now)
+        try:
+            message = await self._receive()
+        except asyncio.CancelledError:
+            if self._deadlines.fired(task):
+                raise BodyTimeout(f"request body not received within {self._timeout:g}s") from None
+            raise
+        finally:
+            self._deadlines.disarm(task)
+        if message["type"] == "http.request":
+            self._seen += len(message.get("body", b""))
+            if self._seen > self._limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {self._limit} bytes")
+            self._done = not message.get("more_body", False)
+        else:
+            self._done = True  # http.disconnect: nothing more will come
+        return message
+
+
+async def _read_body(receive: BodyReceive) -> bytes:
     message = await receive()
     body = message.get("body", b"")
     if not message.get("more_body", False):
-        if len(body) > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
         return body
     chunks = [body]
-    size = len(body)
     while message.get("more_body", False):
         message = await receive()
         if message["type"] == "http.disconnect":
             raise InvalidInput("client disconnected before sending the whole body")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+        chunks.append(message.get("body", b""))
     return b"".join(chunks)
-
-
-def _limited(receive: Receive, limit: int, timeout: float) -> Receive:
-    """Wrap receive so a streamed body past the limit, or one that stalls, ends the request."""
-    seen = 0
-
-    async def wrapped() -> dict[str, Any]:
-        nonlocal seen
-        try:
-            async with asyncio.timeout(timeout):
-                message = await receive()
-        except TimeoutError:
-            raise BodyTimeout(f"request body not received within {timeout:g}s") from None
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        return message
-
-    return wrapped
 
 
 async def _send_json(send: Send, status: int, body: bytes, *extra: tuple[bytes, bytes] | None) -> None:

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from meshserve.protocol.errors import ModelExecutionError
+from meshserve.protocol.errors import ModelExecutionError, QueueFull
 from meshserve.protocol.types import InferenceRequest, Tensor
 from meshserve.server.batching import batch_key
 from meshserve.server.loaded_model import LoadedModel
@@ -40,10 +40,12 @@ class RowModel(Model):
         return {"y": x * 2 + x.sum(axis=tuple(range(1, x.ndim)), keepdims=True), "rows": np.arange(len(x))}
 
 
-def loaded(max_batch_size: int = 8, latency_ms: float = 50, concurrency: int = 1, **parameters) -> LoadedModel:
+def loaded(
+    max_batch_size: int = 8, latency_ms: float = 50, concurrency: int = 1, queue: int = 1024, **parameters
+) -> LoadedModel:
     ms = ModelSettings(
         name="rows", max_batch_size=max_batch_size, max_batch_latency=latency_ms, max_concurrency=concurrency,
-        parameters=parameters,
+        max_queue_size=queue, parameters=parameters,
     )  # fmt: skip
     model = RowModel(ms)
     model.load()
@@ -157,3 +159,21 @@ def test_torch_and_onnx_batched_equal_unbatched(torch_dirs):
         for a, b in zip(together, separately, strict=True):
             assert a.outputs[0].shape == b.outputs[0].shape
             np.testing.assert_allclose(a.outputs[0].data, b.outputs[0].data, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch", [0, 2])
+def test_the_line_of_waiting_requests_is_bounded(batch):
+    """One slot busy, a line of 4 (or of the batch size when larger): the rest are turned away
+    at once with QueueFull, the admitted all answered."""
+
+    async def main():
+        lm = loaded(max_batch_size=batch, latency_ms=5, queue=4, sleep=0.2)
+        results = await asyncio.gather(*(lm.infer(req(np.ones((1, 2), np.int64)), EXECUTOR) for _ in range(12)),
+                                       return_exceptions=True)  # fmt: skip
+        return lm, results
+
+    lm, results = asyncio.run(main())
+    full = [r for r in results if isinstance(r, QueueFull)]
+    served = [r for r in results if not isinstance(r, BaseException)]
+    assert len(full) + len(served) == 12 and full and len(served) >= 4
+    assert lm.slots.rejected == len(full) and lm.slots.waiting == 0
