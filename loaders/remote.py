@@ -65,7 +65,7 @@ def fetch_http(
                 if declared.isdigit():
                     budget.expect_download(int(declared), name)
                 with open(download, "wb") as f:
-                    for chunk in r.iter_bytes(1024 * 1024):
+                    for chunk in r.iter_bytes():  # as they arrive: a trickle still meets the cancel check
                         budget.download(len(chunk), name)
                         digest.update(chunk)
                         f.write(chunk)
