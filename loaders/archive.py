@@ -79,17 +79,24 @@ def check_symlink(name: str, rel: str, link: str) -> None:
         raise UnsafeArchive(f"symlink {name!r} points outside the target directory")
 
 
-def check_links(target: Path) -> None:
-    """Every symlink in the finished tree resolves inside it (after all links are followed)."""
+def check_links(target: Path, refuse: bool = True) -> None:
+    """Every symlink in the finished tree resolves inside it (after all links are followed).
+    Those that do not are removed (the tree is never published, but nothing is left pointing
+    out); with ``refuse`` the first is reported as UnsafeArchive."""
     root = os.path.realpath(target)
+    escaping = []
     for folder, dirs, files in os.walk(target):
         for entry in (*dirs, *files):
             path = os.path.join(folder, entry)
             if os.path.islink(path):
                 real = os.path.realpath(path)
                 if real != root and not real.startswith(root + os.sep):
-                    rel = os.path.relpath(path, target)
-                    raise UnsafeArchive(f"symlink {rel!r} points outside the target directory through other links")
+                    escaping.append(path)
+    for path in escaping:
+        os.unlink(path)
+    if escaping and refuse:
+        rel = os.path.relpath(escaping[0], target)
+        raise UnsafeArchive(f"symlink {rel!r} points outside the target directory through other links")
 
 
 def extract_zip(path: Path, target: Path, budget: LoadBudget | None = None) -> int:

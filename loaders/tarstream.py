@@ -151,7 +151,11 @@ def extract_chunks(
     try:
         count = _extract(_Feed(chunks, budget), target, prefix, budget)
     except OSError as e:
+        check_links(target, refuse=False)
         raise ModelLoadError(f"cannot extract the tar archive: {e.strerror or e}") from None
+    except BaseException:
+        check_links(target, refuse=False)
+        raise
     check_links(target)
     return count
 

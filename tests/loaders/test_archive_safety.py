@@ -59,7 +59,9 @@ MALFORMED = {
     + _file("a")
     + END,
     "member negative size": _with_size_field(_file("a"), b"\xff" * 12) + END,
-    "gnu longname too large": _with_size_field(_block("././@LongLink", tarfile.GNUTYPE_LONGNAME, b""), b"%011o\0" % 2**33)
+    "gnu longname too large": _with_size_field(
+        _block("././@LongLink", tarfile.GNUTYPE_LONGNAME, b""), b"%011o\0" % 2**33
+    )
     + END,
 }
 
@@ -222,7 +224,7 @@ def test_max_model_bytes_defaults_to_the_capacity():
 def _endless() -> Iterator[bytes]:
     info = tarfile.TarInfo("huge.bin")
     info.size = 2**40
-    yield info.tobuf(tarfile.USTAR_FORMAT)
+    yield info.tobuf(tarfile.GNU_FORMAT)
     chunk = bytes(64 * 1024)
     while True:
         time.sleep(0.001)

@@ -14,15 +14,15 @@ import pytest
 
 from tests.support.server import start_server
 
-QUICK = '''
+QUICK = """
 from meshserve import InferenceRequest, Model, Tensor
 
 
 class Quick(Model):
     def predict(self, request: InferenceRequest) -> list[Tensor]:  # sync: runs on a predict thread
         return request.inputs
-'''
-HANG = '''
+"""
+HANG = """
 import time
 
 from meshserve import Model
@@ -34,7 +34,7 @@ class Hang(Model):
 
     def predict(self, request):
         return request.inputs
-'''
+"""
 DOC = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}
 
 
