@@ -25,7 +25,7 @@ from meshserve.loaders.tarstream import extract_chunks, gunzip
 from meshserve.protocol.errors import ModelLoadError
 
 LIMIT = 2 * 1024 * 1024
-EXAMPLES = 250  # per target: ~15 s for the whole file on a shared 2-core machine
+EXAMPLES = 500  # per target: ~15 s for the whole file on a shared 2-core machine
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=2000,  # ms per example: an extractor that spins fails here
