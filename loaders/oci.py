@@ -67,22 +67,47 @@ class Reference:
         return f"oci://{self.registry}/{self.repository}{tail}"
 
 
+DOCKER_HUB = ("docker.io", "index.docker.io", "registry-1.docker.io")
+
+
+def registry_host(key: str) -> str:
+    """The host[:port] a credential is for, as docker's config.json keys name it
+    (``https://index.docker.io/v1/``, ``http://host:5000``, ``host:5000``)."""
+    host = key.strip().lower()
+    host = host.split("://", 1)[1] if "://" in host else host
+    host = host.split("/", 1)[0]
+    return "docker.io" if host in DOCKER_HUB else host
+
+
+def auth_entry(entry: Any) -> tuple[str, str] | None:
+    """(user, password) from a config.json ``auths`` entry: ``auth`` (base64 user:password) or fields."""
+    if not isinstance(entry, dict):
+        return None
+    if entry.get("auth"):
+        try:
+            user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return user, password
+    if entry.get("username"):
+        return str(entry["username"]), str(entry.get("password", ""))
+    return None
+
+
 def docker_credentials(registry: str, config_path: Path | None = None) -> tuple[str, str] | None:
-    """user, password for ``registry`` from a docker config.json ($DOCKER_CONFIG or ~/.docker)."""
+    """user, password for exactly ``registry`` (host[:port]) from a docker config.json
+    ($DOCKER_CONFIG or ~/.docker); an entry for another host, or port, never applies."""
     if config_path is None:
         base = os.environ.get("DOCKER_CONFIG") or os.path.join(os.path.expanduser("~"), ".docker")
         config_path = Path(base) / "config.json"
     try:
         auths = json.loads(config_path.read_text()).get("auths", {})
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         return None
-    for key in (registry, f"https://{registry}", f"http://{registry}"):
-        entry = auths.get(key)
-        if entry and entry.get("auth"):
-            user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
-            return user, password
-        if entry and entry.get("username"):
-            return entry["username"], entry.get("password", "")
+    wanted = registry_host(registry)
+    for key, entry in auths.items() if isinstance(auths, dict) else ():
+        if registry_host(key) == wanted and (found := auth_entry(entry)) is not None:
+            return found
     return None
 
 

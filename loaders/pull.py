@@ -8,13 +8,13 @@ held in memory but one chunk; a bad blob leaves nothing in the cache.
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from meshserve.loaders.archive import inside, safe_relative
+from meshserve.loaders.archive import member_path, safe_relative
 from meshserve.loaders.cache import ContentCache
+from meshserve.loaders.limits import LoadBudget
 from meshserve.loaders.oci import DOCKER_CONFIG, OCI_CONFIG, Reference, RegistryClient, RegistryError
 from meshserve.loaders.tarstream import extract_chunks, gunzip
 
@@ -38,9 +38,11 @@ def pull(
     platform: str = "linux/amd64",
     offline_first: bool = True,
     progress: Callable[[int], None] | None = None,
+    budget: LoadBudget | None = None,
 ) -> Path:
     """The local directory holding ``uri``'s models, pulling it if the cache lacks it.
     With ``offline_first`` a tag seen before is served from the cache without the network."""
+    budget = budget or LoadBudget()
     ref = Reference.parse(uri)
     if ref.digest and (hit := cache.get(ref.digest)) is not None:
         return hit
@@ -55,12 +57,19 @@ def pull(
             log.warning("%s: registry unavailable, serving the cached %s", uri, known)
             return hit
         raise
-    path = cache.fill(digest, lambda tmp: _unpack(client, ref, manifest, tmp, progress))
+    try:
+        sizes = [int(layer.get("size", 0)) for layer in manifest.get("layers", [])]
+    except (TypeError, ValueError):
+        raise RegistryError(f"{ref}: a layer size in the manifest is not a number") from None
+    budget.expect_download(sum(sizes), str(ref))  # each blob is refused past its declared size
+    path = cache.fill(digest, lambda tmp: _unpack(client, ref, manifest, tmp, progress, budget))
     cache.set_ref(str(ref), digest)
     return path
 
 
-def _unpack(client: RegistryClient, ref: Reference, manifest: dict[str, Any], target: Path, progress) -> None:
+def _unpack(
+    client: RegistryClient, ref: Reference, manifest: dict[str, Any], target: Path, progress, budget: LoadBudget
+) -> None:
     config_type = manifest.get("config", {}).get("mediaType", "")
     is_image = config_type in (OCI_CONFIG, DOCKER_CONFIG)
     files = 0
@@ -73,18 +82,20 @@ def _unpack(client: RegistryClient, ref: Reference, manifest: dict[str, Any], ta
                 if compression is None:
                     raise RegistryError(f"{ref}: layer type {media_type!r} is not supported")
                 chunks = gunzip(blob.chunks()) if compression == GZIP else blob.chunks()
-                files += extract_chunks(chunks, target, prefix="models")
+                files += extract_chunks(chunks, target, prefix="models", budget=budget)
             elif title and (layer.get("annotations", {}).get(UNPACK) == "true" or media_type.endswith("tar+gzip")):
                 chunks = gunzip(blob.chunks()) if media_type.endswith("gzip") else blob.chunks()
-                files += extract_chunks(chunks, target)  # a directory, as oras packs one
+                files += extract_chunks(chunks, target, budget=budget)  # a directory, as oras packs one
             elif title:
                 rel = safe_relative(title, None)
                 if rel is None:
                     raise RegistryError(f"{ref}: artifact layer title {title!r} is not a file name")
-                dest = inside(target, rel)
+                dest = member_path(target, rel)
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 with open(dest, "wb") as out:
-                    shutil.copyfileobj(blob, out, 1024 * 1024)
+                    for chunk in blob.chunks():
+                        budget.unpack(len(chunk), title)
+                        out.write(chunk)
                 files += 1
             else:
                 raise RegistryError(f"{ref}: artifact layer {layer.get('digest')} has no title annotation")

@@ -19,8 +19,9 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import httpx
-from meshserve.loaders.archive import extract_zip, inside, safe_relative
+from meshserve.loaders.archive import extract_zip, member_path, safe_relative
 from meshserve.loaders.cache import ContentCache
+from meshserve.loaders.limits import LoadBudget
 from meshserve.loaders.tarstream import extract_chunks, gunzip
 from meshserve.protocol.errors import ModelLoadError
 
@@ -45,7 +46,11 @@ def fetch_http(
     offline_first: bool = True,
     progress: Callable[[int], None] | None = None,
     timeout: float = 60.0,
+    budget: LoadBudget | None = None,
 ) -> Path:
+    """Credentials in the URI (user:password@) go to its host only: httpx drops the
+    Authorization header on a redirect to another origin."""
+    budget = budget or LoadBudget()
     if offline_first and (known := cache.ref(uri)) and (hit := cache.get(known)) is not None:
         return hit
     name = Path(unquote(urlparse(uri).path)).name or "model"
@@ -56,8 +61,12 @@ def fetch_http(
             with httpx.stream("GET", uri, timeout=timeout, follow_redirects=True) as r:
                 if r.status_code != 200:
                     raise ModelLoadError(f"{uri}: HTTP {r.status_code}")
+                declared = r.headers.get("content-length", "")
+                if declared.isdigit():
+                    budget.expect_download(int(declared), name)
                 with open(download, "wb") as f:
-                    for chunk in r.iter_bytes(1024 * 1024):
+                    for chunk in r.iter_bytes():  # as they arrive: a trickle still meets the cancel check
+                        budget.download(len(chunk), name)
                         digest.update(chunk)
                         f.write(chunk)
                         if progress:
@@ -73,10 +82,10 @@ def fetch_http(
         def produce(tmp: Path) -> None:
             kind = _archive_kind(name)
             if kind == "zip":
-                extract_zip(download, tmp)
+                extract_zip(download, tmp, budget)
             elif kind:
                 chunks = _file_chunks(download)
-                extract_chunks(gunzip(chunks) if kind == "tar.gz" else chunks, tmp)
+                extract_chunks(gunzip(chunks) if kind == "tar.gz" else chunks, tmp, budget=budget)
             else:
                 shutil.copyfile(download, tmp / name)
 
@@ -93,7 +102,11 @@ def fetch_s3(
     endpoint_url: str | None = None,
     offline_first: bool = True,
     progress: Callable[[int], None] | None = None,
+    budget: LoadBudget | None = None,
 ) -> Path:
+    """Requests go to ``endpoint_url`` (or AWS) only: the URI names a bucket, never a host,
+    so the AWS credentials reach no other server."""
+    budget = budget or LoadBudget()
     parsed = urlparse(uri)
     bucket, prefix = parsed.netloc, parsed.path.lstrip("/")
     if not bucket:
@@ -122,6 +135,7 @@ def fetch_s3(
     if not objects:
         raise ModelLoadError(f"{uri}: no objects under that prefix")
     listing = sorted((o["Key"], o.get("ETag", ""), o["Size"]) for o in objects)
+    budget.expect_download(sum(int(size) for _, _, size in listing), f"s3://{bucket}/{prefix}")
     key = "sha256:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()
     if not prefix or prefix.endswith("/"):
         base = prefix
@@ -135,10 +149,16 @@ def fetch_s3(
             rel = safe_relative(obj_key[len(base) :] if obj_key.startswith(base) else obj_key, None)
             if rel is None:
                 continue
-            dest = inside(tmp, rel)
+            dest = member_path(tmp, rel)
             dest.parent.mkdir(parents=True, exist_ok=True)
+
+            def counted(n: int, key: str = obj_key) -> None:
+                budget.download(n, key)  # a server sending more than it listed stops here
+                if progress:
+                    progress(n)
+
             try:
-                s3.download_file(bucket, obj_key, str(dest), Callback=progress)
+                s3.download_file(bucket, obj_key, str(dest), Callback=counted)
             except (BotoCoreError, ClientError) as e:
                 raise ModelLoadError(f"{uri}: downloading {obj_key}: {e}") from None
 

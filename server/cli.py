@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-preload", action="store_const", const=False, dest="preload", help="load models on first use")
     s.add_argument("--log-level", help="debug, info, warning, error")
     s.add_argument("--store", help="etcd://host:port/prefix: join the pods sharing it into one mesh")
+    s.add_argument("--max-model-bytes", type=int, help="bytes one remote model may download or unpack")
+    s.add_argument("--load-threads", type=int, help="threads for model loads and fetches (default 4)")
     from meshserve.server.production import add_flags
 
     add_flags(s)
@@ -61,25 +63,31 @@ def _remote_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--insecure", action="store_true", help="reach the registry over plain http")
     p.add_argument("--registry-username")
     p.add_argument("--registry-password", help="else from a docker config.json")
+    p.add_argument("--max-model-bytes", type=int, help="bytes the model may download or unpack")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _fetcher(args: argparse.Namespace):
+def _fetcher(args: argparse.Namespace, uri: str):
+    """The fetcher for one command; --registry-username is for the registry ``uri`` names only."""
+    from meshserve.loaders.oci import Reference
     from meshserve.server.settings import Settings
 
+    host = Reference.parse(uri).registry if args.registry_username and uri.startswith("oci://") else None
     return Settings.load(
         None,
         cache_dir=args.cache_dir,
         insecure_registries=True if args.insecure else None,
-        registry_username=args.registry_username,
-        registry_password=args.registry_password,
+        registry_username=args.registry_username if host else None,
+        registry_password=args.registry_password if host else None,
+        registry_credentials_host=host,
+        max_model_bytes=args.max_model_bytes,
     ).fetcher()
 
 
 def _pull(args: argparse.Namespace) -> int:
     from meshserve.loaders.progress import Progress
 
-    fetcher = _fetcher(args)
+    fetcher = _fetcher(args, args.uri)
     fetcher.offline_first = False  # an explicit pull asks the source
     progress = Progress(f"pull {args.uri}", enabled=not args.quiet)
     path = fetcher.fetch(args.uri, progress=progress)
@@ -93,7 +101,7 @@ def _modelcar_build(args: argparse.Namespace) -> int:
     from meshserve.loaders.oci import Reference
     from meshserve.loaders.progress import Progress
 
-    fetcher = _fetcher(args)
+    fetcher = _fetcher(args, args.tag)
     ref = Reference.parse(args.tag)
     progress = Progress(f"push {args.tag}", enabled=not args.quiet)
     with fetcher.client_for(ref.registry) as client:
@@ -129,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                 preload=args.preload,
                 **production.values(args),
                 store=args.store,
+                max_model_bytes=args.max_model_bytes,
+                load_threads=args.load_threads,
             )
         except (ValidationError, OSError, ValueError) as e:
             print(f"meshserve: invalid settings: {e}", file=sys.stderr)
@@ -157,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             from meshserve.server.llm.offline import main as generate_main
 
-            return generate_main(args, _fetcher(args))
+            return generate_main(args, _fetcher(args, args.model))
     except InferenceError as e:
         print(f"meshserve {args.command}: {e.message}", file=sys.stderr)
         return 1

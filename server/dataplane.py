@@ -12,6 +12,7 @@ from typing import Any
 from meshserve.modelmesh import CacheEntry, ModelState
 from meshserve.protocol.errors import InferenceError, ServerNotReady
 from meshserve.protocol.types import InferenceRequest, InferenceResponse, ModelMetadata
+from meshserve.server.load_executor import LoadExecutor
 from meshserve.server.load_policy import check_load_config
 from meshserve.server.repository import ModelRepository
 from meshserve.server.security import check_model_name, redact
@@ -28,7 +29,9 @@ class DataPlane:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.executor = ThreadPoolExecutor(settings.predict_threads, thread_name_prefix="predict")
-        self.repository = ModelRepository(settings, self.executor)
+        # Loads and fetches on threads of their own: a stuck load never holds a predict thread.
+        self.load_executor = LoadExecutor(settings.load_threads, name="load")
+        self.repository = ModelRepository(settings, self.executor, self.load_executor)
         self.cache = self.repository.cache
         from meshserve.server.metrics import build_metrics
 
@@ -101,6 +104,8 @@ class DataPlane:
 
     async def stop(self) -> None:
         self._draining = self._stopping = True
+        self.repository.cancel_loads()
+        self.load_executor.shutdown(wait=False, cancel_futures=True)
         if self.fleet is not None:
             await self.fleet.close()
         await self.cache.close()

@@ -7,11 +7,13 @@ import asyncio
 import gc
 import inspect
 import logging
+import threading
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
 from meshserve.loaders import is_remote, resolve_uri
+from meshserve.loaders.limits import LoadCancelled
 from meshserve.modelmesh import CacheEntry, ModelCache, ModelState, PlacementPolicy
 from meshserve.modelmesh.registry import ModelRegistry, model_key
 from meshserve.protocol.errors import InvalidInput, ModelLoadError, ModelNotFound
@@ -44,9 +46,12 @@ def _check_batching(model: Model) -> None:
 
 
 class ModelRepository:
-    def __init__(self, settings: Settings, executor: Executor) -> None:
+    def __init__(self, settings: Settings, executor: Executor, load_executor: Executor | None = None) -> None:
         self.settings = settings
         self.executor = executor
+        # Loads and fetches run here, apart from predict (the data plane gives each its own).
+        self.load_executor = load_executor or executor
+        self._cancels: set[threading.Event] = set()
         capacity = settings.capacity_bytes or default_capacity(settings.capacity_fraction)
         self.cache: ModelCache[LoadedModel] = ModelCache(
             self._load,
@@ -192,11 +197,17 @@ class ModelRepository:
     # -- the load function handed to the cache ------------------------------
     async def _load(self, ms: ModelSettings) -> tuple[LoadedModel, int]:
         loop = asyncio.get_running_loop()
-        # One trip to a worker thread: resolve, import, build and, for a plain load(), load.
-        work = loop.run_in_executor(self.executor, self._build_and_load, ms)
+        # One trip to a load thread: fetch, import, build and, for a plain load(), load.
+        cancel = threading.Event()
+        self._cancels.add(cancel)
+        work = loop.run_in_executor(self.load_executor, self._build_and_load, ms, cancel)
+        work.add_done_callback(lambda _: self._cancels.discard(cancel))
         try:
             model, size = await asyncio.shield(work)
-        except asyncio.CancelledError:  # timed out: the thread cannot be stopped; unload when it ends
+        except asyncio.CancelledError:
+            # Timed out: a fetch stops at its next chunk or archive member; a runtime's own
+            # load() cannot be stopped, so what it returns is unloaded when it ends.
+            cancel.set()
             work.add_done_callback(lambda f: self._discard(loop, f))
             raise
         if size is None:  # an async load(): run it on the loop
@@ -208,8 +219,15 @@ class ModelRepository:
             size = self._size_of(model, before)
         return LoadedModel(model, size), size
 
-    def _build_and_load(self, ms: ModelSettings) -> tuple[Model, int | None]:
-        path = self.fetcher.fetch(ms.uri, self.settings.model_dir) if ms.uri else None
+    def cancel_loads(self) -> None:
+        """Tell every load in progress to stop (at shutdown): fetches end at their next chunk."""
+        for cancel in list(self._cancels):
+            cancel.set()
+
+    def _build_and_load(self, ms: ModelSettings, cancel: threading.Event) -> tuple[Model, int | None]:
+        path = self.fetcher.fetch(ms.uri, self.settings.model_dir, cancel=cancel) if ms.uri else None
+        if cancel.is_set():
+            raise LoadCancelled(f"loading model {ms.name!r} was cancelled (timed out or the server is stopping)")
         reg = self.registry.get(model_key(ms.name, ms.version))
         if path is not None and ms.uri and is_remote(ms.uri) and reg is not None:
             reg.disk_bytes = files_size(path)  # fetched: now its files tell its size

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -56,6 +56,15 @@ class Settings(BaseSettings):
     insecure_registries: bool | list[str] = False
     registry_username: str | None = None
     registry_password: str | None = None  # else a docker config.json ($DOCKER_CONFIG)
+    # The registry host[:port] registry_username/password are for: no other registry gets them.
+    registry_credentials_host: str | None = None
+    # More registries, as docker's config.json auths: {host[:port]: {username, password} or {auth}}.
+    registry_auths: dict[str, dict[str, str]] = {}
+    # What one remote model may download, and unpack, in bytes (a gzip or zip bomb stops
+    # at the limit); None: the cache capacity (capacity_bytes, else its default).
+    max_model_bytes: int | None = Field(default=None, ge=1)
+    # Loads and fetches run on their own threads, so a stuck load never holds a predict thread.
+    load_threads: int = Field(default=4, ge=1)
     oci_platform: str = "linux/amd64"
     s3_endpoint: str | None = None  # else AWS_ENDPOINT_URL
     # The fleet (modelmesh/store.py): None is one pod with an in-process store;
@@ -138,18 +147,44 @@ class Settings(BaseSettings):
             return [h.strip() for h in text.split(",") if h.strip()]
         return v
 
+    @model_validator(mode="after")
+    def _scoped_credentials(self) -> Settings:
+        if self.registry_username and not self.registry_credentials_host:
+            raise ValueError(
+                "registry_username needs registry_credentials_host: the registry host[:port] it is for "
+                "(credentials are never sent to a registry they were not configured for)"
+            )
+        from meshserve.loaders.oci import auth_entry
+
+        for host, entry in self.registry_auths.items():
+            if auth_entry(entry) is None:
+                raise ValueError(f"registry_auths[{host!r}] needs username and password, or auth")
+        return self
+
+    def model_bytes_limit(self) -> int:
+        """max_model_bytes, or the cache capacity when unset."""
+        if self.max_model_bytes is not None:
+            return self.max_model_bytes
+        from meshserve.server.capacity import default_capacity
+
+        return self.capacity_bytes or default_capacity(self.capacity_fraction)
+
     def fetcher(self) -> ModelFetcher:
         """The model fetcher these settings describe."""
         from meshserve.loaders import ModelFetcher
+        from meshserve.loaders.oci import auth_entry
 
-        creds = (self.registry_username, self.registry_password or "") if self.registry_username else None
+        auths = {host: auth for host, entry in self.registry_auths.items() if (auth := auth_entry(entry))}
+        if self.registry_username and self.registry_credentials_host:
+            auths[self.registry_credentials_host] = (self.registry_username, self.registry_password or "")
         return ModelFetcher(
             self.cache_dir,
             self.cache_max_bytes,
             self.insecure_registries,
-            creds,
+            auths,
             self.oci_platform,
             self.s3_endpoint,
+            max_model_bytes=self.model_bytes_limit(),
         )
 
     @classmethod
