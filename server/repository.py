@@ -56,6 +56,7 @@ class ModelRepository:
             policy=PlacementPolicy(min_churn_age=settings.min_churn_age_seconds),
             load_timeout=settings.load_timeout_seconds,
             retry_backoff=(settings.load_retry_seconds, settings.load_retry_max_seconds),
+            capacity_wait=settings.capacity_wait_seconds,
         )
         self.registry = ModelRegistry()
         self.fetcher = settings.fetcher()
