@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     # Added to every model's size: its code, objects and allocator slack, which a
     # runtime's own figure (its tensors) leaves out. Measured at ~50 KiB per small model.
     model_overhead_bytes: int = Field(default=64 * 1024, ge=0)
+    # Added instead to a size meshserve measured itself (a model without ``size_bytes``):
+    # the measurement counts the model's objects already, this is the server's own cost per
+    # model and allocator slack. Measured at ~20 KiB per tiny numpy model (loadtests/mesh_memory.py).
+    measured_overhead_bytes: int = Field(default=24 * 1024, ge=0)
     load_timeout_seconds: float | None = Field(default=300.0, gt=0)
     load_retry_seconds: float = Field(default=1.0, gt=0)
     load_retry_max_seconds: float = Field(default=60.0, gt=0)
