@@ -3,7 +3,10 @@
 Models are registered apart from being loaded. The first request for a model
 that is not resident loads it (one load, however many requests wait); a load
 that needs room evicts the least recently used models, only as many as needed,
-never one serving a request. Loads reserve their predicted size before they
+never one serving a request. When only busy or recently used models stand in
+the way, the load waits (woken when a request ends, a load or unload settles,
+or the youngest blocker ages past the churn guard) up to ``capacity_wait``
+before it is refused. Loads reserve their predicted size before they
 start and settle to the measured size after, so the pod never loads past its
 capacity. Every state change is kept on the entry for the repository API.
 """
@@ -58,12 +61,14 @@ class CacheEntry(Generic[H]):
     last_used: float = 0.0  # monotonic
     load_seconds: float | None = None
     inflight: int = 0
+    waiting: int = 0  # requests waiting for it to become ready
     failures: int = 0
     retry_at: float = 0.0  # monotonic; FAILED models load again on a request after this
     requests: int = 0
     failed_requests: int = 0
     extra: bool = False  # another pod holds the first copy: evicted before single copies
     transition: asyncio.Future | None = field(default=None, repr=False)
+    drained: asyncio.Future | None = field(default=None, repr=False)  # an unload waits for inflight == 0
 
     def last_used_wall(self) -> float | None:
         return time.time() - (time.monotonic() - self.last_used) if self.last_used else None
@@ -90,9 +95,16 @@ def _consume_exception(task: asyncio.Task) -> None:
 
 
 class _NoRoom(CapacityExhausted):
-    def __init__(self, message: str, retry: bool) -> None:
+    """Refused for now; ``ages_out``: when the youngest blocker passes the churn guard (monotonic)."""
+
+    def __init__(self, message: str, ages_out: float | None) -> None:
         super().__init__(message)
-        self.retry = retry
+        self.ages_out = ages_out
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class _Lease(Generic[H]):
@@ -125,6 +137,11 @@ class _Lease(Generic[H]):
         if exc_type is not None:
             entry.failed_requests += 1
         entry.last_used = time.monotonic()
+        if not entry.inflight:
+            if entry.drained is not None:
+                _wake(entry.drained)
+            if self._cache._room_waiters:
+                self._cache._room_changed()
 
 
 class ModelCache(Generic[H]):
@@ -158,6 +175,8 @@ class ModelCache(Generic[H]):
         self._entries: dict[str, CacheEntry[H]] = {}
         self._lru: OrderedDict[str, CacheEntry[H]] = OrderedDict()  # resident models, oldest first
         self._used = 0  # bytes held or reserved
+        # Loads waiting for room, oldest first (a dict as an ordered set).
+        self._room_waiters: dict[asyncio.Future, None] = {}
 
     # -- registration ----------------------------------------------------------
     def register(self, key: str, spec: Any, pinned: bool = False) -> CacheEntry[H]:
@@ -195,13 +214,24 @@ class ModelCache(Generic[H]):
         return _Lease(self, key)
 
     async def _ensure_ready(self, entry: CacheEntry[H]) -> None:
-        """Wait for, or start, the load a request needs; refused requests are not misses."""
+        """Wait for, or start, the load a request needs; refused requests are not misses.
+        While a request waits, the model is not a victim (``waiting``): a load that just
+        finished is not evicted before the requests it was for have used it."""
+        entry.waiting += 1
+        try:
+            await self._wait_ready(entry)
+        finally:
+            entry.waiting -= 1
+
+    async def _wait_ready(self, entry: CacheEntry[H]) -> None:
         missed = False
         while entry.state is not ModelState.READY:
             if entry.transition is not None:
                 if not missed:
                     missed, self.stats.misses = True, self.stats.misses + 1
-                await asyncio.shield(entry.transition)
+                refused = await asyncio.shield(entry.transition)
+                if refused is not None:  # the load this request waited for found no room
+                    raise CapacityExhausted(refused.message, refused.retry_after)
                 continue
             if entry.state is ModelState.UNLOADED:
                 raise ModelNotReady(f"model {entry.key!r} is not ready (unloaded); load it through the repository API")
@@ -247,11 +277,13 @@ class ModelCache(Generic[H]):
         if not serving:
             entry.state, entry.reason = ModelState.LOADING, ""
         started = time.monotonic()
+        refused: CapacityExhausted | None = None
         try:
             need = self._predict(entry, spec)
             try:
                 victims = await self._reserve_waiting(entry, need)
             except CapacityExhausted as e:
+                refused = e
                 if not serving:
                     if self.capacity_bytes is not None and need > self.capacity_bytes:
                         entry.state, entry.reason, entry.retry_at = ModelState.FAILED, e.message, float("inf")
@@ -295,7 +327,8 @@ class ModelCache(Generic[H]):
             await self._trim(exclude=entry)
         finally:
             entry.transition = None
-            done.set_result(None)
+            done.set_result(refused)  # the requests waiting on it share the refusal, not retry it
+            self._room_changed()  # evictable now, or its reservation is free again
 
     def _reserve(self, entry: CacheEntry[H], need: int) -> list[CacheEntry[H]]:
         """Reserve ``need`` bytes for ``entry``, choosing victims; no await in here,
@@ -317,7 +350,7 @@ class ModelCache(Generic[H]):
                     raise _NoRoom(
                         f"capacity exhausted: model {entry.key!r} needs {need} bytes, {max(0, cap - self._used)} "
                         f"are free and the resident models are {why}",
-                        retry=not choice.churn,
+                        self._ages_out(entry) if choice.churn else None,
                     )
                 victims = choice.victims
             for v in victims:
@@ -328,17 +361,45 @@ class ModelCache(Generic[H]):
         self._used += need
         return victims
 
+    def _ages_out(self, entry: CacheEntry[H]) -> float | None:
+        """When the next resident model that the churn guard protects becomes evictable."""
+        now, age, policy = time.monotonic(), self.policy.min_churn_age, self.policy
+        times = [
+            e.last_used + age
+            for e in self._lru.values()
+            if e is not entry and policy.evictable(e) and e.last_used + age > now
+        ]
+        return min(times, default=None)
+
+    def _room_changed(self) -> None:
+        """Something that blocked a load may be gone: the waiting loads try again, oldest first."""
+        waiters, self._room_waiters = self._room_waiters, {}
+        for waiter in waiters:
+            _wake(waiter)
+
     async def _reserve_waiting(self, entry: CacheEntry[H], need: int) -> list[CacheEntry[H]]:
-        """Reserve, waiting up to ``capacity_wait`` while the models that block are only busy
-        (they free up when their requests end); the churn guard refuses at once."""
-        deadline = time.monotonic() + self.capacity_wait
+        """Reserve; while only busy or recently used models block, wait for one to free up
+        or age out, up to ``capacity_wait`` (a request's own deadline ends its wait sooner:
+        it stops awaiting). Past that, 503 with a Retry-After."""
+        loop = asyncio.get_running_loop()
+        give_up = time.monotonic() + self.capacity_wait
         while True:
             try:
                 return self._reserve(entry, need)
             except _NoRoom as e:
-                if not e.retry or time.monotonic() >= deadline:
-                    raise CapacityExhausted(e.message) from None
-            await asyncio.sleep(0.005)
+                now = time.monotonic()
+                if now >= give_up:
+                    after = 1.0 if e.ages_out is None else max(1.0, e.ages_out - now)
+                    raise CapacityExhausted(e.message, retry_after=after) from None
+                until = give_up if e.ages_out is None else min(give_up, e.ages_out)
+            waiter = loop.create_future()
+            self._room_waiters[waiter] = None
+            timer = loop.call_later(max(0.0, until - now), _wake, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._room_waiters.pop(waiter, None)
 
     def _failed(self, entry: CacheEntry[H], e: Exception, serving: bool) -> None:
         reason = e.message if isinstance(e, InferenceError) else f"{type(e).__name__}: {e}"
@@ -361,12 +422,18 @@ class ModelCache(Generic[H]):
         self._used -= entry.size_bytes  # promised free: the load that evicts waits for it
         if self.on_change is not None:  # no longer a copy to send requests to
             self.on_change(entry)
+        if self._room_waiters:
+            self._room_changed()
 
     async def _finish_unload(self, entry: CacheEntry[H], final: ModelState, reason: str) -> None:
         done = entry.transition
         try:
-            while entry.inflight:
-                await asyncio.sleep(0.002)
+            if entry.inflight:  # the last request to end wakes this
+                entry.drained = asyncio.get_running_loop().create_future()
+                try:
+                    await entry.drained
+                finally:
+                    entry.drained = None
             handle, entry.handle, entry.size_bytes = entry.handle, None, 0
             if handle is not None:
                 try:

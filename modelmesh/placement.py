@@ -1,5 +1,6 @@
 """Which resident models to evict to make room: least recently used first,
-never a pinned model, one serving a request, or one in a load/unload, and
+never a pinned model, one serving a request or about to (its requests waited
+for its load), or one in a load/unload, and
 never one used within ``min_churn_age`` (ModelMesh's minChurnAgeMs)."""
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class PlacementPolicy:
         self.min_churn_age = min_churn_age
 
     def evictable(self, entry: CacheEntry) -> bool:
-        return not entry.pinned and entry.inflight == 0 and entry.transition is None
+        return not entry.pinned and entry.inflight == 0 and entry.waiting == 0 and entry.transition is None
 
     def choose_victims(self, lru: Iterable[CacheEntry], need: int, now: float) -> Choice:
         """The fewest least-recently-used entries whose bytes cover ``need``; in a fleet,

@@ -40,7 +40,12 @@ class ModelNotReady(InferenceError):
 
 
 class CapacityExhausted(ModelNotReady):
-    """No room for the model: every resident model is in use, pinned or hot."""
+    """No room for the model: every resident model is in use, pinned or hot.
+    ``retry_after``: seconds after which room is likely (REST sends it as Retry-After)."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class QueueFull(InferenceError):

@@ -23,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--adapters", action="store_const", const=True, help="training/tuning/workflow/event routes")
     s.add_argument("--capacity-bytes", type=int, help="bytes of models this pod may hold (default: 70%% of memory)")
     s.add_argument("--min-churn-age", type=float, help="seconds a used model is safe from eviction")
+    s.add_argument("--capacity-wait", type=float, help="seconds a cold request waits for room before 503 (default 5)")
     s.add_argument("--no-preload", action="store_const", const=False, dest="preload", help="load models on first use")
     s.add_argument("--log-level", help="debug, info, warning, error")
     s.add_argument("--store", help="etcd://host:port/prefix: join the pods sharing it into one mesh")
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 log_level=args.log_level,
                 capacity_bytes=args.capacity_bytes,
                 min_churn_age_seconds=args.min_churn_age,
+                capacity_wait_seconds=args.capacity_wait,
                 preload=args.preload,
                 **production.values(args),
                 store=args.store,

@@ -19,7 +19,7 @@ from meshserve.modelmesh.registry import ModelRegistry, model_key
 from meshserve.protocol.errors import InvalidInput, ModelLoadError, ModelNotFound
 from meshserve.server.capacity import default_capacity, files_size
 from meshserve.server.loaded_model import LoadedModel
-from meshserve.server.memory import release_free_memory, rss_bytes
+from meshserve.server.memory import reachable_bytes, release_free_memory, rss_bytes
 from meshserve.server.model_settings import ModelSettings, parse_model_settings, read_settings_file
 from meshserve.server.runtimes.base import Model
 from meshserve.server.runtimes.files import runtimes_for_dir
@@ -61,13 +61,15 @@ class ModelRepository:
             policy=PlacementPolicy(min_churn_age=settings.min_churn_age_seconds),
             load_timeout=settings.load_timeout_seconds,
             retry_backoff=(settings.load_retry_seconds, settings.load_retry_max_seconds),
+            capacity_wait=settings.capacity_wait_seconds,
         )
         self.registry = ModelRegistry()
         self.fetcher = settings.fetcher()
         self._freed_since_trim = 0
 
     def predicted_size(self, ms: ModelSettings) -> int:
-        """What a model will take once loaded, before it loads (ModelMesh's predictModelSize)."""
+        """What a model will take once loaded, before it loads (ModelMesh's predictModelSize):
+        only placement and the load's reservation use it; the load measures the real size."""
         reg = self.registry.get(model_key(ms.name, ms.version))
         disk = reg.disk_bytes if reg is not None else 0
         return max(disk, self.settings.default_model_bytes) + self.settings.model_overhead_bytes
@@ -248,11 +250,25 @@ class ModelRepository:
         return model, self._size_of(model, before)
 
     def _size_of(self, model: Model, rss_before: int) -> int:
+        """What the model holds plus what it costs beyond that: its code, objects and allocator
+        slack, which a runtime's figure (its tensors) leaves out and a measurement counts in part."""
         size = model.size_bytes()
-        if size is None:  # nothing better: the process's growth, at least the prediction
-            return max(rss_bytes() - rss_before, self.predicted_size(model.settings))
-        # What the runtime counts (its tensors) plus what any model costs the interpreter.
+        if size is None:
+            return self._measured_size(model, rss_before) + self.settings.measured_overhead_bytes
         return int(size) + self.settings.model_overhead_bytes
+
+    def _measured_size(self, model: Model, rss_before: int) -> int:
+        """A model that does not report its size: the objects and arrays it reaches, at
+        least its files (what it was loaded from; memory a C extension keeps outside Python
+        objects shows there). Not the RSS delta: loads on other threads, requests and
+        reused heap pages make it count too much or nothing."""
+        reg = self.registry.get(model_key(model.settings.name, model.settings.version))
+        disk = reg.disk_bytes if reg is not None else 0
+        held = reachable_bytes(model)
+        log.debug(
+            "model %s holds %d bytes (files %d, process grew %d)", model.name, held, disk, rss_bytes() - rss_before
+        )
+        return max(held, disk)
 
     def _discard(self, loop: asyncio.AbstractEventLoop, work: asyncio.Future) -> None:
         if work.cancelled() or work.exception() is not None:

@@ -37,13 +37,19 @@ class Settings(BaseSettings):
     capacity_bytes: int | None = Field(default=None, ge=1)
     capacity_fraction: float = Field(default=0.7, gt=0, le=1)
     # A model is not evicted if it was used this recently (ModelMesh's minChurnAgeMs);
-    # a cold request then gets 503 "capacity exhausted" instead.
+    # a cold request then waits for one to age out or finish its requests.
     min_churn_age_seconds: float = Field(default=1.0, ge=0)
+    # How long a load waits for room before 503 "capacity exhausted" (with Retry-After).
+    capacity_wait_seconds: float = Field(default=5.0, ge=0)
     # Predicted size of a model whose files say little (python models): a floor.
     default_model_bytes: int = Field(default=256 * 1024, ge=0)
     # Added to every model's size: its code, objects and allocator slack, which a
     # runtime's own figure (its tensors) leaves out. Measured at ~50 KiB per small model.
     model_overhead_bytes: int = Field(default=64 * 1024, ge=0)
+    # Added instead to a size meshserve measured itself (a model without ``size_bytes``):
+    # the measurement counts the model's objects already, this is the server's own cost per
+    # model and allocator slack. Measured at ~20 KiB per tiny numpy model (loadtests/mesh_memory.py).
+    measured_overhead_bytes: int = Field(default=24 * 1024, ge=0)
     load_timeout_seconds: float | None = Field(default=300.0, gt=0)
     load_retry_seconds: float = Field(default=1.0, gt=0)
     load_retry_max_seconds: float = Field(default=60.0, gt=0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 from collections.abc import Awaitable, Callable
 from time import perf_counter_ns
@@ -15,6 +16,7 @@ from typing import Any
 
 from meshserve.protocol.errors import (
     BodyTimeout,
+    CapacityExhausted,
     InferenceError,
     InvalidInput,
     PayloadTooLarge,
@@ -178,7 +180,7 @@ class RestFront:
                     raise RequestTimeout(f"request not served within {self.request_timeout:g}s") from None
         except InferenceError as e:
             status = e.http_status
-            extra = _ERROR_HEADER.get(status)
+            extra = _retry_after(e) or _ERROR_HEADER.get(status)
             await _send_json(send, status, encode_error(redact(e.message)), (b"x-request-id", str(rid).encode()), extra)
             self._done(stats, rid, name, status, t0)
             return
@@ -305,6 +307,13 @@ _CHALLENGE = (b"www-authenticate", WWW_AUTHENTICATE)
 _CLOSE = (b"connection", b"close")  # the rest of the body will not be read: end the connection
 _RETRY = (b"retry-after", b"1")  # 503: a full queue, a loading model, a draining pod are all brief
 _ERROR_HEADER = {401: _CHALLENGE, 408: _CLOSE, 413: _CLOSE, 503: _RETRY}
+
+
+def _retry_after(e: InferenceError) -> tuple[bytes, bytes] | None:
+    """A full cache says when room is likely (RFC 9110 Retry-After, whole seconds)."""
+    if isinstance(e, CapacityExhausted):
+        return (b"retry-after", str(max(1, math.ceil(e.retry_after))).encode())
+    return None
 
 
 def _log_other(rid: str | None, scope: Scope, status: int, t0: int) -> None:

@@ -56,7 +56,7 @@ class Model:
         return None
 
     def size_bytes(self) -> int | None:
-        """The model's size in memory; None lets the server measure the RSS delta of the load."""
+        """The model's size in memory; None lets the server measure what the loaded object holds."""
         return None
 
     def metadata(self) -> ModelMetadata:

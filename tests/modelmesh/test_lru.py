@@ -119,7 +119,7 @@ def test_pinned_models_stay():
 def test_churn_guard_refuses_instead_of_evicting_hot_models():
     async def main():
         m = Models()
-        cache = cache_of(m, capacity=60, churn=60.0)
+        cache = cache_of(m, capacity=60, churn=60.0, capacity_wait=0.05)
         for k in "abc":
             cache.register(k, (k, 30))
         await use(cache, "a")

@@ -33,7 +33,11 @@ def mesh(tmp_path_factory):
         (d / "model-settings.json").write_text(json.dumps(settings))
     srv = start_server(
         models, root / "log", "--capacity-bytes", str(330 * 1024), "--min-churn-age", "0",
-        env={"MESHSERVE_DEFAULT_MODEL_BYTES": "0", "MESHSERVE_MODEL_OVERHEAD_BYTES": "0"},
+        env={
+            "MESHSERVE_DEFAULT_MODEL_BYTES": "0",
+            "MESHSERVE_MODEL_OVERHEAD_BYTES": "0",
+            "MESHSERVE_MEASURED_OVERHEAD_BYTES": "0",
+        },
     )  # fmt: skip
     with httpx.Client(base_url=srv.http_url, timeout=30) as client:
         yield client
