@@ -137,11 +137,11 @@ def too_many_bytes_elements(name: str, limit: int) -> PayloadTooLarge:
 
 
 def decode_bytes_elements(
-    name: str, buffer: bytes | memoryview, count: int | None = None, limit: int = MAX_BYTES_ELEMENTS
+    name: str, buffer: bytes | memoryview, count: int | None = None, limit: int | None = None
 ) -> list[bytes]:
     """Split a raw BYTES buffer (4-byte little-endian length + bytes, repeated), expecting
     ``count`` elements if given and refusing more than ``limit`` before building them."""
-    if count is not None and count > limit:
+    if count is not None and limit is not None and count > limit:
         raise too_many_bytes_elements(name, limit)
     cap = limit if count is None else count
     view = memoryview(buffer)
@@ -157,7 +157,7 @@ def decode_bytes_elements(
             raise InvalidInput(f"input {name!r}: BYTES element of {n} bytes overruns the buffer")
         out.append(bytes(view[pos : pos + n]))
         pos += n
-        if len(out) > cap:
+        if cap is not None and len(out) > cap:
             if count is None:
                 raise too_many_bytes_elements(name, limit)
             break

@@ -3,15 +3,19 @@ shape, nesting, value or BYTES count is a 4xx / INVALID_ARGUMENT, never a 500 / 
 
 from __future__ import annotations
 
+import shutil
 import struct
 
 import grpc
+import httpx
 import numpy as np
 import orjson
 import pytest
 from meshserve.protocol.grpc import grpc_service_pb2 as pb
+from meshserve.protocol.grpc import grpc_service_pb2_grpc as pb_grpc
 
 from tests.protocol.process_memory import vm_rss
+from tests.support.server import EXAMPLES, start_server
 
 T = pb.ModelInferRequest.InferInputTensor
 MiB = 1024 * 1024
@@ -129,3 +133,23 @@ def test_bool_bytes_other_than_0_and_1_are_refused(http, stub, byte):
     ok = pb.ModelInferRequest(model_name="echo", inputs=[T(name="x", datatype="BOOL", shape=[3])],
                               raw_input_contents=[b"\x01\x00\x01"])  # fmt: skip
     assert stub.ModelInfer(ok).raw_output_contents[0] == b"\x01\x00\x01"
+
+
+def test_max_bytes_elements_flag_reaches_both_fronts(tmp_path):
+    shutil.copytree(EXAMPLES / "echo", tmp_path / "models" / "echo", ignore=shutil.ignore_patterns("__pycache__"))
+    srv = start_server(tmp_path / "models", tmp_path / "server.log", "--max-bytes-elements", "3")
+    try:
+        with httpx.Client(base_url=srv.http_url, timeout=30) as http:
+            assert _post(http, _input([3], "BYTES", ["a", "b", "c"])).status_code == 200
+            two = {"datatype": "BYTES", "shape": [2], "data": ["a", "b"]}
+            r = _post(http, {"inputs": [{"name": "x", **two}, {"name": "y", **two}]})  # 4 in all
+            assert r.status_code == 413 and "max_bytes_elements" in r.json()["error"]
+        with grpc.insecure_channel(srv.grpc_address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            msg = pb.ModelInferRequest(model_name="echo", inputs=[T(name="x", datatype="BYTES", shape=[4])],
+                                       raw_input_contents=[_bytes_elements(4)])  # fmt: skip
+            assert _grpc_code(stub, msg) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            stream = list(stub.ModelStreamInfer(iter([msg]), timeout=30))
+            assert "max_bytes_elements" in stream[0].error_message
+    finally:
+        srv.stop()
