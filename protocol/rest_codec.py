@@ -13,13 +13,16 @@ import numpy as np
 import orjson
 from meshserve.protocol.datatypes import (
     DTYPES,
+    MAX_BYTES_ELEMENTS,
     bytes_array,
+    bytes_from_buffer,
     cast_checked,
     check_shape,
-    decode_bytes_elements,
     dtype_of,
     encode_bytes_elements,
+    fixed_from_buffer,
     resolve_shape,
+    too_many_bytes_elements,
 )
 from meshserve.protocol.errors import InvalidInput
 from meshserve.protocol.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
@@ -63,9 +66,11 @@ def decode_infer_request(
     model_name: str,
     model_version: str | None = None,
     header_length: int | None = None,
+    max_bytes_elements: int = MAX_BYTES_ELEMENTS,
 ) -> InferenceRequest:
     """Decode an infer request body; ``header_length`` is the value of the
-    Inference-Header-Content-Length header when the binary extension is used."""
+    Inference-Header-Content-Length header when the binary extension is used;
+    ``max_bytes_elements`` caps the BYTES elements of all inputs together."""
     binary: memoryview | None = None
     json_part: bytes | memoryview = body
     if header_length is not None:
@@ -119,12 +124,21 @@ def decode_infer_request(
                 raise InvalidInput(f"input {name!r}: binary_data_size must be a non-negative integer")
             if offset + size > len(binary):
                 raise InvalidInput(f"input {name!r}: binary_data_size {size} overruns the binary data")
-            array = _from_binary(name, datatype, dtype, shape, binary[offset : offset + size])
+            chunk = binary[offset : offset + size]
             offset += size
+            if datatype == "BYTES":
+                array = bytes_from_buffer(name, shape, chunk, max_bytes_elements)
+            else:
+                array = fixed_from_buffer(name, datatype, dtype, shape, chunk)
         else:
             if "data" not in spec:
                 raise InvalidInput(f"input {name!r} has no 'data'")
-            array = _from_json(name, datatype, shape, spec["data"])
+            if datatype == "BYTES":
+                array = _bytes_from_json(name, shape, spec["data"], max_bytes_elements)
+            else:
+                array = _from_json(name, datatype, shape, spec["data"])
+        if datatype == "BYTES":
+            max_bytes_elements -= array.size
         inputs.append(Tensor(name, datatype, array, params))
     if binary is not None and offset != len(binary):
         raise InvalidInput(f"{len(binary) - offset} bytes of binary data belong to no input")
@@ -144,39 +158,48 @@ def decode_infer_request(
     )
 
 
-def _from_binary(name: str, datatype: str, dtype: np.dtype, shape: list[int], chunk: memoryview) -> np.ndarray:
-    if datatype == "BYTES":
-        items = decode_bytes_elements(name, chunk)
-        return bytes_array(items, resolve_shape(name, shape, len(items)))
-    if len(chunk) % dtype.itemsize:
-        raise InvalidInput(f"input {name!r}: {len(chunk)} bytes is not a whole number of {datatype} elements")
-    count = len(chunk) // dtype.itemsize
-    return np.frombuffer(chunk, dtype=dtype).reshape(resolve_shape(name, shape, count))
-
-
-def _flatten_strings(name: str, data: Any, out: list[bytes]) -> None:
-    for item in data:
-        if isinstance(item, str):
-            out.append(item.encode())
-        elif isinstance(item, list):
-            _flatten_strings(name, item, out)
-        else:
-            raise InvalidInput(f"input {name!r}: BYTES data must be strings")
+def _bytes_from_json(name: str, shape: list[int], data: Any, limit: int) -> np.ndarray:
+    """BYTES data: strings, flat or nested as the shape, walked level by level (no recursion)."""
+    level = data if type(data) is list else [data]
+    nested = [len(level)]
+    while level and type(level[0]) is list:
+        if len(nested) >= len(shape):
+            raise InvalidInput(f"input {name!r}: 'data' is nested deeper than the shape's {len(shape)} dimensions")
+        n = len(level[0])
+        inner: list[Any] = []
+        for item in level:
+            if type(item) is not list or len(item) != n:
+                raise InvalidInput(f"input {name!r}: 'data' is not a regular nested list")
+            inner += item
+        nested.append(n)
+        level = inner
+    if len(level) > limit:
+        raise too_many_bytes_elements(name, limit)
+    try:
+        items = [s.encode() for s in level]
+    except (AttributeError, UnicodeEncodeError):
+        raise InvalidInput(f"input {name!r}: BYTES data must be strings") from None
+    resolved = resolve_shape(name, shape, len(items))
+    if len(nested) > 1 and nested != resolved:
+        raise InvalidInput(f"input {name!r}: 'data' nested as {nested} does not match the shape {resolved}")
+    return bytes_array(items, resolved)
 
 
 def _from_json(name: str, datatype: str, shape: list[int], data: Any) -> np.ndarray:
-    if datatype == "BYTES":
-        items: list[bytes] = []
-        _flatten_strings(name, data if isinstance(data, list) else [data], items)
-        return bytes_array(items, resolve_shape(name, shape, len(items)))
+    """Numbers or booleans, flat (OIP's form) or nested as the shape. numpy reads the nesting
+    (no Python recursion) and refuses lists deeper than its own dimension limit."""
     try:
         values = np.array(data)
     except (ValueError, TypeError):
         raise InvalidInput(f"input {name!r}: 'data' is not a regular nested list of numbers") from None
-    values = values.reshape(-1)
+    nested = values.shape if values.ndim > 1 else None
+    if values.ndim != 1:
+        values = values.reshape(-1)
     if datatype == "UINT64" and values.dtype.kind in "fO":
         values = _uint64_values(name, data)
     resolved = resolve_shape(name, shape, values.size)
+    if nested is not None and list(nested) != resolved:
+        raise InvalidInput(f"input {name!r}: 'data' nested as {list(nested)} does not match the shape {resolved}")
     return cast_checked(name, values, datatype).reshape(resolved)
 
 

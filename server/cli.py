@@ -20,6 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--http-port", type=int, help="REST port (default 8080)")
     s.add_argument("--grpc-port", type=int, help="gRPC port (default 8081)")
     s.add_argument("--max-request-bytes", type=int, help="largest request body accepted")
+    s.add_argument("--max-bytes-elements", type=int, help="BYTES elements one infer request may hold (default 2**20)")
     s.add_argument("--adapters", action="store_const", const=True, help="training/tuning/workflow/event routes")
     s.add_argument("--capacity-bytes", type=int, help="bytes of models this pod may hold (default: 70%% of memory)")
     s.add_argument("--min-churn-age", type=float, help="seconds a used model is safe from eviction")
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 http_port=args.http_port,
                 grpc_port=args.grpc_port,
                 max_request_bytes=args.max_request_bytes,
+                max_bytes_elements=args.max_bytes_elements,
                 adapters=args.adapters,
                 log_level=args.log_level,
                 capacity_bytes=args.capacity_bytes,

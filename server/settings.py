@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from meshserve.protocol.datatypes import MAX_BYTES_ELEMENTS
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -27,6 +28,9 @@ class Settings(BaseSettings):
     # Models listed inline: each a model-settings document with a ``uri``.
     models: list[dict[str, Any]] = []
     max_request_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    # BYTES elements one infer request may hold (413 / RESOURCE_EXHAUSTED past it): each is a
+    # Python bytes object of ~64 bytes in memory, however few it takes on the wire.
+    max_bytes_elements: int = Field(default=MAX_BYTES_ELEMENTS, ge=1)
     predict_threads: int = Field(default=min(32, (os.cpu_count() or 1) + 4), ge=1)
     strict_readiness: bool = True
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)

@@ -8,13 +8,16 @@ from typing import Any
 import numpy as np
 from meshserve.protocol.datatypes import (
     DTYPES,
+    MAX_BYTES_ELEMENTS,
     bytes_array,
+    bytes_from_buffer,
     cast_checked,
     check_shape,
-    decode_bytes_elements,
     dtype_of,
     encode_bytes_elements,
+    fixed_from_buffer,
     resolve_shape,
+    too_many_bytes_elements,
 )
 from meshserve.protocol.errors import InvalidInput
 from meshserve.protocol.grpc import grpc_service_pb2 as pb
@@ -67,7 +70,8 @@ def encode_parameters(target: Any, params: Mapping[str, Any]) -> None:
             p.string_param = str(value)
 
 
-def decode_infer_request(msg: pb.ModelInferRequest) -> InferenceRequest:
+def decode_infer_request(msg: pb.ModelInferRequest, max_bytes_elements: int = MAX_BYTES_ELEMENTS) -> InferenceRequest:
+    """``max_bytes_elements`` caps the BYTES elements of all inputs together."""
     raw = msg.raw_input_contents
     if not msg.inputs:
         raise InvalidInput("request must have at least one input")
@@ -88,9 +92,14 @@ def decode_infer_request(msg: pb.ModelInferRequest) -> InferenceRequest:
         if raw:
             if inp.HasField("contents"):
                 raise InvalidInput(f"input {name!r} has typed contents and raw_input_contents is also set")
-            array = _from_raw(name, datatype, dtype, shape, raw[i])
+            if datatype == "BYTES":
+                array = bytes_from_buffer(name, shape, raw[i], max_bytes_elements)
+            else:
+                array = fixed_from_buffer(name, datatype, dtype, shape, raw[i])
         else:
-            array = _from_contents(name, datatype, shape, inp.contents)
+            array = _from_contents(name, datatype, shape, inp.contents, max_bytes_elements)
+        if datatype == "BYTES":
+            max_bytes_elements -= array.size
         inputs.append(Tensor(name, datatype, array, decode_parameters(inp.parameters) if inp.parameters else {}))
     outputs = None
     if msg.outputs:
@@ -105,22 +114,18 @@ def decode_infer_request(msg: pb.ModelInferRequest) -> InferenceRequest:
     )
 
 
-def _from_raw(name: str, datatype: str, dtype: np.dtype, shape: list[int], buf: bytes) -> np.ndarray:
-    if datatype == "BYTES":
-        items = decode_bytes_elements(name, buf)
-        return bytes_array(items, resolve_shape(name, shape, len(items)))
-    if len(buf) % dtype.itemsize:
-        raise InvalidInput(f"input {name!r}: {len(buf)} raw bytes is not a whole number of {datatype} elements")
-    return np.frombuffer(buf, dtype=dtype).reshape(resolve_shape(name, shape, len(buf) // dtype.itemsize))
-
-
-def _from_contents(name: str, datatype: str, shape: list[int], contents: pb.InferTensorContents) -> np.ndarray:
+def _from_contents(
+    name: str, datatype: str, shape: list[int], contents: pb.InferTensorContents, limit: int
+) -> np.ndarray:
     field = CONTENTS_FIELD.get(datatype)
     if field is None:
         raise InvalidInput(f"input {name!r}: {datatype} can only be sent as raw_input_contents")
     values = getattr(contents, field)
     if datatype == "BYTES":
-        return bytes_array(list(values), resolve_shape(name, shape, len(values)))
+        if len(values) > limit:
+            raise too_many_bytes_elements(name, limit)
+        resolved = resolve_shape(name, shape, len(values))
+        return bytes_array(list(values), resolved)
     arr = np.array(values, dtype=np.bool_ if datatype == "BOOL" else None)
     if not len(values):
         arr = np.empty(0, dtype=DTYPES[datatype])

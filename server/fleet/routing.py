@@ -226,17 +226,18 @@ class Routing:
         key = self.dp.repository.resolve(msg.model_name, msg.model_version or None)
         entry = self.cache.get(key)
         raw = bool(msg.raw_input_contents)
+        limit = self.dp.settings.max_bytes_elements
         if self.serves_here(entry):
             self.counts["local"] += 1
-            return encode_infer_response(await self.dp.local_infer(decode_infer_request(msg), key), raw=raw)
+            return encode_infer_response(await self.dp.local_infer(decode_infer_request(msg, limit), key), raw=raw)
         why = _forwarded(context)
         if why is not None:  # another pod routed it here: serve it here, or say why not
             if why == "forwarded" and entry.state is not ModelState.LOADING and entry.state is not ModelState.READY:
                 raise CopyGone(f"model {key!r} is no longer held by pod {self.id}")
-            return encode_infer_response(await self.dp.local_infer(decode_infer_request(msg), key), raw=raw)
+            return encode_infer_response(await self.dp.local_infer(decode_infer_request(msg, limit), key), raw=raw)
 
         async def local() -> pb.ModelInferResponse:
-            return encode_infer_response(await self.dp.local_infer(decode_infer_request(msg), key), raw=raw)
+            return encode_infer_response(await self.dp.local_infer(decode_infer_request(msg, limit), key), raw=raw)
 
         async def forward(stub: pb_grpc.GRPCInferenceServiceStub, timeout: float, kind: str) -> pb.ModelInferResponse:
             return await stub.ModelInfer(msg, timeout=timeout, metadata=self._metadata[kind])

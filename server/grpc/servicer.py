@@ -93,7 +93,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, request: pb.ModelInferRequest, context=None) -> pb.ModelInferResponse:
         if self.dp.fleet is not None and context is not None:
             return await self.dp.fleet.grpc_infer(request, context)
-        decoded = decode_infer_request(request)
+        decoded = decode_infer_request(request, self.dp.settings.max_bytes_elements)
         response = await self.dp.infer(decoded)
         # Answer in the form the client used: raw contents for raw requests.
         return encode_infer_response(response, raw=bool(request.raw_input_contents))
@@ -106,7 +106,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if self.dp.fleet is not None:  # routed through the fleet: one span for the whole call
                 return await self._infer(request, context)
             with tracer.start_as_current_span("decode"):
-                decoded = decode_infer_request(request)
+                decoded = decode_infer_request(request, self.dp.settings.max_bytes_elements)
             response = await self.dp.infer(decoded)
             with tracer.start_as_current_span("encode"):
                 return encode_infer_response(response, raw=bool(request.raw_input_contents))

@@ -85,7 +85,7 @@ async def stream_llm(dp: DataPlane, msg: pb.ModelInferRequest) -> AsyncIterator[
     """Every response of one request to an LLM; errors become ``error_message`` responses."""
     empty_final = False
     try:
-        request = decode_infer_request(msg)
+        request = decode_infer_request(msg, dp.settings.max_bytes_elements)
         empty_final = bool(request.parameters.get(EMPTY_FINAL, False))
         text, params = read_request(request)
         sampling, options = oip_sampling(params, ignore=TRANSPORT_PARAMS)

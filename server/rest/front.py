@@ -328,7 +328,7 @@ async def run_infer(
 ) -> tuple[list[bytes | memoryview], int | None]:
     """Decode, infer, encode: the whole REST infer path, shared by the front and the documented route."""
     key = dp.repository.resolve(name, version)  # an unknown model is a 404 whatever the body
-    request = decode_infer_request(body, name, version, header_length)
+    request = decode_infer_request(body, name, version, header_length, dp.settings.max_bytes_elements)
     response = await dp.infer(request, key)
     return encode_infer_response(response, request)
 
@@ -341,7 +341,7 @@ async def _traced_infer(
     with tracing.request_span(f"infer {name}", traceparent, "rest", name):
         key = dp.repository.resolve(name, version)
         with tracer.start_as_current_span("decode"):
-            request = decode_infer_request(body, name, version, header_length)
+            request = decode_infer_request(body, name, version, header_length, dp.settings.max_bytes_elements)
         response = await dp.infer(request, key)
         with tracer.start_as_current_span("encode"):
             return encode_infer_response(response, request)
