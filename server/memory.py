@@ -104,10 +104,10 @@ def reachable_bytes(root: object, max_depth: int = 8, max_objects: int = 100_000
     functions are shared code, not the model's; memory a C extension holds outside
     Python objects is invisible here (such runtimes report ``size_bytes`` themselves).
     """
-    np = sys.modules.get("numpy")
-    torch = sys.modules.get("torch")
-    ndarray = np.ndarray if np is not None else ()
-    tensor = torch.Tensor if torch is not None else ()
+    # A module another load thread is still importing sits in sys.modules half built:
+    # its classes may not exist yet (and then no object of them can either).
+    ndarray = _class_of(sys.modules.get("numpy"), "ndarray")
+    tensor = _class_of(sys.modules.get("torch"), "Tensor")
     seen: set[int] = set()
     buffers: set[int] = set()
     total = 0
@@ -164,3 +164,9 @@ def _tensor_bytes(t: Any, buffers: set[int]) -> int:
         return sys.getsizeof(t)
     buffers.add(ptr)
     return size + sys.getsizeof(t)
+
+
+def _class_of(module: object, name: str) -> type | tuple[()]:
+    """``module.name`` when the module is imported and has it, else an empty isinstance tuple."""
+    cls = module.__dict__.get(name) if module is not None else None
+    return cls if isinstance(cls, type) else ()
