@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,17 @@ def spawn_server(model_dir: Path, log: Path, *args: str, probe, env: dict | None
             srv.stop()
             raise RuntimeError(f"meshserve not ready after {timeout}s:\n{srv.log()}")
         time.sleep(0.1)
+
+
+def read_all(s: socket.socket) -> bytes:
+    """Everything the server sends on a raw socket until it closes (or resets, or times out)."""
+    out = b""
+    while True:
+        try:
+            got = s.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            break
+        if not got:
+            break
+        out += got
+    return out

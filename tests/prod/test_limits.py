@@ -14,7 +14,7 @@ import grpc
 import httpx
 import pytest
 
-from tests.prod.conftest import SLOW, grpc_infer_request, grpc_stub, infer_doc, scrape, write_model
+from tests.prod.conftest import SLOW, grpc_infer_request, grpc_stub, infer_doc, read_all, scrape, write_model
 from tests.support.server import RunningServer, start_server
 
 CAP = 40  # --max-connections of the module's server
@@ -41,19 +41,6 @@ def _connect(srv: RunningServer, timeout: float = 5) -> socket.socket:
     return socket.create_connection(("127.0.0.1", srv.http_port), timeout=timeout)
 
 
-def _read_all(s: socket.socket) -> bytes:
-    out = b""
-    while True:
-        try:
-            got = s.recv(65536)
-        except (ConnectionResetError, TimeoutError):
-            break
-        if not got:
-            break
-        out += got
-    return out
-
-
 def _trickle(srv: RunningServer, path: str, body: bytes, gap: float) -> tuple[bytes, float]:
     """Send the head, then the body a byte every ``gap`` seconds; the answer and its time."""
     t = time.monotonic()
@@ -66,7 +53,7 @@ def _trickle(srv: RunningServer, path: str, body: bytes, gap: float) -> tuple[by
             except OSError:
                 break
             time.sleep(gap)
-        return _read_all(s), time.monotonic() - t
+        return read_all(s), time.monotonic() - t
 
 
 def test_a_trickled_body_meets_one_deadline_on_every_route(srv, http):
@@ -103,7 +90,7 @@ def test_headers_past_the_limit_get_431_and_the_connection_closes(srv, http):
                 sent += 65536
         except OSError:
             pass
-        out = _read_all(s)
+        out = read_all(s)
     assert out.startswith(b"HTTP/1.1 431"), out[:200]
     assert b'"error"' in out and b"connection: close" in out
     assert sent < 8 * 1024 * 1024  # the server stopped reading early, it did not buffer 60 MiB
@@ -113,7 +100,7 @@ def test_headers_past_the_limit_get_431_and_the_connection_closes(srv, http):
     )
     with _connect(srv) as s:
         s.sendall(head + b"content-length: 2\r\n\r\n{}")
-        assert _read_all(s).startswith(b"HTTP/1.1 431")
+        assert read_all(s).startswith(b"HTTP/1.1 431")
     assert http.get("/v2/health/ready").status_code == 200
 
 
@@ -133,12 +120,12 @@ def test_connections_that_do_not_finish_their_headers_are_closed(srv, http):
     except OSError:
         pass
     assert time.monotonic() - t < 3
-    assert _read_all(trickler).startswith(b"HTTP/1.1 408")
+    assert read_all(trickler).startswith(b"HTTP/1.1 408")
     for s in partial:
-        out = _read_all(s)  # the server closes them (1 s header timeout): recv ends
+        out = read_all(s)  # the server closes them (1 s header timeout): recv ends
         assert out.startswith(b"HTTP/1.1 408") and b'"error"' in out
     for s in silent:
-        assert _read_all(s) == b""
+        assert read_all(s) == b""
     for s in [*silent, *partial, trickler]:
         s.close()
     # A keep-alive connection in use is not cut by the header deadline.
@@ -191,7 +178,7 @@ def test_grpc_metadata_limit_connection_cap_and_idle_handshakes(srv):
     idle = [socket.create_connection(("127.0.0.1", srv.grpc_port), timeout=5) for _ in range(20)]
     t = time.monotonic()
     for s in idle:
-        assert _read_all(s) is not None  # returns once the server closed it
+        assert read_all(s) is not None  # returns once the server closed it
         s.close()
     assert time.monotonic() - t < 4
 

@@ -15,7 +15,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.prod.conftest import grpc_infer_request, grpc_stub, infer_doc, spawn_server
+from tests.prod.conftest import grpc_infer_request, grpc_stub, infer_doc, read_all, spawn_server
 from tests.support.server import RunningServer, start_server
 
 TOKEN = "s3cret-token-do-not-echo"
@@ -167,15 +167,7 @@ def _raw(srv: RunningServer, data: bytes, then: list[bytes] | None = None, gap: 
                 s.sendall(chunk)
             except OSError:
                 break
-        out = b""
-        while True:
-            try:
-                got = s.recv(65536)
-            except (ConnectionResetError, TimeoutError):
-                break
-            if not got:
-                break
-            out += got
+        out = read_all(s)
     return out, time.monotonic() - t
 
 
