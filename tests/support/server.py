@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -19,6 +20,16 @@ TEST_MODELS = REPO / "tests" / "models"
 
 
 def free_port() -> int:
+    """A port below the kernel's ephemeral range (32768+), so no outgoing connection of
+    another process can take it between this check and the server's bind."""
+    for _ in range(200):
+        port = random.randrange(20000, 32700)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -81,7 +92,31 @@ def start_server(
     wait_ready: bool = True,
     timeout: float = 60,
 ) -> RunningServer:
-    http_port, grpc_port = free_port(), free_port()
+    for attempt in range(3):
+        try:
+            return _start_once(model_dir, log_path, args, env, wait_ready, timeout)
+        except PortTaken:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class PortTaken(RuntimeError):
+    """Another process bound a chosen port between the check and the server's bind."""
+
+
+def _start_once(
+    model_dir: Path | None,
+    log_path: Path,
+    args: tuple[str, ...],
+    env: dict[str, str] | None,
+    wait_ready: bool,
+    timeout: float,
+) -> RunningServer:
+    http_port = free_port()
+    grpc_port = free_port()
+    while grpc_port == http_port:
+        grpc_port = free_port()
     cmd = [*meshserve_command(), "serve", "--host", "127.0.0.1", "--http-port", str(http_port)]
     cmd += ["--grpc-port", str(grpc_port), *args]
     if model_dir is not None:
@@ -96,7 +131,10 @@ def start_server(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"meshserve exited with {proc.returncode}:\n{server.log()}")
+            text = server.log()
+            if "Address already in use" in text:
+                raise PortTaken(f"meshserve exited with {proc.returncode}:\n{text}")
+            raise RuntimeError(f"meshserve exited with {proc.returncode}:\n{text}")
         try:
             with urllib.request.urlopen(server.http_url + path, timeout=1) as r:
                 if r.status == 200:
