@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Generic, TypeVar
@@ -260,6 +260,11 @@ class ModelCache(Generic[H]):
         await self._load(entry, entry.spec if spec is None else spec)
         return entry
 
+    def predict_bytes(self, key: str) -> int:
+        """What loading ``key`` is expected to take (its last measured size, else the prediction)."""
+        entry = self._entry(key)
+        return self._predict(entry, entry.spec)
+
     def fits_without_eviction(self, spec: Any) -> bool:
         return self.capacity_bytes is None or self._used + self._predict(None, spec) <= self.capacity_bytes
 
@@ -342,9 +347,7 @@ class ModelCache(Generic[H]):
             short = self._used + need - cap
             victims: list[CacheEntry[H]] = []
             if short > 0:
-                choice = self.policy.choose_victims(
-                    (e for e in self._lru.values() if e is not entry), short, time.monotonic()
-                )
+                choice = self.policy.choose_victims(self._candidates(entry), short, time.monotonic())
                 if choice.victims is None:
                     why = "used too recently to evict" if choice.churn else "in use, pinned or being loaded"
                     raise _NoRoom(
@@ -360,6 +363,13 @@ class ModelCache(Generic[H]):
         entry.reserved_bytes = need
         self._used += need
         return victims
+
+    def _candidates(self, entry: CacheEntry[H]) -> Iterator[CacheEntry[H]]:
+        """Who may make room for ``entry``: any other resident model, but only other extra
+        copies when ``entry`` is itself an extra copy (a copy never displaces a single one)."""
+        for e in self._lru.values():
+            if e is not entry and (e.extra or not entry.extra):
+                yield e
 
     def _ages_out(self, entry: CacheEntry[H]) -> float | None:
         """When the next resident model that the churn guard protects becomes evictable."""
@@ -457,9 +467,7 @@ class ModelCache(Generic[H]):
         cap = self.capacity_bytes
         if cap is None or self._used <= cap:
             return
-        victims = self.policy.choose_victims(
-            (e for e in self._lru.values() if e is not exclude), self._used - cap, float("inf")
-        ).victims
+        victims = self.policy.choose_victims(self._candidates(exclude), self._used - cap, float("inf")).victims
         if not victims:
             log.warning("cache holds %d bytes, over its capacity of %d; nothing can be evicted", self._used, cap)
             return
@@ -478,6 +486,19 @@ class ModelCache(Generic[H]):
             return
         self._begin_unload(entry, ModelState.UNLOADING, "unloading")
         await self._finish_unload(entry, ModelState.UNLOADED, "unloaded")
+
+    async def drop(self, key: str) -> None:
+        """Unload a copy that is no longer wanted here; unlike ``unload`` it stays eligible
+        to load again (state EVICTED). In-flight requests finish first."""
+        entry = self._entry(key)
+        while entry.transition is not None:
+            await asyncio.shield(entry.transition)
+        if entry.handle is None:
+            if entry.state in (ModelState.UNLOADED, ModelState.FAILED):
+                entry.state, entry.reason = ModelState.REGISTERED, None
+            return
+        self._begin_unload(entry, ModelState.UNLOADING, "dropping a copy")
+        await self._finish_unload(entry, ModelState.EVICTED, "copy dropped")
 
     async def close(self) -> None:
         """Unload every model (at shutdown)."""

@@ -46,6 +46,7 @@ class DataPlane:
         # Which models this process serves (all, unless it is one of several workers).
         self.owns: Callable[[str], bool] = lambda name: True
         self.fleet = None  # meshserve.server.fleet.Fleet when a coordination store joins pods (settings.store)
+        self.copies = None  # meshserve.server.worker_copies.WorkerCopies when one of several workers
 
     # -- lifecycle ----------------------------------------------------------
     async def start(self) -> None:

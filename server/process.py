@@ -37,7 +37,10 @@ async def run(settings: Settings, started: asyncio.Event | None = None, router: 
     (server/workers.py): shared ports, plus private sockets its peers forward to."""
     dataplane = DataPlane(settings)
     if router is not None:
+        from meshserve.server.worker_copies import WorkerCopies
+
         dataplane.owns = router.mine
+        dataplane.copies = router.copies = WorkerCopies(dataplane, router)
     grpc_server = build_grpc_server(dataplane, settings.max_request_bytes, reuse_port=router is not None, router=router)
     credentials = grpc_server_credentials(settings)
     address = f"{settings.host}:{settings.grpc_port}"

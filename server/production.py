@@ -28,6 +28,10 @@ def add_flags(s: argparse.ArgumentParser) -> None:
     g.add_argument("--drain-seconds", type=float, help="after SIGTERM, seconds not ready but still accepting")
     g.add_argument("--workers", type=int, help="serving processes; each model lives in one of them (default 1)")
     g.add_argument(
+        "--worker-copy-rate", type=float,
+        help="with --workers: requests/s for another worker's small model that give it a copy here (default 5; 0: off)",
+    )  # fmt: skip
+    g.add_argument(
         "--repository-uris", choices=["any", "model-dir", "none"],
         help="where a repository load may point a model's uri: inside --model-dir (default), any (needs an auth "
         "token), none",
@@ -60,6 +64,7 @@ def values(args: argparse.Namespace) -> dict[str, Any]:
         "shutdown_grace_seconds": args.shutdown_grace,
         "drain_seconds": args.drain_seconds,
         "workers": args.workers,
+        "worker_copy_rate": args.worker_copy_rate,
         "tracing": args.tracing,
         "repository_uris": args.repository_uris,
         "repository_code": args.repository_code,

@@ -119,6 +119,11 @@ class Settings(BaseSettings):
     header_timeout_seconds: float = Field(default=10.0, gt=0)
     keepalive_timeout_seconds: float = Field(default=5.0, gt=0)
     workers: int = Field(default=1, ge=1)
+    # With workers: a model arriving at a worker that does not own it this often (requests/s)
+    # gets a copy there, if no bigger than worker_copy_max_bytes and it fits without evicting
+    # (server/worker_copies.py). 0: every request for another worker's model is forwarded.
+    worker_copy_rate: float = Field(default=5.0, ge=0)
+    worker_copy_max_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     # Where a repository load's config may point its uri: inside model_dir (default), anywhere
     # (remote uris: needs an auth token), or nowhere. README "Security".
     repository_uris: Literal["any", "model-dir", "none"] = "model-dir"

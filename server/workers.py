@@ -36,13 +36,18 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from meshserve.server.settings import Settings
+    from meshserve.server.worker_copies import WorkerCopies
 
 log = logging.getLogger(__name__)
 
 MODEL_PATH = re.compile(r"^/v2/(?:repository/)?models/(?P<name>[^/]+)")
+REPOSITORY_CHANGE = re.compile(r"^/v2/repository/models/(?P<name>[^/]+)/(?P<action>load|unload)$")
+# Marks a repository load/unload replayed by a worker on its peers (server/worker_copies.py).
+# Only ever added here, after the filter: a client's own copy of it is dropped on the way.
+SYNC_HEADER = b"x-meshserve-copy-sync"
 _HOP = {
     b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"host", b"te", b"upgrade",
-    b"proxy-connection", b"date", b"server",
+    b"proxy-connection", b"date", b"server", SYNC_HEADER,
 }  # fmt: skip
 
 
@@ -64,12 +69,14 @@ class LocalHttp:
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     async def request(
-        self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+        self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes, sync: bool = False
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         head = [method, b" ", target, b" HTTP/1.1\r\nhost: meshserve\r\n"]
         for k, v in headers:
             if k not in _HOP:
                 head += [k, b": ", v, b"\r\n"]
+        if sync:
+            head.append(SYNC_HEADER + b": 1\r\n")
         head += [b"content-length: ", str(len(body)).encode(), b"\r\n\r\n"]
         request = b"".join(head) + body
         while True:
@@ -135,7 +142,9 @@ class Router:
         self.rundir = rundir
         self._owners: dict[str, int] = {}
         self._http = {i: LocalHttp(self.http_socket(i)) for i in range(workers) if i != index}
+        self._own_http = LocalHttp(self.http_socket(index))  # this worker's private socket
         self._channels: dict[int, Any] = {}
+        self.copies: WorkerCopies | None = None  # set once the data plane exists
 
     def http_socket(self, i: int) -> str:
         return os.path.join(self.rundir, f"w{i}.http")
@@ -154,11 +163,30 @@ class Router:
     def mine(self, name: str) -> bool:
         return self.owner(name) == self.index
 
+    def serve_here(self, name: str, version: str | None = None) -> bool:
+        """An infer request for ``name`` is served by this worker: it owns the model or holds a copy."""
+        return self.copies.serve_here(name, version) if self.copies is not None else self.mine(name)
+
     def peers(self) -> Iterator[tuple[int, LocalHttp]]:
         return iter(self._http.items())
 
     def http(self, i: int) -> LocalHttp:
-        return self._http[i]
+        return self._http[i] if i != self.index else self._own_http
+
+    async def sync(self, name: str, action: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        """After the owner loaded or unloaded ``name``, every other worker drops its copy (and,
+        after a load with a config, registers it): replayed over their private sockets."""
+        owner = self.owner(name)
+        target = f"/v2/repository/models/{name}/{action}".encode()
+        for i in range(self.workers):
+            if i == owner:
+                continue
+            try:
+                status, _, data = await self.http(i).request(b"POST", target, headers, body, sync=True)
+            except OSError:
+                continue  # restarting: it comes back with no copies
+            if status != 200:
+                log.warning("worker %d did not take the %s of %s: %s", i, action, name, data[:200])
 
     def channel(self, i: int) -> Any:
         ch = self._channels.get(i)
@@ -169,6 +197,9 @@ class Router:
         return ch
 
     async def close(self) -> None:
+        if self.copies is not None:
+            await self.copies.close()
+        self._own_http.close()
         for h in self._http.values():
             h.close()
         for ch in self._channels.values():

@@ -346,12 +346,12 @@ class RoutingServicer(InferenceServicer):
         return self.router.mine(name)
 
     async def ModelInfer(self, request, context):  # noqa: N802
-        if not self.router.mine(request.model_name):
+        if not self.router.serve_here(request.model_name, request.model_version or None):
             return await self._forward(request.model_name, "ModelInfer", request, pb.ModelInferResponse, context)
         return await super().ModelInfer(request, context)
 
     async def _infer(self, request: pb.ModelInferRequest, context=None) -> pb.ModelInferResponse:
-        if self.router.mine(request.model_name):
+        if self.router.serve_here(request.model_name, request.model_version or None):
             return await super()._infer(request, context)
         call = self._call(self.router.owner(request.model_name), "ModelInfer", pb.ModelInferResponse)
         try:
@@ -372,14 +372,39 @@ class RoutingServicer(InferenceServicer):
     async def RepositoryModelLoad(self, request, context):  # noqa: N802
         if not self.router.mine(request.model_name):
             r = pb.RepositoryModelLoadResponse
-            return await self._forward(request.model_name, "RepositoryModelLoad", request, r, context)
-        return await super().RepositoryModelLoad(request, context)
+            answer = await self._forward(request.model_name, "RepositoryModelLoad", request, r, context)
+        else:
+            answer = await super().RepositoryModelLoad(request, context)
+        await self._sync(request.model_name, "load", request, context)
+        return answer
 
     async def RepositoryModelUnload(self, request, context):  # noqa: N802
         if not self.router.mine(request.model_name):
             r = pb.RepositoryModelUnloadResponse
-            return await self._forward(request.model_name, "RepositoryModelUnload", request, r, context)
-        return await super().RepositoryModelUnload(request, context)
+            answer = await self._forward(request.model_name, "RepositoryModelUnload", request, r, context)
+        else:
+            answer = await super().RepositoryModelUnload(request, context)
+        await self._sync(request.model_name, "unload", request, context)
+        return answer
+
+    async def _sync(self, name: str, action: str, request, context) -> None:
+        """The owner took the change (a failure aborted before this): the other workers
+        drop their copies, as for REST (server/worker_copies.py)."""
+        body = b""
+        p = request.parameters.get("config") if action == "load" else None
+        if p is not None:
+            which = p.WhichOneof("parameter_choice")
+            raw = getattr(p, which) if which in ("string_param", "bytes_param") else None
+            if raw is not None:
+                text = raw if isinstance(raw, str) else raw.decode("utf-8", "replace")
+                from meshserve.protocol.rest_codec import dumps
+
+                body = dumps({"parameters": {"config": text}})
+        headers = [(b"content-type", b"application/json")]
+        for key, value in context.invocation_metadata() or ():
+            if key in ("authorization", "x-api-key"):
+                headers.append((key.encode(), value.encode()))
+        await self.router.sync(name, action, body, headers)
 
     async def ServerReady(self, request, context):  # noqa: N802
         """Ready when every worker is (each answers for its own models)."""

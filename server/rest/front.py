@@ -39,7 +39,7 @@ from meshserve.server.security import (
     redact,
 )
 from meshserve.server.settings import Settings
-from meshserve.server.workers import MODEL_PATH, Router
+from meshserve.server.workers import MODEL_PATH, REPOSITORY_CHANGE, Router
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,20 @@ class RestFront:
             if self.router is not None:
                 path = scope["path"]
                 m = MODEL_PATH.match(path)
-                if m is not None and not self.router.mine(m["name"]):
-                    await self._forward(scope, receive, send, self.router.owner(m["name"]))
-                    return
+                if m is not None:
+                    name = m["name"]
+                    if scope["method"] == "POST":
+                        change = REPOSITORY_CHANGE.match(path)
+                        if change is not None:  # on the owner, then replayed on the others
+                            await self._forward(scope, receive, send, self.router.owner(name), change["action"])
+                            return
+                        infer = INFER_PATH.match(path)
+                        if infer is not None and self.router.serve_here(name, infer["version"]):
+                            await self._infer(scope, receive, send, name, infer["version"])
+                            return
+                    if not self.router.mine(name):
+                        await self._forward(scope, receive, send, self.router.owner(name))
+                        return
                 if path in (METRICS_PATH, "/v2/repository/index", "/v2/health/ready"):
                     await self._gather(scope, receive, send)
                     return
@@ -216,8 +227,9 @@ class RestFront:
         finally:
             self._done(stats, rid, name, status, t0)
 
-    async def _forward(self, scope: Scope, receive: Receive, send: Send, owner: int) -> None:
-        """Pass the request to the worker that owns its model, bytes through."""
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, owner: int, change: str = "") -> None:
+        """Pass the request to the worker that owns its model, bytes through. ``change``: a
+        repository load/unload, replayed on the other workers once the owner took it."""
         assert self.router is not None
         headers = scope["headers"]
         try:
@@ -236,6 +248,10 @@ class RestFront:
             except OSError:
                 log.warning("worker %d unreachable", owner)
                 raise ServerNotReady(f"the worker serving this model ({owner}) is unavailable") from None
+            if change and status == 200:
+                fwd = [(k, v) for k, v in headers if k in (b"authorization", b"x-api-key", b"content-type")]
+                name = scope["path"].split("/")[4]
+                await self.router.sync(name, change, body, fwd)
         except InferenceError as e:
             extra = _ERROR_HEADER.get(e.http_status)
             await _send_json(send, e.http_status, encode_error(redact(e.message)), extra)

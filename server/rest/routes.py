@@ -12,6 +12,7 @@ from meshserve.protocol.errors import InferenceError, InvalidInput
 from meshserve.protocol.rest_codec import dumps, encode_error, loads_object
 from meshserve.server.dataplane import DataPlane
 from meshserve.server.version import __version__
+from meshserve.server.workers import SYNC_HEADER
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -136,13 +137,19 @@ def build_api(dp: DataPlane) -> FastAPI:
             config = loads_object(config.encode(), "parameters.config") if isinstance(config, str) else config
             if not isinstance(config, dict):
                 raise InvalidInput("parameters.config must be a JSON object (or a string holding one)")
-        await dp.load_model(name, config)
+        if dp.copies is not None and request.headers.get(SYNC_HEADER.decode()) is not None:
+            await dp.copies.sync(name, "load", config)  # another worker's load, replayed here
+        else:
+            await dp.load_model(name, config)
         return json_response({})
 
     @app.post("/v2/repository/models/{name}/unload", summary="Unload a model")
     async def unload(name: str, request: Request) -> Response:
         await _optional_json(request)
-        await dp.unload_model(name)
+        if dp.copies is not None and request.headers.get(SYNC_HEADER.decode()) is not None:
+            await dp.copies.sync(name, "unload", None)
+        else:
+            await dp.unload_model(name)
         return json_response({})
 
     from meshserve.server.llm.routes import build_llm_router

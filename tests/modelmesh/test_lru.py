@@ -292,3 +292,36 @@ def test_a_cancelled_request_does_not_cancel_the_load_others_wait_for():
         assert m.loads == ["a"] and cache.get("a").state is ModelState.READY
 
     asyncio.run(main())
+
+
+def test_an_extra_copy_only_displaces_other_extra_copies():
+    """A copy (``extra``: the model is held elsewhere too) is evicted before single copies,
+    and loading one never evicts a single copy, neither on its prediction nor once measured
+    bigger than predicted; a single copy displaces a copy first, even a fresher one."""
+
+    async def main():
+        models = Models(actual={"copy_big": 40})
+        cache = cache_of(models, 100)
+        for name, size in [("single", 50), ("copy", 30), ("copy_big", 10)]:
+            cache.register(name, (name, size))
+        await cache.load("single")
+        cache.get("copy").extra = True
+        with pytest.raises(CapacityExhausted):
+            cache._reserve(cache.get("copy"), 60)  # would need the single copy's room
+        await cache.load("copy")
+        cache.get("copy_big").extra = True
+        await cache.load("copy_big")  # predicted 10, measured 40: only the other copy may go
+        assert cache.get("single").state is ModelState.READY
+        assert cache.get("copy").state is ModelState.EVICTED
+        await cache.drop("copy_big")
+        assert cache.get("copy_big").state is ModelState.EVICTED and models.held == 50
+        # A single copy's load evicts the freshest copy before an older single one.
+        cache.register("other", ("other", 50))
+        await cache.load("copy")
+        async with cache.acquire("copy"):
+            pass
+        await cache.load("other")
+        assert cache.get("copy").state is ModelState.EVICTED
+        assert cache.get("single").state is ModelState.READY
+
+    asyncio.run(main())
