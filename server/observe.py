@@ -205,8 +205,9 @@ class AccessLog:
     the logging module and a write per request would cost more than the request itself.
     Called on the event loop only. JSON lines carry the same fields as other JSON logs."""
 
-    def __init__(self, fmt: str, stream: Any = None) -> None:
+    def __init__(self, fmt: str, stream: Any = None, errors_only: bool = False) -> None:
         self.json = fmt == "json"
+        self.errors_only = errors_only
         self.stream = stream or sys.stderr
         self.buffer: list[bytes] = []
         self.size = 0
@@ -225,6 +226,8 @@ class AccessLog:
         return f"{self._stamp}.{ms:03d}Z" if self.json else f"{self._stamp},{ms:03d}"
 
     def write(self, rid: str, protocol: str, method: str, model: str, status: int | str, elapsed_ns: int) -> None:
+        if self.errors_only and (status == "OK" or (isinstance(status, int) and status < 400)):
+            return
         ms = round(elapsed_ns / 1e6, 3)
         # Names and ids come from clients: no secrets, and one line stays one line.
         model, rid = redact(model), redact(rid)
@@ -319,7 +322,8 @@ def redact(text: str) -> str:
     return _redact(text)
 
 
-def configure_logging(level: str, fmt: str, access: bool = True) -> None:
+def configure_logging(level: str, fmt: str, access: str = "all") -> None:
+    """``access``: which requests get an access line, "all", "errors" or "off"."""
     # Progress bars (Hugging Face downloads and weight loading) are not log lines: off in a server.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     handler = logging.StreamHandler(sys.stderr)
@@ -335,7 +339,8 @@ def configure_logging(level: str, fmt: str, access: bool = True) -> None:
     global ACCESS
     if ACCESS is not None:
         ACCESS.flush()
-    ACCESS = AccessLog(fmt) if access and access_log.isEnabledFor(logging.INFO) else None
+    on = access in ("all", "errors") and access_log.isEnabledFor(logging.INFO)
+    ACCESS = AccessLog(fmt, errors_only=access == "errors") if on else None
     if ACCESS is not None:
         import atexit
 

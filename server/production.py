@@ -10,7 +10,11 @@ from typing import Any
 def add_flags(s: argparse.ArgumentParser) -> None:
     g = s.add_argument_group("production")
     g.add_argument("--log-format", choices=["text", "json"], help="log lines as text (default) or JSON")
-    g.add_argument("--no-access-log", action="store_const", const=False, dest="access_log", help="no per-request line")
+    g.add_argument(
+        "--access-log", choices=["all", "errors", "off"],
+        help="a line per request: all, only failed ones (default: errors), or none",
+    )  # fmt: skip
+    g.add_argument("--no-access-log", action="store_const", const="off", dest="access_log", help="--access-log off")
     g.add_argument("--auth-token", help="require this bearer token / API key (prefer MESHSERVE_AUTH_TOKEN or a file)")
     g.add_argument("--auth-token-file", type=Path, help="accepted tokens, one per line")
     g.add_argument("--auth-health", action="store_const", const=True, help="require the token on health endpoints")

@@ -99,7 +99,9 @@ class Settings(BaseSettings):
     server_name: str = "meshserve"
     # Production (README "Production"): logs, auth, TLS, timeouts, CORS, workers, tracing.
     log_format: Literal["text", "json"] = "text"
-    access_log: bool = True
+    # Per-request access lines: every request ("all"), only those that failed ("errors": 4xx/5xx,
+    # gRPC codes but OK; the default, as Triton writes none per request), or none ("off").
+    access_log: Literal["all", "errors", "off"] = "errors"
     auth_token: SecretStr | None = None
     auth_token_file: Path | None = None  # one token per line
     auth_health: bool = False  # require the token on /v2/health/* and gRPC ServerLive/Ready too
@@ -131,6 +133,13 @@ class Settings(BaseSettings):
     # trust_remote_code): off by default; needs an auth token.
     repository_code: bool = False
     tracing: bool = False  # OpenTelemetry spans (the `otel` extra); off: no cost
+
+    @field_validator("access_log", mode="before")
+    @classmethod
+    def _access_log(cls, v: Any) -> Any:
+        if isinstance(v, bool) or (isinstance(v, str) and v.lower() in ("true", "false", "1", "0")):
+            return "all" if v in (True, "true", "1", "True") else "off"  # the earlier on/off setting
+        return v
 
     @field_validator("cors_origins", mode="before")
     @classmethod

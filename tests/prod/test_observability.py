@@ -16,7 +16,9 @@ from tests.support.server import start_server
 
 @pytest.fixture(scope="module")
 def srv(prod_models, tmp_path_factory):
-    s = start_server(prod_models, tmp_path_factory.mktemp("obs") / "server.log", "--log-format", "json")
+    s = start_server(
+        prod_models, tmp_path_factory.mktemp("obs") / "server.log", "--log-format", "json", "--access-log", "all"
+    )
     yield s
     s.stop()
 
@@ -129,3 +131,26 @@ def test_stream_requests_are_counted(srv):
         text = http.get("/metrics").text
         assert scrape(text, count, model="hooks", protocol="grpc", status="OK") - before == 3
         assert scrape(text, count, model="", protocol="grpc", status="NOT_FOUND") >= 1
+
+
+def test_by_default_only_failed_requests_get_an_access_line(prod_models, tmp_path):
+    """Triton writes no line per request; meshserve's default writes one per failure only."""
+    s = start_server(prod_models, tmp_path / "server.log", "--log-format", "json")
+    try:
+        with httpx.Client(base_url=s.http_url, timeout=10) as http:
+            ok = http.post("/v2/models/hooks/infer", json=infer_doc([1]), headers={"x-request-id": "fine-1"})
+            bad = http.post("/v2/models/nope/infer", json=infer_doc([1]), headers={"x-request-id": "bad-1"})
+            assert ok.status_code == 200 and bad.status_code == 404
+        with grpc.insecure_channel(s.grpc_address) as channel:
+            stub = grpc_stub(channel)
+            stub.ModelInfer(grpc_infer_request("hooks", [1]), metadata=[("x-request-id", "fine-2")])
+            with pytest.raises(grpc.RpcError):
+                stub.ModelInfer(grpc_infer_request("nope", [1]), metadata=[("x-request-id", "bad-2")])
+        deadline = time.monotonic() + 5
+        ids: set[str] = set()
+        while time.monotonic() < deadline and not {"bad-1", "bad-2"} <= ids:
+            ids = {line["request_id"] for line in access_lines(s)}
+            time.sleep(0.1)
+        assert {"bad-1", "bad-2"} <= ids and not ids & {"fine-1", "fine-2"}
+    finally:
+        s.stop()
