@@ -72,14 +72,19 @@ def encode_parameters(target: Any, params: Mapping[str, Any]) -> None:
 
 def decode_infer_request(msg: pb.ModelInferRequest, max_bytes_elements: int = MAX_BYTES_ELEMENTS) -> InferenceRequest:
     """``max_bytes_elements`` caps the BYTES elements of all inputs together."""
+    # len() rather than truth tests and slices rather than list(): on upb messages these are
+    # the cheap forms (a map's truth test alone costs more than the rest of a small decode).
     raw = msg.raw_input_contents
-    if not msg.inputs:
+    wire_inputs = msg.inputs
+    count = len(wire_inputs)
+    if not count:
         raise InvalidInput("request must have at least one input")
-    if raw and len(raw) != len(msg.inputs):
-        raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs")
+    if len(raw) and len(raw) != count:
+        raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {count} inputs")
     inputs: list[Tensor] = []
     seen: set[str] = set()
-    for i, inp in enumerate(msg.inputs):
+    for i in range(count):
+        inp = wire_inputs[i]
         name = inp.name
         if not name:
             raise InvalidInput(f"inputs[{i}]: 'name' must be a non-empty string")
@@ -88,8 +93,8 @@ def decode_infer_request(msg: pb.ModelInferRequest, max_bytes_elements: int = MA
         seen.add(name)
         datatype = inp.datatype
         dtype = dtype_of(datatype)
-        shape = check_shape(name, list(inp.shape))
-        if raw:
+        shape = check_shape(name, inp.shape[:])
+        if len(raw):
             if inp.HasField("contents"):
                 raise InvalidInput(f"input {name!r} has typed contents and raw_input_contents is also set")
             if datatype == "BYTES":
@@ -100,17 +105,19 @@ def decode_infer_request(msg: pb.ModelInferRequest, max_bytes_elements: int = MA
             array = _from_contents(name, datatype, shape, inp.contents, max_bytes_elements)
         if datatype == "BYTES":
             max_bytes_elements -= array.size
-        inputs.append(Tensor(name, datatype, array, decode_parameters(inp.parameters) if inp.parameters else {}))
+        params = inp.parameters
+        inputs.append(Tensor(name, datatype, array, decode_parameters(params) if len(params) else {}))
     outputs = None
-    if msg.outputs:
+    if len(msg.outputs):
         outputs = [RequestedOutput(o.name, decode_parameters(o.parameters)) for o in msg.outputs]
+    params = msg.parameters
     return InferenceRequest(
         msg.model_name,
         inputs,
         model_version=msg.model_version or None,
         id=msg.id or None,
         outputs=outputs,
-        parameters=decode_parameters(msg.parameters) if msg.parameters else {},
+        parameters=decode_parameters(params) if len(params) else {},
     )
 
 
