@@ -120,7 +120,19 @@ class Routing:
         forward: Callable[[pb_grpc.GRPCInferenceServiceStub, float, str], Awaitable[T]],
         timeout: float | None,
     ) -> T:
-        """Serve a request for ``key`` here or on another pod, retrying on pods that fail."""
+        """Serve a request for ``key`` here or on another pod (over gRPC), retrying on pods that fail."""
+        return await self.serve_on(key, local, lambda pod, t, kind: forward(self._stub(pod)[1], t, kind), timeout)
+
+    async def serve_on(
+        self,
+        key: str,
+        local: Callable[[], Awaitable[T]],
+        forward: Callable[[PodRecord, float, str], Awaitable[T]],
+        timeout: float | None,
+    ) -> T:
+        """``serve`` with any transport: ``forward(pod, timeout, kind)`` reaches the pod
+        itself (REST streams go to its HTTP address). An ``OSError`` from it (refused,
+        reset before an answer began) counts as the pod being unreachable."""
         deadline = time.monotonic() + min(
             timeout or self.settings.forward_timeout_seconds, self.settings.forward_timeout_seconds
         )
@@ -157,10 +169,11 @@ class Routing:
                 break
             self.counts[kind] += 1
             try:
-                _, stub = self._stub(pod)
-                return await forward(stub, remaining, kind)
+                return await forward(pod, remaining, kind)
             except grpc.aio.AioRpcError as e:
                 err = _remote_error(e)
+            except (OSError, TimeoutError) as e:
+                err = _Unreachable(f"{type(e).__name__}: {e}")
             except asyncio.CancelledError:
                 if _cancelled_here():
                     raise  # this request was cancelled
