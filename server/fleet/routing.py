@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 from meshserve.modelmesh import CacheEntry, ModelState
@@ -256,6 +256,46 @@ class Routing:
             return await stub.ModelInfer(msg, timeout=timeout, metadata=self._metadata[kind])
 
         return await self.serve(key, local, forward, context.time_remaining())
+
+    async def grpc_stream(
+        self,
+        msg: pb.ModelInferRequest,
+        context: grpc.aio.ServicerContext,
+        local: Callable[[], AsyncIterator[pb.ModelStreamInferResponse]],
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """One request of ``ModelStreamInfer`` to a token-streaming model: here (``local``),
+        or passed on as the very message to a holder, whose responses are relayed as they
+        come. Another pod is tried only until its first response is in."""
+        key = self.dp.repository.resolve(msg.model_name, msg.model_version or None)
+        if self.serves_here(self.cache.get(key)) or _forwarded(context) is not None:
+            async for response in local():
+                yield response
+            return
+
+        async def here() -> None:
+            return None
+
+        async def forward(pod: PodRecord, timeout: float, kind: str) -> tuple[Any, Any]:
+            _, stub = self._stub(pod)
+            call = stub.ModelStreamInfer(iter((msg,)), metadata=self._metadata[kind])
+            try:
+                return call, await asyncio.wait_for(call.read(), timeout)
+            except BaseException:
+                call.cancel()
+                raise
+
+        got = await self.serve_on(key, here, forward, None)
+        if got is None:  # placed here
+            async for response in local():
+                yield response
+            return
+        call, response = got
+        try:
+            while response is not grpc.aio.EOF:
+                yield response
+                response = await call.read()
+        finally:
+            call.cancel()
 
     async def internal_load(self, key: str) -> None:
         """Another pod asks this one for a copy (scale-up, hand-off)."""

@@ -219,8 +219,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
 
     def _stream_llm(self, request: pb.ModelInferRequest, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """A language model's responses to one request of a stream (tokens as they come)."""
-        return stream_llm(self.dp, request)
+        """A language model's responses to one request of a stream (tokens as they come),
+        in a fleet from the pod that holds the model."""
+        if self.dp.fleet is None:
+            return stream_llm(self.dp, request)
+        return self._fleet_stream(request, context)
+
+    async def _fleet_stream(self, request: pb.ModelInferRequest, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        try:
+            async for response in self.dp.fleet.grpc_stream(request, context, lambda: stream_llm(self.dp, request)):
+                yield response
+        except InferenceError as e:
+            yield pb.ModelStreamInferResponse(error_message=redact(e.message))
 
     async def RepositoryIndex(self, request, context):  # noqa: N802
         Index = pb.RepositoryIndexResponse.ModelIndex

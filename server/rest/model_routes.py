@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from meshserve.protocol.errors import InferenceError, InvalidInput, PayloadTooLarge
 from meshserve.protocol.rest_codec import encode_error
-from meshserve.server.fleet.wire import MARKER
+from meshserve.server.fleet.wire import MARKER, ROUTE
 from meshserve.server.llm.request_stats import OIP, OPENAI, RequestStats
 from meshserve.server.llm.service import PARSED_BODY
 from meshserve.server.observe import clean_request_id, log_access
@@ -99,6 +99,8 @@ class ModelRoutes:
                     if not fleet.serves_here(self.dp.cache.get(key)):
                         await self._fleet(scope, receive, send, key, name, body, rid, t0)
                         return
+                    fleet.counts["local"] += 1
+                    send = _routed(send, "local")
         except InferenceError as e:
             await _send_error(send, e, openai, rid)
             stats = RequestStats(self.dp, OPENAI if openai else OIP, name)
@@ -132,7 +134,7 @@ class ModelRoutes:
             target += b"?" + scope["query_string"]
 
         async def local() -> None:
-            await front._other(scope, _replay(body, receive), send)
+            await front._other(scope, _replay(body, receive), _routed(send, ROUTE.get()))
 
         async def forward(pod: PodRecord, timeout: float, kind: str) -> None:
             headers = [(k, v) for k, v in scope["headers"] if k != MARKER_B]
@@ -186,6 +188,18 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replayed
+
+
+def _routed(send: Send, kind: str) -> Send:
+    """``send`` that says how the fleet served the request (``meshserve-route``, as infer)."""
+    header = (b"meshserve-route", kind.encode())
+
+    async def tagged(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), header]
+        await send(message)
+
+    return tagged
 
 
 async def _send_error(send: Send, e: InferenceError, openai: bool, rid: str) -> None:
