@@ -19,7 +19,6 @@ have drained.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import multiprocessing
@@ -34,6 +33,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from meshserve.server.upstream import SYNC_HEADER, HttpPool, unix_connect
+
 if TYPE_CHECKING:
     from meshserve.server.settings import Settings
     from meshserve.server.worker_copies import WorkerCopies
@@ -42,13 +43,6 @@ log = logging.getLogger(__name__)
 
 MODEL_PATH = re.compile(r"^/v2/(?:repository/)?models/(?P<name>[^/]+)")
 REPOSITORY_CHANGE = re.compile(r"^/v2/repository/models/(?P<name>[^/]+)/(?P<action>load|unload)$")
-# Marks a repository load/unload replayed by a worker on its peers (server/worker_copies.py).
-# Only ever added here, after the filter: a client's own copy of it is dropped on the way.
-SYNC_HEADER = b"x-meshserve-copy-sync"
-_HOP = {
-    b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"host", b"te", b"upgrade",
-    b"proxy-connection", b"date", b"server", SYNC_HEADER,
-}  # fmt: skip
 
 
 def owner_of(name: str, workers: int) -> int:
@@ -61,76 +55,12 @@ def owner_of(name: str, workers: int) -> int:
     return owner
 
 
-class LocalHttp:
-    """A tiny HTTP/1.1 client over one worker's Unix socket, with kept-alive connections."""
+class LocalHttp(HttpPool):
+    """A worker's private Unix socket, with kept-alive connections."""
 
     def __init__(self, path: str) -> None:
+        super().__init__(unix_connect(path))
         self.path = path
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-
-    async def request(
-        self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes, sync: bool = False
-    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        head = [method, b" ", target, b" HTTP/1.1\r\nhost: meshserve\r\n"]
-        for k, v in headers:
-            if k not in _HOP:
-                head += [k, b": ", v, b"\r\n"]
-        if sync:
-            head.append(SYNC_HEADER + b": 1\r\n")
-        head += [b"content-length: ", str(len(body)).encode(), b"\r\n\r\n"]
-        request = b"".join(head) + body
-        while True:
-            pooled = bool(self._idle)
-            reader, writer = self._idle.pop() if pooled else await asyncio.open_unix_connection(self.path)
-            try:
-                writer.write(request)
-                status_head = await reader.readuntil(b"\r\n\r\n")
-            except (ConnectionError, asyncio.IncompleteReadError) as e:
-                writer.close()
-                # A kept-alive connection the server closed meanwhile: the request never
-                # got in (nothing came back), so it is safe to send again on a new one.
-                if pooled and (not isinstance(e, asyncio.IncompleteReadError) or not e.partial):
-                    continue
-                raise
-            break
-        lines = status_head[:-4].split(b"\r\n")
-        status = int(lines[0].split(b" ", 2)[1])
-        out: list[tuple[bytes, bytes]] = []
-        length = None
-        chunked = close = False
-        for line in lines[1:]:
-            k, _, v = line.partition(b":")
-            k, v = k.strip().lower(), v.strip()
-            if k == b"content-length":
-                length = int(v)
-            elif k == b"transfer-encoding":
-                chunked = b"chunked" in v.lower()
-            elif k == b"connection":
-                close = v.lower() == b"close"
-            if k not in _HOP:
-                out.append((k, v))
-        if chunked:
-            parts = []
-            while True:
-                size = int((await reader.readuntil(b"\r\n"))[:-2].split(b";")[0], 16)
-                if size == 0:
-                    await reader.readuntil(b"\r\n")
-                    break
-                parts.append(await reader.readexactly(size))
-                await reader.readexactly(2)
-            data = b"".join(parts)
-        else:
-            data = await reader.readexactly(length or 0)
-        if close:
-            writer.close()
-        else:
-            self._idle.append((reader, writer))
-        return status, out, data
-
-    def close(self) -> None:
-        for _, writer in self._idle:
-            writer.close()
-        self._idle.clear()
 
 
 class Router:
@@ -182,7 +112,7 @@ class Router:
             if i == owner:
                 continue
             try:
-                status, _, data = await self.http(i).request(b"POST", target, headers, body, sync=True)
+                status, _, data = await self.http(i).request(b"POST", target, headers, body, [(SYNC_HEADER, b"1")])
             except OSError:
                 continue  # restarting: it comes back with no copies
             if status != 200:

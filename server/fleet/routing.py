@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 from meshserve.modelmesh import CacheEntry, ModelState
@@ -120,7 +120,19 @@ class Routing:
         forward: Callable[[pb_grpc.GRPCInferenceServiceStub, float, str], Awaitable[T]],
         timeout: float | None,
     ) -> T:
-        """Serve a request for ``key`` here or on another pod, retrying on pods that fail."""
+        """Serve a request for ``key`` here or on another pod (over gRPC), retrying on pods that fail."""
+        return await self.serve_on(key, local, lambda pod, t, kind: forward(self._stub(pod)[1], t, kind), timeout)
+
+    async def serve_on(
+        self,
+        key: str,
+        local: Callable[[], Awaitable[T]],
+        forward: Callable[[PodRecord, float, str], Awaitable[T]],
+        timeout: float | None,
+    ) -> T:
+        """``serve`` with any transport: ``forward(pod, timeout, kind)`` reaches the pod
+        itself (REST streams go to its HTTP address). An ``OSError`` from it (refused,
+        reset before an answer began) counts as the pod being unreachable."""
         deadline = time.monotonic() + min(
             timeout or self.settings.forward_timeout_seconds, self.settings.forward_timeout_seconds
         )
@@ -157,10 +169,11 @@ class Routing:
                 break
             self.counts[kind] += 1
             try:
-                _, stub = self._stub(pod)
-                return await forward(stub, remaining, kind)
+                return await forward(pod, remaining, kind)
             except grpc.aio.AioRpcError as e:
                 err = _remote_error(e)
+            except (OSError, TimeoutError) as e:
+                err = _Unreachable(f"{type(e).__name__}: {e}")
             except asyncio.CancelledError:
                 if _cancelled_here():
                     raise  # this request was cancelled
@@ -243,6 +256,46 @@ class Routing:
             return await stub.ModelInfer(msg, timeout=timeout, metadata=self._metadata[kind])
 
         return await self.serve(key, local, forward, context.time_remaining())
+
+    async def grpc_stream(
+        self,
+        msg: pb.ModelInferRequest,
+        context: grpc.aio.ServicerContext,
+        local: Callable[[], AsyncIterator[pb.ModelStreamInferResponse]],
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """One request of ``ModelStreamInfer`` to a token-streaming model: here (``local``),
+        or passed on as the very message to a holder, whose responses are relayed as they
+        come. Another pod is tried only until its first response is in."""
+        key = self.dp.repository.resolve(msg.model_name, msg.model_version or None)
+        if self.serves_here(self.cache.get(key)) or _forwarded(context) is not None:
+            async for response in local():
+                yield response
+            return
+
+        async def here() -> None:
+            return None
+
+        async def forward(pod: PodRecord, timeout: float, kind: str) -> tuple[Any, Any]:
+            _, stub = self._stub(pod)
+            call = stub.ModelStreamInfer(iter((msg,)), metadata=self._metadata[kind])
+            try:
+                return call, await asyncio.wait_for(call.read(), timeout)
+            except BaseException:
+                call.cancel()
+                raise
+
+        got = await self.serve_on(key, here, forward, None)
+        if got is None:  # placed here
+            async for response in local():
+                yield response
+            return
+        call, response = got
+        try:
+            while response is not grpc.aio.EOF:
+                yield response
+                response = await call.read()
+        finally:
+            call.cancel()
 
     async def internal_load(self, key: str) -> None:
         """Another pod asks this one for a copy (scale-up, hand-off)."""

@@ -190,7 +190,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 async for request in request_iterator:
                     if is_llm_model(self.dp, request.model_name, request.model_version or None):
-                        source, task = _pumped(stream_llm(self.dp, request))
+                        source, task = _pumped(self._stream_llm(request, context))
                         started[:] = [t for t in started if not t.done()]
                         started.append(task)
                     else:
@@ -217,6 +217,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
             for task in started:
                 task.cancel()
+
+    def _stream_llm(self, request: pb.ModelInferRequest, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """A language model's responses to one request of a stream (tokens as they come),
+        in a fleet from the pod that holds the model."""
+        if self.dp.fleet is None:
+            return stream_llm(self.dp, request)
+        return self._fleet_stream(request, context)
+
+    async def _fleet_stream(self, request: pb.ModelInferRequest, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        try:
+            async for response in self.dp.fleet.grpc_stream(request, context, lambda: stream_llm(self.dp, request)):
+                yield response
+        except InferenceError as e:
+            yield pb.ModelStreamInferResponse(error_message=redact(e.message))
 
     async def RepositoryIndex(self, request, context):  # noqa: N802
         Index = pb.RepositoryIndexResponse.ModelIndex
@@ -315,6 +329,7 @@ class RoutingServicer(InferenceServicer):
         super().__init__(dataplane)
         self.router = router
         self._calls: dict[tuple[int, str], grpc.aio.UnaryUnaryMultiCallable] = {}
+        self._streams: dict[int, grpc.aio.StreamStreamMultiCallable] = {}
 
     def _call(self, owner: int, method: str, response_cls) -> grpc.aio.UnaryUnaryMultiCallable:
         call = self._calls.get((owner, method))
@@ -358,6 +373,35 @@ class RoutingServicer(InferenceServicer):
             return await call(request)
         except grpc.aio.AioRpcError as e:
             raise InferenceError(e.details() or str(e.code())) from None
+
+    def _stream_llm(self, request: pb.ModelInferRequest, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        if self.router.mine(request.model_name):
+            return super()._stream_llm(request, context)
+        return self._forward_stream(request, context)
+
+    async def _forward_stream(
+        self, request: pb.ModelInferRequest, context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """One request's token stream from the owner worker, response by response as it
+        sends them; closing this (the client went away) cancels the owner's call."""
+        owner = self.router.owner(request.model_name)
+        stream = self._streams.get(owner)
+        if stream is None:
+            stream = self._streams[owner] = self.router.channel(owner).stream_stream(
+                "/inference.GRPCInferenceService/ModelStreamInfer",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=pb.ModelStreamInferResponse.FromString,
+            )
+        metadata = tuple((k, v) for k, v in context.invocation_metadata() or () if k in _PASSED_ON)
+        call = stream(iter((request,)), metadata=metadata)
+        try:
+            async for response in call:
+                yield response
+        except grpc.aio.AioRpcError as e:
+            log.warning("worker %d: stream call failed: %s", owner, e.code())
+            yield pb.ModelStreamInferResponse(error_message=f"the worker serving this model ({owner}) is unavailable")
+        finally:
+            call.cancel()
 
     async def ModelReady(self, request, context):  # noqa: N802
         if not self.router.mine(request.name):

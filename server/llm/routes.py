@@ -1,5 +1,7 @@
 """OIP generate extension (Triton's ``generate`` / ``generate_stream``) and the
-OpenAI-compatible routes, all on the engine of the model named in the request.
+OpenAI-compatible routes, on the engine of the model named in the request. A model
+that is not a language model answers generate too: its inputs from the JSON fields by
+name, its outputs as fields (Triton's mapping), ``generate_stream`` as one event.
 
 ``generate`` answers one JSON object; ``generate_stream`` answers Server-Sent
 Events, one ``data: {...}`` per chunk. An error before the first token is a
@@ -17,11 +19,11 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from meshserve.protocol.errors import InferenceError
-from meshserve.protocol.rest_codec import loads_object
+from meshserve.protocol.generate_codec import decode_generate_request, encode_generate_response
 from meshserve.server.llm.api_params import OIP_FIELDS, ParamError, oip_sampling
 from meshserve.server.llm.request_stats import OIP, RequestStats
-from meshserve.server.llm.service import CLIENT_GONE, ClientGone, Generation, request_id
-from meshserve.server.llm.sse import GenerationResponse, sse_event
+from meshserve.server.llm.service import CLIENT_GONE, ClientGone, Generation, is_llm_model, request_id, request_object
+from meshserve.server.llm.sse import SSE_HEADERS, SSE_MEDIA_TYPE, GenerationResponse, sse_event
 
 if TYPE_CHECKING:
     from meshserve.server.dataplane import DataPlane
@@ -63,8 +65,7 @@ def _generate_request(body: dict[str, Any]) -> tuple[str, dict[str, Any], Any]:
     return text, params, rid
 
 
-async def _start(dp: DataPlane, name: str, version: str | None, request: Request) -> tuple[Generation, dict, str]:
-    body = loads_object(await request.body())
+async def _start(dp: DataPlane, name: str, version: str | None, body: dict[str, Any]) -> tuple[Generation, dict, str]:
     text, params, rid = _generate_request(body)
     sampling, options = oip_sampling(params)
 
@@ -87,7 +88,10 @@ def build_llm_router(dp: DataPlane) -> APIRouter:
     async def generate(name: str, request: Request, version: str | None = None) -> Response:
         stats = RequestStats(dp, OIP, name)
         try:
-            gen, head, prefix = await _start(dp, name, version, request)
+            body = await request_object(request)
+            if not is_llm_model(dp, name, version):
+                return _json(await _generate_any(dp, name, version, body))
+            gen, head, prefix = await _start(dp, name, version, body)
             done = await gen.collect_while_connected(request.receive)
         except ClientGone:
             stats.end(CLIENT_GONE)
@@ -112,7 +116,12 @@ def build_llm_router(dp: DataPlane) -> APIRouter:
     async def generate_stream(name: str, request: Request, version: str | None = None) -> Response:
         stats = RequestStats(dp, OIP, name)
         try:
-            gen, head, prefix = await _start(dp, name, version, request)
+            body = await request_object(request)
+            if not is_llm_model(dp, name, version):  # one answer, one event
+                doc = await _generate_any(dp, name, version, body)
+                stats.end()
+                return Response(sse_event(doc), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+            gen, head, prefix = await _start(dp, name, version, body)
         except BaseException as e:
             stats.fail(e)
             stats.end()
@@ -125,6 +134,14 @@ def build_llm_router(dp: DataPlane) -> APIRouter:
     router.include_router(openai, prefix="/openai/v1")
     router.include_router(openai, prefix="/v1")
     return router
+
+
+async def _generate_any(dp: DataPlane, name: str, version: str | None, body: dict[str, Any]) -> dict[str, Any]:
+    """A model that is not a language model: the generate fields are its inputs by name
+    (Triton's mapping, protocol/generate_codec.py), its outputs come back as fields."""
+    meta = dp.model_metadata(name, version)
+    request = decode_generate_request(body, name, version, meta.inputs, dp.settings.max_bytes_elements)
+    return encode_generate_response(await dp.infer(request))
 
 
 async def _events(

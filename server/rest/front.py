@@ -39,6 +39,7 @@ from meshserve.server.security import (
     redact,
 )
 from meshserve.server.settings import Settings
+from meshserve.server.upstream import relay
 from meshserve.server.workers import MODEL_PATH, REPOSITORY_CHANGE, Router
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,9 @@ class RestFront:
         self.body_timeout = settings.body_timeout_seconds
         self.obs = getattr(dataplane, "observe", None)
         self.deadlines = Deadlines()
+        from meshserve.server.rest.model_routes import ModelRoutes
+
+        self.model_routes = ModelRoutes(self)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -80,7 +84,7 @@ class RestFront:
                     if scope["method"] == "POST":
                         change = REPOSITORY_CHANGE.match(path)
                         if change is not None:  # on the owner, then replayed on the others
-                            await self._forward(scope, receive, send, self.router.owner(name), change["action"])
+                            await self._forward(scope, receive, send, self.router.owner(name), change=change["action"])
                             return
                         infer = INFER_PATH.match(path)
                         if infer is not None and self.router.serve_here(name, infer["version"]):
@@ -96,6 +100,9 @@ class RestFront:
                 m = INFER_PATH.match(scope["path"])
                 if m is not None:
                     await self._infer(scope, receive, send, m["name"], m["version"])
+                    return
+                if self.model_routes.wants(scope):  # generate and OpenAI: to the owner or holder
+                    await self.model_routes(scope, receive, send)
                     return
             await self._other(scope, receive, send)
             return
@@ -227,28 +234,33 @@ class RestFront:
         finally:
             self._done(stats, rid, name, status, t0)
 
-    async def _forward(self, scope: Scope, receive: Receive, send: Send, owner: int, change: str = "") -> None:
-        """Pass the request to the worker that owns its model, bytes through. ``change``: a
+    async def _forward(
+        self, scope: Scope, receive: Receive, send: Send, owner: int, body: bytes | None = None, *, change: str = ""
+    ) -> None:
+        """Pass the request to the worker that owns its model, bytes through; the answer
+        comes back as the owner writes it (a stream chunk by chunk), and a client that
+        goes away closes the connection to the owner, which stops the work.
+        ``body``: already read (and ``receive`` already wrapped) by the caller. ``change``: a
         repository load/unload, replayed on the other workers once the owner took it."""
         assert self.router is not None
         headers = scope["headers"]
         try:
-            self._check_auth(scope)
-            declared = _declared_length(scope)
-            if declared is not None and declared > self.max_body:
-                raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {self.max_body}")
-            body = await _read_body(self._body(receive))
+            if body is None:
+                self._check_auth(scope)
+                declared = _declared_length(scope)
+                if declared is not None and declared > self.max_body:
+                    raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {self.max_body}")
+                receive = self._body(receive)
+                body = await _read_body(receive)
             target = scope["raw_path"] or scope["path"].encode()
             if scope["query_string"]:
                 target += b"?" + scope["query_string"]
             try:
-                status, out, data = await self.router.http(owner).request(
-                    scope["method"].encode(), target, headers, body
-                )
+                response = await self.router.http(owner).open(scope["method"].encode(), target, headers, body)
             except OSError:
                 log.warning("worker %d unreachable", owner)
                 raise ServerNotReady(f"the worker serving this model ({owner}) is unavailable") from None
-            if change and status == 200:
+            if change and response.status == 200:
                 fwd = [(k, v) for k, v in headers if k in (b"authorization", b"x-api-key", b"content-type")]
                 name = scope["path"].split("/")[4]
                 await self.router.sync(name, change, body, fwd)
@@ -256,9 +268,11 @@ class RestFront:
             extra = _ERROR_HEADER.get(e.http_status)
             await _send_json(send, e.http_status, encode_error(redact(e.message)), extra)
             return
-        out.append((b"content-length", str(len(data)).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": out})
-        await send({"type": "http.response.body", "body": data})
+        try:
+            # Which worker took the connection and passed it on (diagnostics; tests tell the paths apart).
+            await relay(response, send, receive, [(b"meshserve-worker", str(self.router.index).encode())])
+        except (OSError, EOFError):
+            log.warning("worker %d closed the connection before the answer ended", owner)
 
     async def _gather(self, scope: Scope, receive: Receive, send: Send) -> None:
         """/metrics and the repository index over every worker."""
