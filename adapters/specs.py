@@ -52,6 +52,8 @@ class TrainingSpec(Strict):
     env: dict[str, str] = {}
     timeout_seconds: float = Field(default=3600, gt=0)
     target: Literal["local", "kubernetes"] = "local"
+    # Interrupted by a restart, the job starts again from its last checkpoint (if it saved one).
+    resume: bool = True
 
     @field_validator("entrypoint")
     @classmethod

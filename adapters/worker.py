@@ -66,6 +66,23 @@ def checkpoint_dir() -> Path:
     return path
 
 
+def resume_from() -> Path | None:
+    """The checkpoint to resume from when the job restarts after an interruption, else None.
+    A trainer that checkpoints per epoch loads it and runs only the epochs left."""
+    path = os.environ.get("MESHSERVE_RESUME_FROM")
+    return Path(path) if path else None
+
+
+def save_checkpoint(write: Any, name: str) -> Path:
+    """Write a checkpoint atomically: ``write(path)`` fills a temporary file, which is then
+    renamed, so a kill mid-write never leaves a partial checkpoint to resume from."""
+    final = checkpoint_dir() / name
+    tmp = final.with_name(final.name + ".tmp")
+    write(tmp)
+    tmp.replace(final)
+    return final
+
+
 def init_distributed(backend: str = "gloo", timeout_seconds: float = 120) -> Any:
     """torch.distributed.init_process_group from the launcher's environment."""
     import datetime

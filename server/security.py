@@ -176,7 +176,7 @@ def check_startup(settings: Settings) -> None:
         needs.append("--repository-uris any (loads fetch and run models from any uri)")
     if settings.repository_code:
         needs.append("--repository-code (repository loads may name code)")
-    if settings.adapters:
+    if settings.adapters or settings.adapters_url:
         needs.append("--adapters (its routes start training, tuning and workflow commands)")
     if needs:
         raise ValueError(
