@@ -19,7 +19,7 @@ SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 PLURALS = {
     "PyTorchJob": "pytorchjobs", "Experiment": "experiments", "Workflow": "workflows",
     "EventSource": "eventsources", "Sensor": "sensors", "ServiceAccount": "serviceaccounts",
-    "Role": "roles", "RoleBinding": "rolebindings",
+    "Role": "roles", "RoleBinding": "rolebindings", "InferenceService": "inferenceservices",
 }  # fmt: skip
 
 

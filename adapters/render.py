@@ -1,7 +1,7 @@
 """The scaled-out forms of the adapters' specs, as Kubernetes resources (plain dicts):
 Kubeflow PyTorchJob (kubeflow.org/v1), Katib Experiment (kubeflow.org/v1beta1), Argo
-Workflow, Argo Events EventSource and Sensor (argoproj.io/v1alpha1), and the RBAC the
-Sensor needs to submit workflows."""
+Workflow, Argo Events EventSource and Sensor (argoproj.io/v1alpha1), the RBAC the
+Sensor needs to submit workflows, and KServe InferenceServices of packaged modelcars."""
 
 from __future__ import annotations
 
@@ -199,10 +199,50 @@ def _step_template(step: StepSpec, settings: AdaptersSettings, cache_store: str 
             success="status.trialsSucceeded > 0",
             failure="status.trialsFailed > " + str(step.tune.maxFailedTrialCount),
         )
+    elif step.kind == "package":  # the model on the shared volume, pushed; stdout: its digest reference
+        image = step.image if ":" in str(step.image).rsplit("/", 1)[-1] else f"{step.image}:{{{{workflow.name}}}}"
+        cmd = ["meshserve", "modelcar", "build", f"{MODELS_MOUNT}/{step.model}", "--tag", str(image),
+               "--kserve-compat", "--quiet", *(["--insecure"] if settings.registry_insecure else [])]  # fmt: skip
+        t["container"] = {**container(cmd), "volumeMounts": [{"name": "models", "mountPath": MODELS_MOUNT}]}
+    elif step.kind == "deploy" and step.uri is not None:  # by digest: a KServe InferenceService
+        manifest = inference_service(str(step.model), step.uri, step.model_format, settings)
+        manifest["metadata"].pop("namespace")
+        t["resource"] = {
+            "action": "apply",
+            "manifest": yaml.safe_dump(manifest, sort_keys=False),
+            "successCondition": "status.modelStatus.states.activeModelState == Loaded",
+            "failureCondition": "status.modelStatus.states.activeModelState == FailedToLoad",
+        }
     elif step.kind == "deploy":
         t["container"] = container(["python", "-m", "meshserve.adapters.steps", "deploy", "--server",
                                     settings.server_url, "--model", str(step.model)])  # fmt: skip
     return t
+
+
+def kube_name(model: str) -> str:
+    """A model name as a DNS-1123 label (an InferenceService's name)."""
+    name = "".join(c if c.isalnum() else "-" for c in model.lower()).strip("-")[:63].strip("-")
+    return name or "model"
+
+
+def inference_service(model: str, uri: str, model_format: str, settings: AdaptersSettings) -> dict[str, Any]:
+    """A KServe InferenceService that serves the modelcar ``uri`` (oci://...@sha256:) with
+    meshserve's ServingRuntime (deploy/kserve): KServe mounts the image's /models."""
+    return {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": _meta(kube_name(model), settings),
+        "spec": {
+            "predictor": {
+                "model": {
+                    "modelFormat": {"name": model_format},
+                    "runtime": "meshserve",
+                    "protocolVersion": "v2",
+                    "storageUri": uri,
+                }
+            }
+        },
+    }
 
 
 def argo_workflow(spec: WorkflowSpec, settings: AdaptersSettings) -> dict[str, Any]:
@@ -215,7 +255,7 @@ def argo_workflow(spec: WorkflowSpec, settings: AdaptersSettings) -> dict[str, A
         if s.when:
             task["when"] = s.when
         tasks.append(task)
-    return {
+    wf = {
         "apiVersion": "argoproj.io/v1alpha1",
         "kind": "Workflow",
         "metadata": _meta(spec.name, settings, generate=True),
@@ -227,6 +267,9 @@ def argo_workflow(spec: WorkflowSpec, settings: AdaptersSettings) -> dict[str, A
                           *(_step_template(s, settings, settings.cache_store) for s in spec.steps)],
         },
     }  # fmt: skip
+    if any(s.kind == "package" for s in spec.steps):  # it reads the trained model from the shared volume
+        wf["spec"]["volumes"] = [{"name": "models", "persistentVolumeClaim": {"claimName": MODELS_PVC}}]
+    return wf
 
 
 def event_source(trigger: TriggerSpec, settings: AdaptersSettings) -> dict[str, Any]:

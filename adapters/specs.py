@@ -167,7 +167,10 @@ class ExperimentSpec(Strict):
 
 # -- workflows --------------------------------------------------------------------
 
-STEP_KINDS = ("command", "ingest", "check-freshness", "train", "tune", "evaluate", "deploy")
+STEP_KINDS = ("command", "ingest", "check-freshness", "train", "tune", "evaluate", "package", "deploy")
+IMAGE = re.compile(r"^oci://[^/@\s]+/[^@\s]+$")  # oci://registry/repository[:tag], no digest
+PINNED = re.compile(r"^oci://[^/@\s]+/[^@\s]+@sha256:[0-9a-f]{64}$")
+RESULT = re.compile(r"^\{\{tasks\.(?P<step>[a-z0-9][a-z0-9\-]*)\.outputs\.result\}\}$")
 WHEN = re.compile(r"^\s*(?P<left>\S+)\s*(?P<op>==|!=)\s*(?P<right>\S+)\s*$")
 
 
@@ -178,7 +181,9 @@ class Freshness(Strict):
 
 class StepSpec(Strict):
     name: str = Field(pattern=NAME)
-    kind: Literal["command", "ingest", "check-freshness", "train", "tune", "evaluate", "deploy"] = "command"
+    kind: Literal["command", "ingest", "check-freshness", "train", "tune", "evaluate", "package", "deploy"] = (
+        "command"
+    )
     command: list[str] | None = None
     depends: list[str] = []
     # Argo's form: "{{tasks.check.outputs.result}} == stale"
@@ -190,7 +195,15 @@ class StepSpec(Strict):
     freshness: Freshness | None = None
     train: TrainingSpec | None = None
     tune: ExperimentSpec | None = None
-    model: str | None = Field(default=None, pattern=MODEL_NAME)  # deploy: the model to (re)load
+    model: str | None = Field(default=None, pattern=MODEL_NAME)  # package, deploy: the model
+    # package: push the model as a modelcar to this oci://registry/repository[:tag] (default
+    # tag: the workflow job's id); the step's result is its oci://...@sha256: reference.
+    image: str | None = None
+    # deploy: load the model from this oci://...@sha256: reference, or a package step's
+    # result ("{{tasks.NAME.outputs.result}}"); without it, reload the model's folder.
+    uri: str | None = None
+    # deploy, rendered: the KServe modelFormat of the InferenceService (meshserve's runtime serves it).
+    model_format: str = Field(default="pytorch", pattern=r"^[a-z0-9][a-z0-9\-]*$")
 
     @field_validator("when")
     @classmethod
@@ -199,12 +212,33 @@ class StepSpec(Strict):
             raise ValueError("must read 'LEFT == RIGHT' or 'LEFT != RIGHT'")
         return v
 
+    @field_validator("image")
+    @classmethod
+    def _image(cls, v: str | None) -> str | None:
+        if v is not None and not IMAGE.match(v):
+            raise ValueError("must read oci://registry/repository[:tag] (the digest comes from the push)")
+        return v
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        if v is not None and not (PINNED.match(v) or RESULT.match(v)):
+            raise ValueError("must be oci://registry/repository@sha256:<digest> or {{tasks.NAME.outputs.result}}")
+        return v
+
     @model_validator(mode="after")
     def _fields_for_kind(self) -> StepSpec:
-        need = {"command": "command", "evaluate": "command", "train": "train", "tune": "tune", "deploy": "model"}
+        need = {"command": "command", "evaluate": "command", "train": "train", "tune": "tune", "deploy": "model",
+                "package": "model"}  # fmt: skip
         field = need.get(self.kind)
         if field and getattr(self, field) is None:
             raise ValueError(f"a {self.kind!r} step needs '{field}'")
+        if self.kind == "package" and self.image is None:
+            raise ValueError("a 'package' step needs 'image' (oci://registry/repository[:tag])")
+        if self.image is not None and self.kind != "package":
+            raise ValueError("'image' belongs to a 'package' step")
+        if self.uri is not None and self.kind != "deploy":
+            raise ValueError("'uri' belongs to a 'deploy' step")
         if self.kind == "ingest" and self.command is None:
             raise ValueError("an 'ingest' step needs 'command'")
         return self
@@ -225,6 +259,9 @@ class WorkflowSpec(Strict):
             for d in s.depends:
                 if d not in known:
                     raise ValueError(f"steps.{s.name}.depends: unknown step {d!r}")
+            ref = RESULT.match(s.uri or "")
+            if ref and ref["step"] not in s.depends:
+                raise ValueError(f"steps.{s.name}.uri: the step must depend on {ref['step']!r}, whose result it uses")
         order(self)  # raises on a cycle
         return self
 
