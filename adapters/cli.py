@@ -166,7 +166,7 @@ def _command(args: argparse.Namespace) -> int:
 
         overrides = {k: v for k, v in (("namespace", args.namespace), ("image", args.image)) if v}
         settings = AdaptersSettings(**overrides)
-        fn = {"training": render.pytorchjob, "tuning": render.katib_experiment, "workflow": render.argo_workflow}
+        fn = {"training": render.training_job, "tuning": render.katib_experiment, "workflow": render.argo_workflow}
         sys.stdout.write(yaml.safe_dump(fn[kind](spec, settings), sort_keys=False))  # type: ignore[operator]
         return 0
     return _run_here(kind, spec, args.state_dir)

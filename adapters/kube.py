@@ -20,6 +20,7 @@ PLURALS = {
     "PyTorchJob": "pytorchjobs", "Experiment": "experiments", "Workflow": "workflows",
     "EventSource": "eventsources", "Sensor": "sensors", "ServiceAccount": "serviceaccounts",
     "Role": "roles", "RoleBinding": "rolebindings", "InferenceService": "inferenceservices",
+    "TrainJob": "trainjobs",
 }  # fmt: skip
 
 

@@ -1,7 +1,8 @@
 """The scaled-out forms of the adapters' specs, as Kubernetes resources (plain dicts):
-Kubeflow PyTorchJob (kubeflow.org/v1), Katib Experiment (kubeflow.org/v1beta1), Argo
-Workflow, Argo Events EventSource and Sensor (argoproj.io/v1alpha1), the RBAC the
-Sensor needs to submit workflows, and KServe InferenceServices of packaged modelcars."""
+Kubeflow PyTorchJob (kubeflow.org/v1) or TrainJob (trainer.kubeflow.org/v1alpha1), Katib
+Experiment (kubeflow.org/v1beta1), Argo Workflow, Argo Events EventSource and Sensor
+(argoproj.io/v1alpha1), the RBAC the Sensor needs to submit workflows, and KServe
+InferenceServices of packaged modelcars."""
 
 from __future__ import annotations
 
@@ -79,6 +80,47 @@ def pytorchjob(spec: TrainingSpec, settings: AdaptersSettings, spec_json: str | 
             "pytorchReplicaSpecs": replicas,
         },
     }
+
+
+TRAINJOB_NODE = "node"  # the replicated job and container name of Trainer's torch runtimes
+
+
+def trainjob(spec: TrainingSpec, settings: AdaptersSettings) -> dict[str, Any]:
+    """A Kubeflow Trainer v2 TrainJob on a ClusterTrainingRuntime (``torch-distributed``):
+    ``workers`` nodes of one process each; torchrun reads the PET_* variables the
+    runtime sets and gives each worker the RANK/WORLD_SIZE/MASTER_* the local launcher
+    does. The models volume is added with a runtime patch."""
+    pod = training_pod_template(spec, settings)["spec"]
+    container = pod["containers"][0]
+    command = list(spec.command) if spec.command else []
+    if not command and spec.entrypoint:
+        command = ["torchrun", "--module", "meshserve.adapters.worker", spec.entrypoint]
+    trainer: dict[str, Any] = {"image": container["image"], "numNodes": spec.workers, "numProcPerNode": 1,
+                               "env": container["env"]}  # fmt: skip
+    if command:
+        trainer["command"] = command
+    patch = {"template": {"spec": {"template": {"spec": {
+        "volumes": pod["volumes"],
+        "containers": [{"name": TRAINJOB_NODE, "volumeMounts": container["volumeMounts"]}],
+    }}}}}  # fmt: skip
+    return {
+        "apiVersion": "trainer.kubeflow.org/v1alpha1",
+        "kind": "TrainJob",
+        "metadata": _meta(spec.name, settings),
+        "spec": {
+            "runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
+                           "name": spec.kubeflow.runtime},  # fmt: skip
+            "activeDeadlineSeconds": int(spec.timeout_seconds),
+            "trainer": trainer,
+            "runtimePatches": [{"manager": "meshserve.io/adapters", "trainingRuntimeSpec": {"template": {"spec": {
+                "replicatedJobs": [{"name": TRAINJOB_NODE, **patch}]}}}}],  # fmt: skip
+        },
+    }
+
+
+def training_job(spec: TrainingSpec, settings: AdaptersSettings) -> dict[str, Any]:
+    """The spec's Kubeflow resource: a PyTorchJob, or a TrainJob when ``kubeflow.api`` says so."""
+    return trainjob(spec, settings) if spec.kubeflow.api == "TrainJob" else pytorchjob(spec, settings)
 
 
 def _feasible(p: Any) -> dict[str, Any]:
@@ -183,6 +225,13 @@ def _step_template(step: StepSpec, settings: AdaptersSettings, cache_store: str 
         window = step.freshness.window_seconds if step.freshness else 3600
         t["container"] = container(["python", "-m", "meshserve.adapters.steps", "check-freshness",
                                     "--store", str(store), "--window-seconds", f"{window:g}"])  # fmt: skip
+    elif step.kind == "train" and step.train is not None and step.train.kubeflow.api == "TrainJob":
+        t["resource"] = _create_resource(
+            trainjob(step.train, settings),
+            step.train.name,
+            success="status.conditions.#(type==\"Complete\").status == True",
+            failure="status.conditions.#(type==\"Failed\").status == True",
+        )
     elif step.kind == "train":
         assert step.train is not None
         t["resource"] = _create_resource(

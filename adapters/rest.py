@@ -72,12 +72,12 @@ def add_routes(app: FastAPI, manager: Manager) -> None:
     async def submit_training(request: Request) -> Response:
         spec = parse(TrainingSpec, await _body(request))
         if spec.target == "kubernetes":
-            return await _submit_kube(manager, [render.pytorchjob(spec, s)])
+            return await _submit_kube(manager, [render.training_job(spec, s)])
         return _json(manager.submit_training(spec).to_dict(), 201)
 
-    @app.post(f"{PREFIX}/training/render", summary="A training spec as a Kubeflow PyTorchJob")
+    @app.post(f"{PREFIX}/training/render", summary="A training spec as a Kubeflow PyTorchJob or TrainJob")
     async def render_training(request: Request) -> Response:
-        return _json(render.pytorchjob(parse(TrainingSpec, await _body(request)), s))
+        return _json(render.training_job(parse(TrainingSpec, await _body(request)), s))
 
     # -- tuning ---------------------------------------------------------------
     @app.post(f"{PREFIX}/tuning/experiments", summary="Start a tuning experiment", status_code=201)

@@ -33,6 +33,15 @@ class ModelOutput(Strict):
     serve: bool = True  # register it in the mesh on success
 
 
+class KubeflowSpec(Strict):
+    """Which Kubeflow API a training job renders to: the Training Operator's ``PyTorchJob``
+    (kubeflow.org/v1) or Trainer v2's ``TrainJob`` (trainer.kubeflow.org/v1alpha1) on the
+    named ClusterTrainingRuntime."""
+
+    api: Literal["PyTorchJob", "TrainJob"] = "PyTorchJob"
+    runtime: str = Field(default="torch-distributed", pattern=NAME)
+
+
 class TrainingSpec(Strict):
     """One distributed training job.
 
@@ -54,6 +63,7 @@ class TrainingSpec(Strict):
     target: Literal["local", "kubernetes"] = "local"
     # Interrupted by a restart, the job starts again from its last checkpoint (if it saved one).
     resume: bool = True
+    kubeflow: KubeflowSpec = KubeflowSpec()
 
     @field_validator("entrypoint")
     @classmethod
