@@ -20,7 +20,7 @@ PLURALS = {
     "PyTorchJob": "pytorchjobs", "Experiment": "experiments", "Workflow": "workflows",
     "EventSource": "eventsources", "Sensor": "sensors", "ServiceAccount": "serviceaccounts",
     "Role": "roles", "RoleBinding": "rolebindings", "InferenceService": "inferenceservices",
-    "TrainJob": "trainjobs",
+    "TrainJob": "trainjobs", "TFJob": "tfjobs",
 }  # fmt: skip
 
 

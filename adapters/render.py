@@ -1,5 +1,5 @@
 """The scaled-out forms of the adapters' specs, as Kubernetes resources (plain dicts):
-Kubeflow PyTorchJob (kubeflow.org/v1) or TrainJob (trainer.kubeflow.org/v1alpha1), Katib
+Kubeflow PyTorchJob or TFJob (kubeflow.org/v1) or TrainJob (trainer.kubeflow.org/v1alpha1), Katib
 Experiment (kubeflow.org/v1beta1), Argo Workflow, Argo Events EventSource and Sensor
 (argoproj.io/v1alpha1), the RBAC the Sensor needs to submit workflows, and KServe
 InferenceServices of packaged modelcars."""
@@ -35,13 +35,14 @@ def _container_command(spec: TrainingSpec) -> list[str]:
     return []
 
 
-def training_pod_template(spec: TrainingSpec, settings: AdaptersSettings, spec_json: str | None = None) -> dict:
+def training_pod_template(spec: TrainingSpec, settings: AdaptersSettings, spec_json: str | None = None,
+                          container_name: str = "pytorch") -> dict:  # fmt: skip
     env = [{"name": "MESHSERVE_TRAIN_SPEC_JSON", "value": spec_json or spec.model_dump_json()}]
     if spec.model is not None:
         env.append({"name": "MESHSERVE_OUTPUT_DIR", "value": f"{MODELS_MOUNT}/{spec.model.name}"})
     env += [{"name": k, "value": v} for k, v in sorted(spec.env.items())]
     container: dict[str, Any] = {
-        "name": "pytorch",
+        "name": container_name,
         "image": spec.image or settings.image,
         "imagePullPolicy": "IfNotPresent",
         "env": env,
@@ -78,6 +79,27 @@ def pytorchjob(spec: TrainingSpec, settings: AdaptersSettings, spec_json: str | 
                 "activeDeadlineSeconds": int(spec.timeout_seconds),
             },
             "pytorchReplicaSpecs": replicas,
+        },
+    }
+
+
+def tfjob(spec: TrainingSpec, settings: AdaptersSettings, spec_json: str | None = None) -> dict[str, Any]:
+    """A Kubeflow Training Operator TFJob: ``workers`` Worker replicas (worker 0 is the
+    chief under MultiWorkerMirroredStrategy); the operator sets TF_CONFIG as the local
+    launcher does. Its container must be named ``tensorflow``."""
+    template = training_pod_template(spec, settings, spec_json, container_name="tensorflow")
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "TFJob",
+        "metadata": _meta(spec.name, settings),
+        "spec": {
+            "runPolicy": {
+                "cleanPodPolicy": "None",
+                "backoffLimit": 0,
+                "activeDeadlineSeconds": int(spec.timeout_seconds),
+            },
+            "tfReplicaSpecs": {"Worker": {"replicas": spec.workers, "restartPolicy": "OnFailure",
+                                          "template": template}},  # fmt: skip
         },
     }
 
@@ -119,7 +141,10 @@ def trainjob(spec: TrainingSpec, settings: AdaptersSettings) -> dict[str, Any]:
 
 
 def training_job(spec: TrainingSpec, settings: AdaptersSettings) -> dict[str, Any]:
-    """The spec's Kubeflow resource: a PyTorchJob, or a TrainJob when ``kubeflow.api`` says so."""
+    """The spec's Kubeflow resource: a TFJob for tensorflow; a PyTorchJob, or a TrainJob when
+    ``kubeflow.api`` says so, for pytorch."""
+    if spec.framework == "tensorflow":
+        return tfjob(spec, settings)
     return trainjob(spec, settings) if spec.kubeflow.api == "TrainJob" else pytorchjob(spec, settings)
 
 
@@ -144,7 +169,8 @@ def katib_experiment(spec: ExperimentSpec, settings: AdaptersSettings) -> dict[s
     from meshserve.adapters.tuning import sample_values, substitute
 
     sample = TrainingSpec.model_validate(substitute(doc, sample_values(spec)))
-    job = pytorchjob(sample, settings, spec_json=json.dumps(doc, separators=(",", ":")))
+    kubeflow_job = tfjob if sample.framework == "tensorflow" else pytorchjob
+    job = kubeflow_job(sample, settings, spec_json=json.dumps(doc, separators=(",", ":")))
     job["metadata"] = {"labels": dict(MANAGED)}
     objective: dict[str, Any] = {"type": spec.objective.type, "objectiveMetricName": spec.objective.objectiveMetricName}
     if spec.objective.goal is not None:
@@ -170,7 +196,9 @@ def katib_experiment(spec: ExperimentSpec, settings: AdaptersSettings) -> dict[s
                 for p in spec.parameters
             ],
             "trialTemplate": {
-                "primaryContainerName": spec.trialTemplate.primaryContainerName,
+                # A TFJob's container is named tensorflow (the template's default names pytorch's).
+                "primaryContainerName": "tensorflow" if sample.framework == "tensorflow"
+                and spec.trialTemplate.primaryContainerName == "pytorch" else spec.trialTemplate.primaryContainerName,
                 "successCondition": 'status.conditions.#(type=="Succeeded")#|#(status=="True")#',
                 "failureCondition": 'status.conditions.#(type=="Failed")#|#(status=="True")#',
                 "trialParameters": [
@@ -231,6 +259,13 @@ def _step_template(step: StepSpec, settings: AdaptersSettings, cache_store: str 
             step.train.name,
             success="status.conditions.#(type==\"Complete\").status == True",
             failure="status.conditions.#(type==\"Failed\").status == True",
+        )
+    elif step.kind == "train" and step.train is not None and step.train.framework == "tensorflow":
+        t["resource"] = _create_resource(
+            tfjob(step.train, settings),
+            step.train.name,
+            success="status.replicaStatuses.Worker.succeeded > 0",
+            failure="status.replicaStatuses.Worker.failed > 0",
         )
     elif step.kind == "train":
         assert step.train is not None

@@ -64,6 +64,9 @@ class TrainingSpec(Strict):
     # Interrupted by a restart, the job starts again from its last checkpoint (if it saved one).
     resume: bool = True
     kubeflow: KubeflowSpec = KubeflowSpec()
+    # pytorch: torchrun's environment, a PyTorchJob/TrainJob; tensorflow: TF_CONFIG per
+    # worker (MultiWorkerMirroredStrategy), a TFJob.
+    framework: Literal["pytorch", "tensorflow"] = "pytorch"
 
     @field_validator("entrypoint")
     @classmethod
@@ -78,6 +81,8 @@ class TrainingSpec(Strict):
             raise ValueError("give an 'entrypoint' (module:function or script.py) or an 'image'")
         if self.target == "local" and self.entrypoint is None:
             raise ValueError("'entrypoint' is required to run locally (an image runs only on kubernetes)")
+        if self.framework == "tensorflow" and self.kubeflow.api == "TrainJob":
+            raise ValueError("kubeflow.api: Trainer v2 has no TensorFlow runtime; a tensorflow job renders a TFJob")
         if self.data.shard == "file" and self.data.files and len(self.data.files) < self.workers:
             raise ValueError(f"data.files: {len(self.data.files)} file(s) cannot feed {self.workers} workers by file")
         return self

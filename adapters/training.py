@@ -1,7 +1,9 @@
 """The embedded training engine: N worker processes on this machine, torchrun-style.
 
 Each worker gets torchrun's environment (MASTER_ADDR=127.0.0.1, a free MASTER_PORT,
-RANK, WORLD_SIZE, LOCAL_RANK), the job's spec file and an output folder. When one
+RANK, WORLD_SIZE, LOCAL_RANK), with ``framework: tensorflow`` also TF_CONFIG (every
+worker's own 127.0.0.1 port, as a TFJob's operator sets it), the job's spec file and an
+output folder. When one
 worker exits non-zero the others are killed (their process groups) and the job fails
 with that worker's log; no worker outlives its job or its server.
 """
@@ -90,6 +92,8 @@ async def run_training(spec: TrainingSpec, job_dir: Path, resume_from: Path | No
     spec_file.write_text(spec.model_dump_json(indent=2))
     metrics_file = job_dir / "metrics.json"
     port = free_port()
+    # TensorFlow: every worker's own address, in TF_CONFIG (MultiWorkerMirroredStrategy).
+    tf_cluster = [f"127.0.0.1:{free_port()}" for _ in range(spec.workers)] if spec.framework == "tensorflow" else []
     procs: list[asyncio.subprocess.Process] = []
     logs: list[Path] = []
     try:
@@ -104,6 +108,9 @@ async def run_training(spec: TrainingSpec, job_dir: Path, resume_from: Path | No
                 "OMP_NUM_THREADS": "1", "MESHSERVE_PARENT_PID": str(os.getpid()),
                 **({"MESHSERVE_RESUME_FROM": str(resume_from)} if resume_from is not None else {}),
             }  # fmt: skip
+            if tf_cluster:
+                env["TF_CONFIG"] = json.dumps({"cluster": {"worker": tf_cluster},
+                                               "task": {"type": "worker", "index": rank}})  # fmt: skip
             log_path = job_dir / f"rank-{rank}.log"
             logs.append(log_path)
             with open(log_path, "ab" if resume_from is not None else "wb") as log:

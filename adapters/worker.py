@@ -18,12 +18,22 @@ from pathlib import Path
 from typing import Any
 
 
+def _tf_config() -> dict[str, Any]:
+    text = os.environ.get("TF_CONFIG")
+    return json.loads(text) if text else {}
+
+
 def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    """RANK (torchrun, PyTorchJob), else the worker's index in TF_CONFIG (TFJob)."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    return int((_tf_config().get("task") or {}).get("index", 0))
 
 
 def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return len((_tf_config().get("cluster") or {}).get("worker") or []) or 1
 
 
 def spec() -> dict[str, Any]:

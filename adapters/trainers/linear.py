@@ -19,7 +19,9 @@ from pathlib import Path
 from meshserve.adapters import worker
 
 
-def _read(files: list[str], rank: int, world: int, by_row: bool) -> tuple[list[str], list[list[float]], list[float]]:
+def read_rows(
+    files: list[str], rank: int, world: int, by_row: bool
+) -> tuple[list[str], list[list[float]], list[float]]:
     ids: list[str] = []
     xs: list[list[float]] = []
     ys: list[float] = []
@@ -47,7 +49,7 @@ def train() -> int:
     hp = worker.hyperparameters()
     torch.manual_seed(int(hp.get("seed", 0)))
     torch.set_num_threads(1)
-    ids, xs, ys = _read(worker.partition(), rank, world, worker.row_shard())
+    ids, xs, ys = read_rows(worker.partition(), rank, world, worker.row_shard())
     if not xs:
         raise SystemExit(f"rank {rank}: no data in my partition")
     x = torch.tensor(xs, dtype=torch.float32)
