@@ -129,6 +129,27 @@ def test_sidecar_refuses_a_non_loopback_bind_without_a_token(base):
     assert proc.stderr.count("\n") == 1 and "needs an auth token" in proc.stderr, proc.stderr
 
 
+def test_a_server_proxying_to_a_sidecar_needs_a_token_too(tmp_path):
+    cmd = [*CLI, "serve", "--model-dir", str(tmp_path), "--http-port", "0", "--grpc-port", "0",
+           "--adapters-url", "http://127.0.0.1:9"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=_os_env())
+    assert proc.returncode == 2 and "--adapters-url" in proc.stderr and "auth token" in proc.stderr, proc.stderr
+
+
+def test_an_unreachable_sidecar_is_503_not_500(tmp_path):
+    srv = start_server(tmp_path, tmp_path / "server.log", "--adapters-url", "http://127.0.0.1:9",
+                       env={"MESHSERVE_AUTH_TOKEN": SERVER_TOKEN})  # fmt: skip
+    try:
+        auth = {"authorization": f"Bearer {SERVER_TOKEN}"}
+        r = httpx.get(f"{srv.http_url}/v1/adapters/jobs", headers=auth, timeout=10)
+        assert r.status_code == 503 and "adapters sidecar is not reachable" in r.json()["error"]
+        assert httpx.get(f"{srv.http_url}/v1/adapters/jobs", timeout=10).status_code == 401
+        metrics = httpx.get(f"{srv.http_url}/metrics", timeout=10)
+        assert metrics.status_code == 200 and "meshserve_" in metrics.text  # the server's own still answer
+    finally:
+        srv.stop()
+
+
 def _os_env() -> dict[str, str]:
     import os
 
