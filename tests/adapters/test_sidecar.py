@@ -216,6 +216,37 @@ def test_resume_off_marks_the_interrupted_job_failed(base, server):
         side.stop()
 
 
+def test_serve_adapters_stopped_mid_training_resumes_the_job_when_it_starts_again(tmp_path):
+    """SIGTERM this time, through serve --adapters: the child sidecar stops its workers and
+    leaves the job to resume, which the restarted server's sidecar does."""
+    (tmp_path / "models").mkdir()
+    env = {"MESHSERVE_AUTH_TOKEN": SERVER_TOKEN, "MESHSERVE_ADAPTERS_STATE_DIR": str(tmp_path / "state")}
+    auth = {"authorization": f"Bearer {SERVER_TOKEN}"}
+    srv = start_server(tmp_path / "models", tmp_path / "first.log", "--adapters", env=env)
+    try:
+        r = httpx.post(f"{srv.http_url}/v1/adapters/training/jobs", headers=auth, timeout=30, json={
+            "name": "graceful", "entrypoint": str(SCRIPTS / "epochs.py"), "workers": 1,
+            "hyperparameters": {"epochs": 5, "epoch_seconds": 0.4}})  # fmt: skip
+        assert r.status_code == 201, r.text
+        job_id = r.json()["id"]
+        checkpoint = tmp_path / "state" / "jobs" / job_id / "checkpoints" / "epoch-0.json"
+        deadline = time.monotonic() + 30
+        while not checkpoint.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert checkpoint.exists(), srv.log()
+    finally:
+        assert srv.stop() == 0, srv.log()
+    again = start_server(tmp_path / "models", tmp_path / "second.log", "--adapters", env=env)
+    try:
+        with httpx.Client(base_url=again.http_url, timeout=30, headers=auth) as c:
+            job = wait_job(c, job_id, timeout=60)
+        assert job["state"] == "succeeded", (job, again.log())
+        assert job["result"]["resumed_from"].startswith("epoch-")
+        assert 0 < job["metrics"]["epochs_run"] < 5 and job["metrics"]["start_epoch"] >= 1
+    finally:
+        again.stop()
+
+
 # -- serve --adapters, with workers ---------------------------------------------------------
 
 
