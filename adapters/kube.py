@@ -19,7 +19,8 @@ SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 PLURALS = {
     "PyTorchJob": "pytorchjobs", "Experiment": "experiments", "Workflow": "workflows",
     "EventSource": "eventsources", "Sensor": "sensors", "ServiceAccount": "serviceaccounts",
-    "Role": "roles", "RoleBinding": "rolebindings",
+    "Role": "roles", "RoleBinding": "rolebindings", "InferenceService": "inferenceservices",
+    "TrainJob": "trainjobs", "TFJob": "tfjobs",
 }  # fmt: skip
 
 

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from meshserve.adapters.modelserver import ModelServer
 from meshserve.adapters.settings import AdaptersSettings
 from meshserve.adapters.specs import ExperimentSpec, TrainingSpec, WorkflowSpec
 from meshserve.adapters.store import Job, JobCollector, JobStore
-from meshserve.adapters.training import TrainingFailed, check_model, run_training
+from meshserve.adapters.training import TrainingFailed, check_model, latest_checkpoint, run_training
 from prometheus_client import CollectorRegistry, Histogram
 
 log = logging.getLogger("meshserve.adapters")
@@ -33,16 +34,17 @@ class JobFailed(Exception):
 
 class Manager:
     def __init__(self, settings: AdaptersSettings, registrar: Registrar | None = None,
-                 model_dir: Path | None = None) -> None:  # fmt: skip
+                 model_dir: Path | None = None, model_server: ModelServer | None = None) -> None:  # fmt: skip
         self.settings = settings
         self.state_dir = settings.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(self.state_dir / "jobs.sqlite")
         self.model_dir = settings.model_dir or model_dir or self.state_dir / "models"
         self.registrar = registrar
-        self.interrupted = self.store.fail_interrupted()
-        if self.interrupted:
-            log.warning("marked %d job(s) failed: the server stopped while they ran", len(self.interrupted))
+        self.model_server = model_server
+        self.interrupted: list[str] = []
+        self.resumed: list[str] = []
+        self._closing = False
         self._tasks: dict[str, asyncio.Task] = {}
         self._done: dict[str, asyncio.Event] = {}
         self._slots: asyncio.Semaphore | None = None
@@ -69,7 +71,9 @@ class Manager:
             result = await work(job)
             self._finish(job, "succeeded", result=result)
         except asyncio.CancelledError:
-            self._finish(job, "failed", error="cancelled")
+            if not self._closing:
+                self._finish(job, "failed", error="cancelled")
+            # else: left queued/running, so the next start resumes or fails it (recover)
         except (JobFailed, TrainingFailed) as e:
             self._finish(job, "failed", error=str(e))
         except Exception as e:  # a bug: recorded on the job, the server carries on
@@ -110,23 +114,57 @@ class Manager:
         return True
 
     async def close(self) -> None:
+        self._closing = True
         for task in list(self._tasks.values()):
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        if self.model_server is not None:
+            await self.model_server.close()
         self.store.close()
+
+    # -- restarts -------------------------------------------------------------------
+    def recover(self, resume: bool | None = None) -> None:
+        """Jobs a stopped process left queued or running: top-level training jobs that
+        checkpointed (and did not opt out) start again from their last checkpoint; the
+        rest are marked failed. Call with the event loop running."""
+        resume = self.settings.resume if resume is None else resume
+        keep = []
+        for job in self.store.interrupted():
+            if resume and job.kind == "training" and job.parent is None and job.spec.get("resume", True):
+                checkpoint = latest_checkpoint(self.job_dir(job.id))
+                if checkpoint is not None:
+                    keep.append(job)
+                    self._resume_training(job, checkpoint)
+        self.resumed = [j.id for j in keep]
+        self.interrupted = self.store.fail_interrupted(exclude={j.id for j in keep})
+        if self.interrupted:
+            log.warning("marked %d job(s) failed: the process stopped while they ran", len(self.interrupted))
+        for job in keep:
+            log.info("training job %s (%s) resumes from %s", job.id, job.name, job.result.get("resumed_from"))
+
+    def _resume_training(self, job: Job, checkpoint: Path) -> None:
+        spec = TrainingSpec.model_validate(job.spec)
+        self.store.update(job, state="queued", result={**job.result, "resumed_from": checkpoint.name},
+                          error=None)  # fmt: skip
+        self._start(job, self._training_work(spec, self.job_dir(job.id), "training", resume_from=checkpoint))
 
     # -- training -----------------------------------------------------------------
     def submit_training(self, spec: TrainingSpec, parent: str | None = None, kind: str = "training") -> Job:
         job = self.store.create(kind, spec.name, spec.model_dump(), parent)
         job_dir = self.job_dir(job.id)
         self.store.update(job, log_path=str(job_dir / "job.log"))
+        return self._start(job, self._training_work(spec, job_dir, kind))
 
+    def _training_work(self, spec: TrainingSpec, job_dir: Path, kind: str,
+                       resume_from: Path | None = None) -> Callable[[Job], Awaitable[dict[str, Any]]]:  # fmt: skip
         async def work(job: Job) -> dict[str, Any]:
             if self._slots is None:
                 self._slots = asyncio.Semaphore(self.settings.max_running_trainings)
             async with self._slots:
                 self._running(job)
-                result = await run_training(spec, job_dir)
+                result = await run_training(spec, job_dir, resume_from)
+            if resume_from is not None:
+                result["resumed_from"] = resume_from.name
             self.store.update(job, metrics=result["metrics"])
             if spec.model is not None:
                 why = check_model(Path(result["output_dir"]))
@@ -137,7 +175,7 @@ class Manager:
                     result["model"] = spec.model.name
             return result
 
-        return self._start(job, work)
+        return work
 
     async def register_model(self, name: str, output: Path) -> Path:
         """Place a trained model in the model folder under ``name`` and (re)load it."""

@@ -1,7 +1,8 @@
 """The scaled-out forms of the adapters' specs, as Kubernetes resources (plain dicts):
-Kubeflow PyTorchJob (kubeflow.org/v1), Katib Experiment (kubeflow.org/v1beta1), Argo
-Workflow, Argo Events EventSource and Sensor (argoproj.io/v1alpha1), and the RBAC the
-Sensor needs to submit workflows."""
+Kubeflow PyTorchJob or TFJob (kubeflow.org/v1) or TrainJob (trainer.kubeflow.org/v1alpha1), Katib
+Experiment (kubeflow.org/v1beta1), Argo Workflow, Argo Events EventSource and Sensor
+(argoproj.io/v1alpha1), the RBAC the Sensor needs to submit workflows, and KServe
+InferenceServices of packaged modelcars."""
 
 from __future__ import annotations
 
@@ -34,13 +35,14 @@ def _container_command(spec: TrainingSpec) -> list[str]:
     return []
 
 
-def training_pod_template(spec: TrainingSpec, settings: AdaptersSettings, spec_json: str | None = None) -> dict:
+def training_pod_template(spec: TrainingSpec, settings: AdaptersSettings, spec_json: str | None = None,
+                          container_name: str = "pytorch") -> dict:  # fmt: skip
     env = [{"name": "MESHSERVE_TRAIN_SPEC_JSON", "value": spec_json or spec.model_dump_json()}]
     if spec.model is not None:
         env.append({"name": "MESHSERVE_OUTPUT_DIR", "value": f"{MODELS_MOUNT}/{spec.model.name}"})
     env += [{"name": k, "value": v} for k, v in sorted(spec.env.items())]
     container: dict[str, Any] = {
-        "name": "pytorch",
+        "name": container_name,
         "image": spec.image or settings.image,
         "imagePullPolicy": "IfNotPresent",
         "env": env,
@@ -81,6 +83,71 @@ def pytorchjob(spec: TrainingSpec, settings: AdaptersSettings, spec_json: str | 
     }
 
 
+def tfjob(spec: TrainingSpec, settings: AdaptersSettings, spec_json: str | None = None) -> dict[str, Any]:
+    """A Kubeflow Training Operator TFJob: ``workers`` Worker replicas (worker 0 is the
+    chief under MultiWorkerMirroredStrategy); the operator sets TF_CONFIG as the local
+    launcher does. Its container must be named ``tensorflow``."""
+    template = training_pod_template(spec, settings, spec_json, container_name="tensorflow")
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "TFJob",
+        "metadata": _meta(spec.name, settings),
+        "spec": {
+            "runPolicy": {
+                "cleanPodPolicy": "None",
+                "backoffLimit": 0,
+                "activeDeadlineSeconds": int(spec.timeout_seconds),
+            },
+            "tfReplicaSpecs": {"Worker": {"replicas": spec.workers, "restartPolicy": "OnFailure",
+                                          "template": template}},  # fmt: skip
+        },
+    }
+
+
+TRAINJOB_NODE = "node"  # the replicated job and container name of Trainer's torch runtimes
+
+
+def trainjob(spec: TrainingSpec, settings: AdaptersSettings) -> dict[str, Any]:
+    """A Kubeflow Trainer v2 TrainJob on a ClusterTrainingRuntime (``torch-distributed``):
+    ``workers`` nodes of one process each; torchrun reads the PET_* variables the
+    runtime sets and gives each worker the RANK/WORLD_SIZE/MASTER_* the local launcher
+    does. The models volume is added with a runtime patch."""
+    pod = training_pod_template(spec, settings)["spec"]
+    container = pod["containers"][0]
+    command = list(spec.command) if spec.command else []
+    if not command and spec.entrypoint:
+        command = ["torchrun", "--module", "meshserve.adapters.worker", spec.entrypoint]
+    trainer: dict[str, Any] = {"image": container["image"], "numNodes": spec.workers, "numProcPerNode": 1,
+                               "env": container["env"]}  # fmt: skip
+    if command:
+        trainer["command"] = command
+    patch = {"template": {"spec": {"template": {"spec": {
+        "volumes": pod["volumes"],
+        "containers": [{"name": TRAINJOB_NODE, "volumeMounts": container["volumeMounts"]}],
+    }}}}}  # fmt: skip
+    return {
+        "apiVersion": "trainer.kubeflow.org/v1alpha1",
+        "kind": "TrainJob",
+        "metadata": _meta(spec.name, settings),
+        "spec": {
+            "runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
+                           "name": spec.kubeflow.runtime},  # fmt: skip
+            "activeDeadlineSeconds": int(spec.timeout_seconds),
+            "trainer": trainer,
+            "runtimePatches": [{"manager": "meshserve.io/adapters", "trainingRuntimeSpec": {"template": {"spec": {
+                "replicatedJobs": [{"name": TRAINJOB_NODE, **patch}]}}}}],  # fmt: skip
+        },
+    }
+
+
+def training_job(spec: TrainingSpec, settings: AdaptersSettings) -> dict[str, Any]:
+    """The spec's Kubeflow resource: a TFJob for tensorflow; a PyTorchJob, or a TrainJob when
+    ``kubeflow.api`` says so, for pytorch."""
+    if spec.framework == "tensorflow":
+        return tfjob(spec, settings)
+    return trainjob(spec, settings) if spec.kubeflow.api == "TrainJob" else pytorchjob(spec, settings)
+
+
 def _feasible(p: Any) -> dict[str, Any]:
     fs = p.feasibleSpace
     if p.parameterType == "categorical":
@@ -102,7 +169,8 @@ def katib_experiment(spec: ExperimentSpec, settings: AdaptersSettings) -> dict[s
     from meshserve.adapters.tuning import sample_values, substitute
 
     sample = TrainingSpec.model_validate(substitute(doc, sample_values(spec)))
-    job = pytorchjob(sample, settings, spec_json=json.dumps(doc, separators=(",", ":")))
+    kubeflow_job = tfjob if sample.framework == "tensorflow" else pytorchjob
+    job = kubeflow_job(sample, settings, spec_json=json.dumps(doc, separators=(",", ":")))
     job["metadata"] = {"labels": dict(MANAGED)}
     objective: dict[str, Any] = {"type": spec.objective.type, "objectiveMetricName": spec.objective.objectiveMetricName}
     if spec.objective.goal is not None:
@@ -128,7 +196,9 @@ def katib_experiment(spec: ExperimentSpec, settings: AdaptersSettings) -> dict[s
                 for p in spec.parameters
             ],
             "trialTemplate": {
-                "primaryContainerName": spec.trialTemplate.primaryContainerName,
+                # A TFJob's container is named tensorflow (the template's default names pytorch's).
+                "primaryContainerName": "tensorflow" if sample.framework == "tensorflow"
+                and spec.trialTemplate.primaryContainerName == "pytorch" else spec.trialTemplate.primaryContainerName,
                 "successCondition": 'status.conditions.#(type=="Succeeded")#|#(status=="True")#',
                 "failureCondition": 'status.conditions.#(type=="Failed")#|#(status=="True")#',
                 "trialParameters": [
@@ -183,6 +253,20 @@ def _step_template(step: StepSpec, settings: AdaptersSettings, cache_store: str 
         window = step.freshness.window_seconds if step.freshness else 3600
         t["container"] = container(["python", "-m", "meshserve.adapters.steps", "check-freshness",
                                     "--store", str(store), "--window-seconds", f"{window:g}"])  # fmt: skip
+    elif step.kind == "train" and step.train is not None and step.train.kubeflow.api == "TrainJob":
+        t["resource"] = _create_resource(
+            trainjob(step.train, settings),
+            step.train.name,
+            success="status.conditions.#(type==\"Complete\").status == True",
+            failure="status.conditions.#(type==\"Failed\").status == True",
+        )
+    elif step.kind == "train" and step.train is not None and step.train.framework == "tensorflow":
+        t["resource"] = _create_resource(
+            tfjob(step.train, settings),
+            step.train.name,
+            success="status.replicaStatuses.Worker.succeeded > 0",
+            failure="status.replicaStatuses.Worker.failed > 0",
+        )
     elif step.kind == "train":
         assert step.train is not None
         t["resource"] = _create_resource(
@@ -199,10 +283,50 @@ def _step_template(step: StepSpec, settings: AdaptersSettings, cache_store: str 
             success="status.trialsSucceeded > 0",
             failure="status.trialsFailed > " + str(step.tune.maxFailedTrialCount),
         )
+    elif step.kind == "package":  # the model on the shared volume, pushed; stdout: its digest reference
+        image = step.image if ":" in str(step.image).rsplit("/", 1)[-1] else f"{step.image}:{{{{workflow.name}}}}"
+        cmd = ["meshserve", "modelcar", "build", f"{MODELS_MOUNT}/{step.model}", "--tag", str(image),
+               "--kserve-compat", "--quiet", *(["--insecure"] if settings.registry_insecure else [])]  # fmt: skip
+        t["container"] = {**container(cmd), "volumeMounts": [{"name": "models", "mountPath": MODELS_MOUNT}]}
+    elif step.kind == "deploy" and step.uri is not None:  # by digest: a KServe InferenceService
+        manifest = inference_service(str(step.model), step.uri, step.model_format, settings)
+        manifest["metadata"].pop("namespace")
+        t["resource"] = {
+            "action": "apply",
+            "manifest": yaml.safe_dump(manifest, sort_keys=False),
+            "successCondition": "status.modelStatus.states.activeModelState == Loaded",
+            "failureCondition": "status.modelStatus.states.activeModelState == FailedToLoad",
+        }
     elif step.kind == "deploy":
         t["container"] = container(["python", "-m", "meshserve.adapters.steps", "deploy", "--server",
                                     settings.server_url, "--model", str(step.model)])  # fmt: skip
     return t
+
+
+def kube_name(model: str) -> str:
+    """A model name as a DNS-1123 label (an InferenceService's name)."""
+    name = "".join(c if c.isalnum() else "-" for c in model.lower()).strip("-")[:63].strip("-")
+    return name or "model"
+
+
+def inference_service(model: str, uri: str, model_format: str, settings: AdaptersSettings) -> dict[str, Any]:
+    """A KServe InferenceService that serves the modelcar ``uri`` (oci://...@sha256:) with
+    meshserve's ServingRuntime (deploy/kserve): KServe mounts the image's /models."""
+    return {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": _meta(kube_name(model), settings),
+        "spec": {
+            "predictor": {
+                "model": {
+                    "modelFormat": {"name": model_format},
+                    "runtime": "meshserve",
+                    "protocolVersion": "v2",
+                    "storageUri": uri,
+                }
+            }
+        },
+    }
 
 
 def argo_workflow(spec: WorkflowSpec, settings: AdaptersSettings) -> dict[str, Any]:
@@ -215,7 +339,7 @@ def argo_workflow(spec: WorkflowSpec, settings: AdaptersSettings) -> dict[str, A
         if s.when:
             task["when"] = s.when
         tasks.append(task)
-    return {
+    wf = {
         "apiVersion": "argoproj.io/v1alpha1",
         "kind": "Workflow",
         "metadata": _meta(spec.name, settings, generate=True),
@@ -227,6 +351,9 @@ def argo_workflow(spec: WorkflowSpec, settings: AdaptersSettings) -> dict[str, A
                           *(_step_template(s, settings, settings.cache_store) for s in spec.steps)],
         },
     }  # fmt: skip
+    if any(s.kind == "package" for s in spec.steps):  # it reads the trained model from the shared volume
+        wf["spec"]["volumes"] = [{"name": "models", "persistentVolumeClaim": {"claimName": MODELS_PVC}}]
+    return wf
 
 
 def event_source(trigger: TriggerSpec, settings: AdaptersSettings) -> dict[str, Any]:

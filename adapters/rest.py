@@ -1,10 +1,9 @@
-"""REST routes under /v1/adapters/..., mounted into the server's FastAPI app."""
+"""REST routes under /v1/adapters/..., served by the adapters sidecar (adapters/sidecar.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -12,7 +11,6 @@ from fastapi.responses import PlainTextResponse, Response
 from meshserve.adapters import events, render
 from meshserve.adapters.errors import parse
 from meshserve.adapters.manager import Manager
-from meshserve.adapters.settings import AdaptersSettings
 from meshserve.adapters.specs import ExperimentSpec, TrainingSpec, TriggerSpec, WorkflowSpec
 from meshserve.adapters.training import live_log
 from meshserve.protocol.errors import InvalidInput, ModelNotFound
@@ -33,13 +31,6 @@ async def _body(request: Request) -> dict[str, Any]:
     return loads_object(body)
 
 
-def settings_for(server_settings: Any) -> AdaptersSettings:
-    """Environment (MESHSERVE_ADAPTERS_*) over the server settings' adapters_config."""
-    from_env = AdaptersSettings()
-    env_values = {k: getattr(from_env, k) for k in from_env.model_fields_set}
-    return AdaptersSettings(**{**(getattr(server_settings, "adapters_config", None) or {}), **env_values})
-
-
 def check_experiment(spec: ExperimentSpec) -> None:
     """The trial template must make a valid training spec (400 now, not a failed trial later)."""
     from meshserve.adapters.tuning import sample_values, substitute
@@ -51,19 +42,6 @@ def check_workflow(spec: WorkflowSpec) -> None:
     for step in spec.steps:
         if step.tune is not None:
             check_experiment(step.tune)
-
-
-def mount(app: FastAPI, dataplane: Any) -> Manager:
-    """Add the adapters' routes to ``app``; trained models load through ``dataplane``."""
-    settings = settings_for(dataplane.settings)
-
-    async def registrar(name: str, path: Path, config: dict[str, Any]) -> None:
-        await dataplane.load_model(name, config)
-
-    manager = Manager(settings, registrar, model_dir=dataplane.settings.model_dir)
-    manager.register_metrics(dataplane.metrics)
-    add_routes(app, manager)
-    return manager
 
 
 async def _submit_kube(manager: Manager, resources: list[dict[str, Any]]) -> Response:
@@ -94,12 +72,12 @@ def add_routes(app: FastAPI, manager: Manager) -> None:
     async def submit_training(request: Request) -> Response:
         spec = parse(TrainingSpec, await _body(request))
         if spec.target == "kubernetes":
-            return await _submit_kube(manager, [render.pytorchjob(spec, s)])
+            return await _submit_kube(manager, [render.training_job(spec, s)])
         return _json(manager.submit_training(spec).to_dict(), 201)
 
-    @app.post(f"{PREFIX}/training/render", summary="A training spec as a Kubeflow PyTorchJob")
+    @app.post(f"{PREFIX}/training/render", summary="A training spec as a Kubeflow PyTorchJob or TrainJob")
     async def render_training(request: Request) -> Response:
-        return _json(render.pytorchjob(parse(TrainingSpec, await _body(request)), s))
+        return _json(render.training_job(parse(TrainingSpec, await _body(request)), s))
 
     # -- tuning ---------------------------------------------------------------
     @app.post(f"{PREFIX}/tuning/experiments", summary="Start a tuning experiment", status_code=201)
@@ -145,10 +123,12 @@ def add_routes(app: FastAPI, manager: Manager) -> None:
     async def job_logs(job_id: str) -> Response:
         job = job_or_404(job_id)
         job_dir = manager.job_dir(job.id)
-        if job.kind == "workflow":
-            parts = [f"===== step {p.stem} =====\n" + p.read_text(errors="replace")
-                     for p in sorted((job_dir / "steps").glob("*.log"))]  # fmt: skip
-            text = "".join(parts)
+        if job.kind == "workflow":  # steps in the order they ran
+            steps = (job.result or {}).get("steps") or {}
+            order = {name: (rec.get("started") or float("inf"), i) for i, (name, rec) in enumerate(steps.items())}
+            files = sorted((job_dir / "steps").glob("*.log"), key=lambda p: (order.get(p.stem, (float("inf"), 0)),
+                                                                           p.stem))  # fmt: skip
+            text = "".join(f"===== step {p.stem} =====\n" + p.read_text(errors="replace") for p in files)
         elif job.kind == "tuning":
             trials = sorted(manager.store.list(parent=job.id, limit=1000), key=lambda j: j.created)
             text = "".join(f"===== trial {t.name} ({t.id}, {t.state}) =====\n" + live_log(manager.job_dir(t.id))

@@ -40,3 +40,20 @@ class AdaptersSettings(BaseSettings):
     # service a rendered deploy step calls.
     webhook_url: str = "https://meshserve.example.com"
     server_url: str = "http://meshserve:8080"
+
+    # The sidecar process (``meshserve adapters``): where it listens, the token(s) its
+    # clients must send (a non-loopback bind needs one), and the model server it drives
+    # through its public API (repository load/unload/index, infer).
+    host: str = "127.0.0.1"
+    port: int = Field(default=9090, ge=0, le=65535)
+    auth_token: SecretStr | None = None
+    auth_token_file: Path | None = None
+    model_server_url: str = "http://127.0.0.1:8080"
+    model_server_token: SecretStr | None = None
+    model_server_verify: bool = True  # TLS certificate check of model_server_url
+    # Resume training jobs a restart interrupted from their last checkpoint (jobs may opt out).
+    resume: bool = True
+    # The package step: push modelcars to this registry over plain http (a loopback registry).
+    registry_insecure: bool = False
+    registry_username: str | None = None
+    registry_password: SecretStr | None = None

@@ -33,6 +33,15 @@ class ModelOutput(Strict):
     serve: bool = True  # register it in the mesh on success
 
 
+class KubeflowSpec(Strict):
+    """Which Kubeflow API a training job renders to: the Training Operator's ``PyTorchJob``
+    (kubeflow.org/v1) or Trainer v2's ``TrainJob`` (trainer.kubeflow.org/v1alpha1) on the
+    named ClusterTrainingRuntime."""
+
+    api: Literal["PyTorchJob", "TrainJob"] = "PyTorchJob"
+    runtime: str = Field(default="torch-distributed", pattern=NAME)
+
+
 class TrainingSpec(Strict):
     """One distributed training job.
 
@@ -52,6 +61,12 @@ class TrainingSpec(Strict):
     env: dict[str, str] = {}
     timeout_seconds: float = Field(default=3600, gt=0)
     target: Literal["local", "kubernetes"] = "local"
+    # Interrupted by a restart, the job starts again from its last checkpoint (if it saved one).
+    resume: bool = True
+    kubeflow: KubeflowSpec = KubeflowSpec()
+    # pytorch: torchrun's environment, a PyTorchJob/TrainJob; tensorflow: TF_CONFIG per
+    # worker (MultiWorkerMirroredStrategy), a TFJob.
+    framework: Literal["pytorch", "tensorflow"] = "pytorch"
 
     @field_validator("entrypoint")
     @classmethod
@@ -66,6 +81,8 @@ class TrainingSpec(Strict):
             raise ValueError("give an 'entrypoint' (module:function or script.py) or an 'image'")
         if self.target == "local" and self.entrypoint is None:
             raise ValueError("'entrypoint' is required to run locally (an image runs only on kubernetes)")
+        if self.framework == "tensorflow" and self.kubeflow.api == "TrainJob":
+            raise ValueError("kubeflow.api: Trainer v2 has no TensorFlow runtime; a tensorflow job renders a TFJob")
         if self.data.shard == "file" and self.data.files and len(self.data.files) < self.workers:
             raise ValueError(f"data.files: {len(self.data.files)} file(s) cannot feed {self.workers} workers by file")
         return self
@@ -165,7 +182,10 @@ class ExperimentSpec(Strict):
 
 # -- workflows --------------------------------------------------------------------
 
-STEP_KINDS = ("command", "ingest", "check-freshness", "train", "tune", "evaluate", "deploy")
+STEP_KINDS = ("command", "ingest", "check-freshness", "train", "tune", "evaluate", "package", "deploy")
+IMAGE = re.compile(r"^oci://[^/@\s]+/[^@\s]+$")  # oci://registry/repository[:tag], no digest
+PINNED = re.compile(r"^oci://[^/@\s]+/[^@\s]+@sha256:[0-9a-f]{64}$")
+RESULT = re.compile(r"^\{\{tasks\.(?P<step>[a-z0-9][a-z0-9\-]*)\.outputs\.result\}\}$")
 WHEN = re.compile(r"^\s*(?P<left>\S+)\s*(?P<op>==|!=)\s*(?P<right>\S+)\s*$")
 
 
@@ -176,7 +196,9 @@ class Freshness(Strict):
 
 class StepSpec(Strict):
     name: str = Field(pattern=NAME)
-    kind: Literal["command", "ingest", "check-freshness", "train", "tune", "evaluate", "deploy"] = "command"
+    kind: Literal["command", "ingest", "check-freshness", "train", "tune", "evaluate", "package", "deploy"] = (
+        "command"
+    )
     command: list[str] | None = None
     depends: list[str] = []
     # Argo's form: "{{tasks.check.outputs.result}} == stale"
@@ -188,7 +210,15 @@ class StepSpec(Strict):
     freshness: Freshness | None = None
     train: TrainingSpec | None = None
     tune: ExperimentSpec | None = None
-    model: str | None = Field(default=None, pattern=MODEL_NAME)  # deploy: the model to (re)load
+    model: str | None = Field(default=None, pattern=MODEL_NAME)  # package, deploy: the model
+    # package: push the model as a modelcar to this oci://registry/repository[:tag] (default
+    # tag: the workflow job's id); the step's result is its oci://...@sha256: reference.
+    image: str | None = None
+    # deploy: load the model from this oci://...@sha256: reference, or a package step's
+    # result ("{{tasks.NAME.outputs.result}}"); without it, reload the model's folder.
+    uri: str | None = None
+    # deploy, rendered: the KServe modelFormat of the InferenceService (meshserve's runtime serves it).
+    model_format: str = Field(default="pytorch", pattern=r"^[a-z0-9][a-z0-9\-]*$")
 
     @field_validator("when")
     @classmethod
@@ -197,12 +227,33 @@ class StepSpec(Strict):
             raise ValueError("must read 'LEFT == RIGHT' or 'LEFT != RIGHT'")
         return v
 
+    @field_validator("image")
+    @classmethod
+    def _image(cls, v: str | None) -> str | None:
+        if v is not None and not IMAGE.match(v):
+            raise ValueError("must read oci://registry/repository[:tag] (the digest comes from the push)")
+        return v
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        if v is not None and not (PINNED.match(v) or RESULT.match(v)):
+            raise ValueError("must be oci://registry/repository@sha256:<digest> or {{tasks.NAME.outputs.result}}")
+        return v
+
     @model_validator(mode="after")
     def _fields_for_kind(self) -> StepSpec:
-        need = {"command": "command", "evaluate": "command", "train": "train", "tune": "tune", "deploy": "model"}
+        need = {"command": "command", "evaluate": "command", "train": "train", "tune": "tune", "deploy": "model",
+                "package": "model"}  # fmt: skip
         field = need.get(self.kind)
         if field and getattr(self, field) is None:
             raise ValueError(f"a {self.kind!r} step needs '{field}'")
+        if self.kind == "package" and self.image is None:
+            raise ValueError("a 'package' step needs 'image' (oci://registry/repository[:tag])")
+        if self.image is not None and self.kind != "package":
+            raise ValueError("'image' belongs to a 'package' step")
+        if self.uri is not None and self.kind != "deploy":
+            raise ValueError("'uri' belongs to a 'deploy' step")
         if self.kind == "ingest" and self.command is None:
             raise ValueError("an 'ingest' step needs 'command'")
         return self
@@ -223,6 +274,9 @@ class WorkflowSpec(Strict):
             for d in s.depends:
                 if d not in known:
                     raise ValueError(f"steps.{s.name}.depends: unknown step {d!r}")
+            ref = RESULT.match(s.uri or "")
+            if ref and ref["step"] not in s.depends:
+                raise ValueError(f"steps.{s.name}.uri: the step must depend on {ref['step']!r}, whose result it uses")
         order(self)  # raises on a cycle
         return self
 

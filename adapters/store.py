@@ -1,8 +1,8 @@
 """Jobs persisted in sqlite, so they survive a server restart.
 
-A job that was queued or running when its server died cannot be picked up where it
-stopped (its worker processes died with the server): on start the store marks it
-failed with the reason, and its logs stay readable.
+A job that was queued or running when its process died lost its worker processes: on
+start a training job that checkpointed resumes from its last checkpoint (Manager.recover);
+the others are marked failed with the reason, and their logs stay readable.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,11 +131,20 @@ class JobStore:
             rows = self._db.execute("SELECT kind, state, COUNT(*) FROM jobs GROUP BY kind, state").fetchall()
         return {(k, s): n for k, s, n in rows}
 
-    def fail_interrupted(self) -> list[str]:
-        """Mark the jobs a dead server left queued or running as failed; their ids."""
+    def interrupted(self) -> list[Job]:
+        """Jobs a stopped process left queued or running, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE state IN ('queued', 'running') ORDER BY created"
+            ).fetchall()
+        return [self._row(r) for r in rows]
+
+    def fail_interrupted(self, exclude: Collection[str] = ()) -> list[str]:
+        """Mark the jobs a dead server left queued or running as failed (but ``exclude``); their ids."""
         now = time.time()
         with self._lock:
             rows = self._db.execute("SELECT id, state FROM jobs WHERE state IN ('queued', 'running')").fetchall()
+            rows = [r for r in rows if r[0] not in exclude]
             for job_id, state in rows:
                 self._db.execute(
                     "UPDATE jobs SET state='failed', finished=?, error=? WHERE id=?",

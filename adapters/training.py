@@ -1,7 +1,9 @@
 """The embedded training engine: N worker processes on this machine, torchrun-style.
 
 Each worker gets torchrun's environment (MASTER_ADDR=127.0.0.1, a free MASTER_PORT,
-RANK, WORLD_SIZE, LOCAL_RANK), the job's spec file and an output folder. When one
+RANK, WORLD_SIZE, LOCAL_RANK), with ``framework: tensorflow`` also TF_CONFIG (every
+worker's own 127.0.0.1 port, as a TFJob's operator sets it), the job's spec file and an
+output folder. When one
 worker exits non-zero the others are killed (their process groups) and the job fails
 with that worker's log; no worker outlives its job or its server.
 """
@@ -70,15 +72,28 @@ async def _kill(procs: list[asyncio.subprocess.Process]) -> None:
             await asyncio.wait_for(p.wait(), 10)
 
 
-async def run_training(spec: TrainingSpec, job_dir: Path) -> dict[str, Any]:
-    """Run the workers; return {"metrics", "output_dir"}. Raises TrainingFailed."""
+def latest_checkpoint(job_dir: Path) -> Path | None:
+    """The newest checkpoint a job's workers saved (``*.tmp`` files are partial writes)."""
+    folder = job_dir / "checkpoints"
+    if not folder.is_dir():
+        return None
+    found = [p for p in folder.iterdir() if p.is_file() and not p.name.endswith(".tmp")]
+    return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name), default=None)
+
+
+async def run_training(spec: TrainingSpec, job_dir: Path, resume_from: Path | None = None) -> dict[str, Any]:
+    """Run the workers (from ``resume_from``, a checkpoint, when given); return
+    {"metrics", "output_dir"}. Raises TrainingFailed."""
     job_dir.mkdir(parents=True, exist_ok=True)
     out = job_dir / "output"
     out.mkdir(exist_ok=True)
+    (job_dir / "job.log").unlink(missing_ok=True)  # a resumed run's log grows from the ranks' logs
     spec_file = job_dir / "spec.json"
     spec_file.write_text(spec.model_dump_json(indent=2))
     metrics_file = job_dir / "metrics.json"
     port = free_port()
+    # TensorFlow: every worker's own address, in TF_CONFIG (MultiWorkerMirroredStrategy).
+    tf_cluster = [f"127.0.0.1:{free_port()}" for _ in range(spec.workers)] if spec.framework == "tensorflow" else []
     procs: list[asyncio.subprocess.Process] = []
     logs: list[Path] = []
     try:
@@ -91,10 +106,14 @@ async def run_training(spec: TrainingSpec, job_dir: Path) -> dict[str, Any]:
                 "MESHSERVE_METRICS_FILE": str(metrics_file), "MESHSERVE_JOB_DIR": str(job_dir),
                 "MESHSERVE_CHECKPOINT_DIR": str(job_dir / "checkpoints"),
                 "OMP_NUM_THREADS": "1", "MESHSERVE_PARENT_PID": str(os.getpid()),
+                **({"MESHSERVE_RESUME_FROM": str(resume_from)} if resume_from is not None else {}),
             }  # fmt: skip
+            if tf_cluster:
+                env["TF_CONFIG"] = json.dumps({"cluster": {"worker": tf_cluster},
+                                               "task": {"type": "worker", "index": rank}})  # fmt: skip
             log_path = job_dir / f"rank-{rank}.log"
             logs.append(log_path)
-            with open(log_path, "wb") as log:
+            with open(log_path, "ab" if resume_from is not None else "wb") as log:
                 procs.append(
                     await asyncio.create_subprocess_exec(
                         *worker_command(spec), stdin=asyncio.subprocess.DEVNULL, stdout=log,

@@ -18,12 +18,22 @@ from pathlib import Path
 from typing import Any
 
 
+def _tf_config() -> dict[str, Any]:
+    text = os.environ.get("TF_CONFIG")
+    return json.loads(text) if text else {}
+
+
 def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    """RANK (torchrun, PyTorchJob), else the worker's index in TF_CONFIG (TFJob)."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    return int((_tf_config().get("task") or {}).get("index", 0))
 
 
 def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return len((_tf_config().get("cluster") or {}).get("worker") or []) or 1
 
 
 def spec() -> dict[str, Any]:
@@ -64,6 +74,23 @@ def checkpoint_dir() -> Path:
     path = Path(os.environ.get("MESHSERVE_CHECKPOINT_DIR", "checkpoints"))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def resume_from() -> Path | None:
+    """The checkpoint to resume from when the job restarts after an interruption, else None.
+    A trainer that checkpoints per epoch loads it and runs only the epochs left."""
+    path = os.environ.get("MESHSERVE_RESUME_FROM")
+    return Path(path) if path else None
+
+
+def save_checkpoint(write: Any, name: str) -> Path:
+    """Write a checkpoint atomically: ``write(path)`` fills a temporary file, which is then
+    renamed, so a kill mid-write never leaves a partial checkpoint to resume from."""
+    final = checkpoint_dir() / name
+    tmp = final.with_name(final.name + ".tmp")
+    write(tmp)
+    tmp.replace(final)
+    return final
 
 
 def init_distributed(backend: str = "gloo", timeout_seconds: float = 120) -> Any:

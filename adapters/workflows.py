@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from meshserve.adapters.freshness import CacheStore, check
-from meshserve.adapters.specs import WHEN, StepSpec, WorkflowSpec
+from meshserve.adapters.specs import PINNED, RESULT, WHEN, StepSpec, WorkflowSpec
 from meshserve.adapters.store import Job
 
 RESULT_REF = "{{tasks.%s.outputs.result}}"
@@ -76,7 +76,8 @@ async def _child_job(manager: Any, child: Job, what: str, log: Any) -> tuple[Job
     return child, done
 
 
-async def run_step(manager: Any, job: Job, step: StepSpec, log: Any, env: dict[str, str], cwd: Path) -> str:
+async def run_step(manager: Any, job: Job, step: StepSpec, log: Any, env: dict[str, str], cwd: Path,
+                   results: dict[str, str] | None = None) -> str:  # fmt: skip
     if step.kind in ("command", "evaluate"):
         return await _command(step, log, env, cwd)
     if step.kind == "ingest":
@@ -105,19 +106,58 @@ async def run_step(manager: Any, job: Job, step: StepSpec, log: Any, env: dict[s
         assert step.tune is not None
         child, done = await _child_job(manager, manager.submit_experiment(step.tune, parent=job.id), "tuning", log)
         return str(done.result.get("model") or child.id)
-    if step.kind == "deploy":
-        assert step.model is not None
+    if step.kind == "package":
+        assert step.model is not None and step.image is not None
+        from meshserve.adapters.modelcar import push_modelcar
+
         path = manager.model_dir / step.model
         if not path.is_dir():
             raise StepFailed(f"no model {step.model!r} in {manager.model_dir}")
-        if manager.registrar is not None:
+        tagged = ":" in step.image.rsplit("/", 1)[-1]
+        image = step.image if tagged else f"{step.image}:{job.id}"
+        try:
+            pinned = await asyncio.to_thread(push_modelcar, path, image, manager.settings)
+        except Exception as e:  # registry refused or unreachable: the step fails with why
+            raise StepFailed(f"pushing {image}: {getattr(e, 'message', None) or e}") from None
+        log.write(f"pushed {image} as {pinned}\n".encode())
+        return pinned
+    if step.kind == "deploy":
+        assert step.model is not None
+        uri = step.uri
+        ref = RESULT.match(uri or "")
+        if ref:
+            uri = (results or {}).get(ref["step"], "")
+            if not PINNED.match(uri):
+                raise StepFailed(f"step {ref['step']!r} gave {uri!r}, not an oci://...@sha256: reference")
+        if uri is not None:  # by digest: the server pulls the modelcar (--repository-uris any)
+            config: dict[str, Any] = {"name": step.model, "uri": uri}
+            path = None
+        else:
+            path = manager.model_dir / step.model
+            if not path.is_dir():
+                raise StepFailed(f"no model {step.model!r} in {manager.model_dir}")
             import orjson
 
             doc = orjson.loads((path / "model-settings.json").read_bytes())
-            await manager.registrar(step.model, path, {**doc, "name": step.model, "uri": str(path.resolve())})
-        log.write(f"deployed {step.model}\n".encode())
+            config = {**doc, "name": step.model, "uri": str(path.resolve())}
+        if manager.registrar is not None:
+            from meshserve.adapters.modelserver import ModelServerError
+
+            try:
+                await manager.registrar(step.model, path, config)
+            except ModelServerError as e:
+                raise StepFailed(str(e)) from None
+        log.write(f"deployed {step.model}{f' from {uri}' if uri else ''}\n".encode())
         return step.model
     raise StepFailed(f"unknown step kind {step.kind!r}")
+
+
+def server_env(settings: Any) -> dict[str, str]:
+    """Where an evaluate step reaches the model server (its infer), and with which token."""
+    env = {"MESHSERVE_MODEL_SERVER_URL": settings.model_server_url}
+    if settings.model_server_token is not None:
+        env["MESHSERVE_MODEL_SERVER_TOKEN"] = settings.model_server_token.get_secret_value()
+    return env
 
 
 async def run_workflow(manager: Any, job: Job, spec: WorkflowSpec, job_dir: Path,
@@ -145,8 +185,8 @@ async def run_workflow(manager: Any, job: Job, spec: WorkflowSpec, job_dir: Path
             if step.when and not evaluate_when(step.when, results):
                 rec.update(state="skipped", reason=f"when: {step.when}")
                 return
-            env = {**os.environ, "MESHSERVE_WORKFLOW": spec.name,
-                   "MESHSERVE_WORKFLOW_JOB": job.id, **event_env, **step.env}  # fmt: skip
+            env = {**os.environ, "MESHSERVE_WORKFLOW": spec.name, "MESHSERVE_WORKFLOW_JOB": job.id,
+                   **server_env(manager.settings), **event_env, **step.env}  # fmt: skip
             log_path = steps_dir / f"{step.name}.log"
             rec.update(state="running", log=str(log_path), started=time.time())
             save()
@@ -156,7 +196,7 @@ async def run_workflow(manager: Any, job: Job, spec: WorkflowSpec, job_dir: Path
                     log.write(f"--- {step.name} ({step.kind}) attempt {attempt + 1}\n".encode())
                     log.flush()
                     try:
-                        results[step.name] = await run_step(manager, job, step, log, env, job_dir)
+                        results[step.name] = await run_step(manager, job, step, log, env, job_dir, results)
                         rec.update(state="succeeded", result=results[step.name], finished=time.time())
                         return
                     except (StepFailed, asyncio.TimeoutError, OSError) as e:

@@ -22,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-request-bytes", type=int, help="largest request body accepted")
     s.add_argument("--max-bytes-elements", type=int, help="BYTES elements one infer request may hold (default 2**20)")
     s.add_argument("--adapters", action="store_const", const=True, help="training/tuning/workflow/event routes")
+    s.add_argument("--adapters-url", help="proxy /v1/adapters/* to this adapters sidecar (meshserve adapters)")
     s.add_argument("--capacity-bytes", type=int, help="bytes of models this pod may hold (default: 70%% of memory)")
     s.add_argument("--min-churn-age", type=float, help="seconds a used model is safe from eviction")
     s.add_argument("--capacity-wait", type=float, help="seconds a cold request waits for room before 503 (default 5)")
@@ -38,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     _remote_flags(p)
     from meshserve.adapters.cli import add_parsers
 
-    add_parsers(sub)  # train, tune, workflow
+    add_parsers(sub)  # train, tune, workflow, adapters (the sidecar)
     b = sub.add_parser("modelcar", help="build and push KServe modelcar images")
     bsub = b.add_subparsers(dest="modelcar_command", required=True)
     build = bsub.add_parser("build", help="build a modelcar image from a model directory and push it")
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_request_bytes=args.max_request_bytes,
                 max_bytes_elements=args.max_bytes_elements,
                 adapters=args.adapters,
+                adapters_url=args.adapters_url,
                 log_level=args.log_level,
                 capacity_bytes=args.capacity_bytes,
                 min_churn_age_seconds=args.min_churn_age,
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     from meshserve.protocol.errors import InferenceError
 
     try:
-        if args.command in ("train", "tune", "workflow"):
+        if args.command in ("train", "tune", "workflow", "adapters"):
             from meshserve.adapters.cli import run_command
 
             return run_command(args)

@@ -184,13 +184,22 @@ def serve(settings: Settings | None = None, router: Router | None = None) -> Non
         uvloop.install()
     except ImportError:
         pass
-    if settings.workers > 1 and router is None:
-        from meshserve.server.workers import supervise
+    with contextlib.ExitStack() as stack:
+        if settings.adapters and not settings.adapters_url and router is None:
+            from meshserve.adapters.child import sidecar_child
 
-        raise SystemExit(supervise(settings))
-    try:
-        asyncio.run(run(settings, router=router))
-        tracing.shutdown()
-    except OSError as e:
-        log.error("%s", e)
-        raise SystemExit(1) from None
+            try:  # one sidecar for the whole process (every worker proxies to it)
+                settings = stack.enter_context(sidecar_child(settings))
+            except OSError as e:
+                log.error("%s", e)
+                raise SystemExit(1) from None
+        if settings.workers > 1 and router is None:
+            from meshserve.server.workers import supervise
+
+            raise SystemExit(supervise(settings))
+        try:
+            asyncio.run(run(settings, router=router))
+            tracing.shutdown()
+        except OSError as e:
+            log.error("%s", e)
+            raise SystemExit(1) from None

@@ -178,6 +178,8 @@ def check_startup(settings: Settings) -> None:
         needs.append("--repository-code (repository loads may name code)")
     if settings.adapters:
         needs.append("--adapters (its routes start training, tuning and workflow commands)")
+    elif settings.adapters_url:
+        needs.append("--adapters-url (the adapters it proxies to start training, tuning and workflow commands)")
     if needs:
         raise ValueError(
             f"{'; '.join(needs)}: needs an auth token (--auth-token-file, or MESHSERVE_AUTH_TOKEN) so that "

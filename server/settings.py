@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     # adapters_config (a mapping) or MESHSERVE_ADAPTERS_* variables.
     adapters: bool = False
     adapters_config: dict[str, Any] = {}
+    # An adapters sidecar (``meshserve adapters``) to proxy /v1/adapters/* to; --adapters
+    # starts one as a child and sets this.
+    adapters_url: str | None = None
     server_name: str = "meshserve"
     # Production (README "Production"): logs, auth, TLS, timeouts, CORS, workers, tracing.
     log_format: Literal["text", "json"] = "text"

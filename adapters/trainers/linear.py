@@ -2,22 +2,26 @@
 
 CSV columns: ``id`` (a row identifier), the features, and ``y`` last. Hyper-
 parameters: ``lr`` (0.05), ``epochs`` (5), ``batch_size`` (16), ``seed`` (0),
-``dump_dir`` (write per-rank row ids and weights after the first step, for checks).
-Rank 0 saves a checkpoint per epoch, then the model (a state dict of ``torch.nn.Linear``)
-and model-settings.json;
-every rank reports the all-reduced mean loss.
+``dump_dir`` (write per-rank row ids and weights after the first step, for checks),
+``epoch_seconds`` (a pause per epoch, to interrupt a demo).
+Rank 0 saves a checkpoint per epoch (a restarted job resumes from the last one), then
+the model (a state dict of ``torch.nn.Linear``) and model-settings.json; every rank
+reports the all-reduced mean loss.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 
 from meshserve.adapters import worker
 
 
-def _read(files: list[str], rank: int, world: int, by_row: bool) -> tuple[list[str], list[list[float]], list[float]]:
+def read_rows(
+    files: list[str], rank: int, world: int, by_row: bool
+) -> tuple[list[str], list[list[float]], list[float]]:
     ids: list[str] = []
     xs: list[list[float]] = []
     ys: list[float] = []
@@ -45,7 +49,7 @@ def train() -> int:
     hp = worker.hyperparameters()
     torch.manual_seed(int(hp.get("seed", 0)))
     torch.set_num_threads(1)
-    ids, xs, ys = _read(worker.partition(), rank, world, worker.row_shard())
+    ids, xs, ys = read_rows(worker.partition(), rank, world, worker.row_shard())
     if not xs:
         raise SystemExit(f"rank {rank}: no data in my partition")
     x = torch.tensor(xs, dtype=torch.float32)
@@ -66,7 +70,15 @@ def train() -> int:
         names = [n for n, _ in inner.named_parameters()]
         local_grad = {n: g.flatten().tolist() for n, g in zip(names, grads, strict=True)}
         before = {n: p.detach().flatten().tolist() for n, p in inner.named_parameters()}
-    for epoch in range(int(hp.get("epochs", 5))):
+    start = 0
+    checkpoint = worker.resume_from()
+    if checkpoint is not None:  # a restart interrupted this job: carry on from its last epoch
+        state = torch.load(checkpoint, weights_only=True)
+        model.module.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = int(state["epoch"]) + 1
+        print(f"resumed from {checkpoint.name}: epochs {start}..", flush=True)
+    for epoch in range(start, int(hp.get("epochs", 5))):
         for s in range(int(steps)):
             opt.zero_grad()
             loss = loss_fn(model(x[s * bs : (s + 1) * bs]), y[s * bs : (s + 1) * bs])
@@ -80,12 +92,15 @@ def train() -> int:
                 (Path(dump) / f"rank-{rank}.json").write_text(json.dumps(doc))
         if rank == 0:  # every rank holds the same weights: one checkpoint per epoch
             state = {"epoch": epoch, "model": model.module.state_dict(), "optimizer": opt.state_dict()}
-            torch.save(state, worker.checkpoint_dir() / f"epoch-{epoch}.pt")
+            worker.save_checkpoint(lambda p, state=state: torch.save(state, p), f"epoch-{epoch}.pt")
+        print(f"epoch={epoch}", flush=True)
+        if hp.get("epoch_seconds"):  # slows a demo or a test down enough to interrupt it
+            time.sleep(float(hp["epoch_seconds"]))
     with torch.no_grad():
         total = torch.tensor([float(loss_fn(model(x), y)) * len(xs), float(len(xs))])
     dist.all_reduce(total)
     mse = float(total[0] / total[1])
-    worker.report(loss=mse, rmse=mse**0.5)
+    worker.report(loss=mse, rmse=mse**0.5, epochs_run=int(hp.get("epochs", 5)) - start)
     if rank == 0:
         out = worker.output_dir()
         # A state dict (loaded with weights_only) and the class to build: no pickled code.

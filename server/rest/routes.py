@@ -58,10 +58,10 @@ def build_api(dp: DataPlane) -> FastAPI:
         log.exception("unhandled error")
         return error_response(500, "internal server error")
 
-    if dp.settings.adapters:  # training, tuning, workflows, events under /v1/adapters
-        from meshserve.adapters.rest import mount
+    if dp.settings.adapters_url:  # training, tuning, workflows, events: proxied to the adapters sidecar
+        from meshserve.adapters.proxy import mount_proxy
 
-        mount(app, dp)
+        mount_proxy(app, dp.settings.adapters_url, dp.metrics)
 
     @app.get("/v2", summary="Server metadata")
     async def server_metadata() -> Response:

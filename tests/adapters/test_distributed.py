@@ -87,3 +87,27 @@ def test_rank0_saved_a_servable_model_and_metrics(trained):
     assert torch.equal(last["model"]["weight"], saved["weight"])
     log = (Path(job["log_path"])).read_text()
     assert "===== rank 0 =====" in log and "===== rank 1 =====" in log and "loss=" in log
+
+
+def test_the_linear_trainer_resumes_from_its_last_epoch_checkpoint(trained):
+    """The checkpoints the 3-epoch job left hold model and optimizer state: a 5-epoch run
+    resumed from epoch-2.pt runs only epochs 3 and 4, on both ranks."""
+    import asyncio
+
+    from meshserve.adapters.specs import TrainingSpec
+    from meshserve.adapters.training import latest_checkpoint, run_training
+
+    base, files, job = trained
+    job_dir = base / "st" / "jobs" / job["id"]
+    checkpoint = latest_checkpoint(job_dir)
+    assert checkpoint is not None and checkpoint.name == "epoch-2.pt"
+    assert sorted(p.name for p in (job_dir / "checkpoints").iterdir()) == ["epoch-0.pt", "epoch-1.pt", "epoch-2.pt"]
+    spec = TrainingSpec.model_validate({
+        "name": "linear", "entrypoint": "meshserve.adapters.trainers.linear:train", "workers": 2,
+        "data": {"files": files}, "hyperparameters": {"lr": 0.1, "epochs": 5, "batch_size": 8},
+        "model": {"name": "linear"}, "timeout_seconds": 120})  # fmt: skip
+    result = asyncio.run(run_training(spec, base / "resumed", resume_from=checkpoint))
+    assert result["metrics"]["epochs_run"] == 2.0
+    log = (base / "resumed" / "job.log").read_text()
+    assert log.count("resumed from epoch-2.pt") == 2 and "epoch=0" not in log
+    assert log.count("epoch=3") == 2 and log.count("epoch=4") == 2

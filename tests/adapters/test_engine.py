@@ -323,7 +323,7 @@ def test_a_model_folder_not_made_by_training_is_never_replaced(tmp_path):
 
 def test_row_and_file_sharding_give_disjoint_covering_partitions(tmp_path, monkeypatch):
     from meshserve.adapters import worker
-    from meshserve.adapters.trainers.linear import _read
+    from meshserve.adapters.trainers.linear import read_rows
 
     from tests.adapters.helpers import write_partitions
 
@@ -337,7 +337,7 @@ def test_row_and_file_sharding_give_disjoint_covering_partitions(tmp_path, monke
         ids = []
         for rank in range(3):
             monkeypatch.setenv("RANK", str(rank))
-            ids.append(set(_read(worker.partition(), rank, 3, worker.row_shard())[0]))
+            ids.append(set(read_rows(worker.partition(), rank, 3, worker.row_shard())[0]))
         assert all(len(a) == 10 for a in ids) and set.union(*ids) == {f"p{p}-r{i}" for p in range(3) for i in range(10)}
         assert not (ids[0] & ids[1]) and not (ids[1] & ids[2]) and not (ids[0] & ids[2])
         seen[shard] = ids

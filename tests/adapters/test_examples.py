@@ -58,6 +58,8 @@ def test_the_specs_parse_and_name_the_example_data():
 def test_every_example_renders_to_a_valid_resource():
     job = render("train", "train.yaml")
     assert job["kind"] == "PyTorchJob" and errors("pytorchjob.yaml", job) == []
+    tf_job = render("train", "train-tf.yaml")
+    assert tf_job["kind"] == "TFJob" and errors("tfjob.yaml", tf_job) == []
     assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1  # master + 1 worker = 2
     exp = render("tune", "experiment.yaml")
     assert exp["kind"] == "Experiment" and errors("katib-experiment.yaml", exp) == []

@@ -25,7 +25,9 @@ from meshserve.adapters.settings import AdaptersSettings
 from meshserve.adapters.specs import ExperimentSpec, TrainingSpec, TriggerSpec, WorkflowSpec
 
 SCHEMAS = Path(__file__).parent / "schemas"
-SETTINGS = AdaptersSettings(namespace="ml", image="registry.example.com/meshserve:1.0", cache_store="etcd://etcd:2379/data")
+SETTINGS = AdaptersSettings(
+    namespace="ml", image="registry.example.com/meshserve:1.0", cache_store="etcd://etcd:2379/data"
+)
 
 TRAIN = {
     "name": "linear", "entrypoint": "meshserve.adapters.trainers.linear:train", "workers": 3,
@@ -123,6 +125,45 @@ def test_pytorchjob_matches_the_crd_schema(rendered):
     bad["spec"]["runPolicy"]["backoffLimit"] = "zero"
     found = errors("pytorchjob.yaml", bad)
     assert any("'replica' was unexpected" in e for e in found) and any("backoffLimit" in e for e in found)
+
+
+def test_trainjob_matches_the_trainer_v2_crd_schema():
+    spec = TrainingSpec.model_validate({**TRAIN, "kubeflow": {"api": "TrainJob"}})
+    job = render.training_job(spec, SETTINGS)
+    assert job["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and job["kind"] == "TrainJob"
+    assert errors("trainjob.yaml", job) == []
+    assert job["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
+                                         "name": "torch-distributed"}  # fmt: skip
+    trainer = job["spec"]["trainer"]
+    assert trainer["numNodes"] == 3 and trainer["numProcPerNode"] == 1
+    assert trainer["command"] == ["torchrun", "--module", "meshserve.adapters.worker", TRAIN["entrypoint"]]
+    env = {e["name"]: e["value"] for e in trainer["env"]}
+    assert env["MESHSERVE_OUTPUT_DIR"] == "/mnt/models/linear" and env["OMP_NUM_THREADS"] == "2"
+    (patch,) = job["spec"]["runtimePatches"]
+    (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    pod = node["template"]["spec"]["template"]["spec"]
+    assert pod["volumes"] == [{"name": "models", "persistentVolumeClaim": {"claimName": "meshserve-models"}}]
+    assert pod["containers"] == [{"name": "node", "volumeMounts": [{"name": "models", "mountPath": "/mnt/models"}]}]
+    # The schema is strict: a misspelt field or a wrong type fails; PyTorchJob stays the default.
+    bad = copy.deepcopy(job)
+    bad["spec"]["trainer"]["numNode"] = 3
+    bad["spec"]["runtimeRef"]["name"] = ""
+    found = errors("trainjob.yaml", bad)
+    assert any("'numNode' was unexpected" in e for e in found) and any("runtimeRef/name" in e for e in found)
+    assert render.training_job(TrainingSpec.model_validate(TRAIN), SETTINGS)["kind"] == "PyTorchJob"
+    from meshserve.adapters.kube import KubeClient
+
+    path = KubeClient("https://k", None, True).path_for(job, "ml")
+    assert path == "/apis/trainer.kubeflow.org/v1alpha1/namespaces/ml/trainjobs"
+    # In a rendered workflow, the train step creates the TrainJob and waits on its conditions.
+    wf = render.argo_workflow(
+        WorkflowSpec.model_validate(
+            {"steps": [{"name": "train", "kind": "train", "train": {**TRAIN, "kubeflow": {"api": "TrainJob"}}}]}
+        ),
+        SETTINGS,
+    )
+    manifest = yaml.safe_load(wf["spec"]["templates"][1]["resource"]["manifest"])
+    assert manifest["kind"] == "TrainJob" and errors("trainjob.yaml", {**manifest, "metadata": {}}) == []
 
 
 def test_katib_experiment_matches_katib_types_and_its_trial_is_a_pytorchjob(rendered):
