@@ -45,11 +45,11 @@ from pathlib import Path
 from typing import Any
 
 from meshserve.protocol.errors import CapacityExhausted, ModelExecutionError, ModelLoadError
-from meshserve.server.llm.params import check_params
+from meshserve.server.llm.api_params import check_params
 from meshserve.server.llm.prompts import adds_special_tokens, apply_chat_template, check_token_ids
 from meshserve.server.llm.sequence import EngineStats, GenerationStream, Sequence
 from meshserve.server.llm.text import Detokenizer
-from meshserve.server.llm.types import GenerationChunk, SamplingParams
+from meshserve.server.llm.types import GenerationChunk, SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -318,34 +318,51 @@ class TransformersEngine:
             if new:
                 for seq in new:
                     self._prepare(seq)
-                width = max(len(s.prompt_ids) for s in new)
-                ids = torch.full((len(new), width), self.pad_id, dtype=torch.long)
-                mask = torch.zeros((len(new), width), dtype=torch.long)
-                for i, s in enumerate(new):
-                    n = len(s.prompt_ids)
-                    ids[i, width - n :] = torch.tensor(s.prompt_ids)
-                    mask[i, width - n :] = 1
-                ids, mask = ids.to(self.device), mask.to(self.device)
-                pos = (mask.cumsum(-1) - 1).clamp_(min=0)
-                cache = self._new_cache()
-                logits = self._forward(ids, mask, pos, cache)
-                self.counters.prompt_tokens += sum(len(s.prompt_ids) for s in new)
-                self._emit(new, logits, out)
-                self._join(new, cache, mask)
+                # Prompt logprobs need every position's logits: those rows get a prefill of their own.
+                scored = [s for s in new if s.params.prompt_logprobs is not None]
+                for group in ([s for s in new if s.params.prompt_logprobs is None], scored):
+                    if group:
+                        self._prefill(group, out, keep_all=group is scored)
             self._drop_finished()
         self.counters.steps += 1
         return out
 
+    def _prefill(self, new: list[Sequence], out: list[tuple[Sequence, GenerationChunk]], keep_all: bool) -> None:
+        """One forward over the new prompts (left-padded together); their rows join the batch."""
+        torch = self._torch
+        width = max(len(s.prompt_ids) for s in new)
+        ids = torch.full((len(new), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(new), width), dtype=torch.long)
+        for i, s in enumerate(new):
+            n = len(s.prompt_ids)
+            ids[i, width - n :] = torch.tensor(s.prompt_ids)
+            mask[i, width - n :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp_(min=0)
+        cache = self._new_cache()
+        logits = self._forward(ids, mask, pos, cache, keep_all)
+        if keep_all:
+            for i, s in enumerate(new):
+                n = len(s.prompt_ids)
+                lps = logits[i, width - n : width - 1].float().log_softmax(-1)
+                k = s.params.prompt_logprobs or 0
+                s.prompt_lps = [None] + [_logprob(torch, lps[j], s.prompt_ids[j + 1], k) for j in range(n - 1)]
+            logits = logits[:, -1, :]
+        self.counters.prompt_tokens += sum(len(s.prompt_ids) for s in new)
+        self._emit(new, logits, out)
+        self._join(new, cache, mask)
+
     def _new_cache(self) -> Any:
         return self._cache_cls(config=self.model.config) if self._cache_takes_config else self._cache_cls()
 
-    def _forward(self, ids: Any, mask: Any, pos: Any, cache: Any) -> Any:
+    def _forward(self, ids: Any, mask: Any, pos: Any, cache: Any, keep_all: bool = False) -> Any:
+        """The last position's logits ``[rows, vocab]``; with ``keep_all`` every position's ``[rows, T, vocab]``."""
         kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, self._cache_arg: cache,
                   "use_cache": True}  # fmt: skip
-        if self._keep_arg:
+        if self._keep_arg and not keep_all:
             kwargs[self._keep_arg] = 1
         logits = self.model(**kwargs).logits
-        return logits[:, -1, :]
+        return logits if keep_all else logits[:, -1, :]
 
     def _prepare(self, seq: Sequence) -> None:
         torch = self._torch
@@ -359,76 +376,112 @@ class TransformersEngine:
             seq.generator = gen
         if p.repetition_penalty != 1.0:
             seq.seen = set(seq.prompt_ids)
+        if p.presence_penalty or p.frequency_penalty:
+            seq.counts = {}
+        seq.stop_ids = frozenset(t for t in p.stop_token_ids if t < self.vocab_size)
+        if p.min_tokens > 0:
+            masked = sorted(t for t in (self.eos_ids | seq.stop_ids) if t < self.vocab_size)
+            if masked:
+                seq.min_mask = torch.tensor(masked, device=self.device)
         seq.detok = Detokenizer(self._decode, seq.prompt_ids)
 
-    def _sample(self, seqs: list[Sequence], logits: Any) -> list[int]:
+    def _sample(self, seqs: list[Sequence], logits: Any) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Each row's next token and, where asked, its logprob entry (of the raw distribution, as vLLM's)."""
         torch = self._torch
         chosen = logits.argmax(dim=-1).tolist()
+        lps: list[TokenLogprob | None] = [None] * len(seqs)
         for i, seq in enumerate(seqs):
             p = seq.params
-            if p.temperature == 0 and p.repetition_penalty == 1.0:
-                continue
-            row = logits[i].float()
-            if p.repetition_penalty != 1.0:
-                idx = torch.tensor(sorted(seq.seen), device=row.device)
-                vals = row.index_select(0, idx)
-                row = row.index_copy(
-                    0, idx, torch.where(vals < 0, vals * p.repetition_penalty, vals / p.repetition_penalty)
-                )
-            if p.temperature == 0:
-                chosen[i] = int(row.argmax())
-                continue
-            row = row / p.temperature
-            if 0 < p.top_k < row.shape[0]:
-                kth = torch.topk(row, p.top_k).values[-1]
-                row = row.masked_fill(row < kth, float("-inf"))
-            if p.top_p < 1.0:
-                ordered, order = torch.sort(row, descending=True)
-                probs = ordered.softmax(-1)
-                drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest prefix reaching top_p
-                row = row.index_fill(0, order[drop], float("-inf"))
-            probs = row.softmax(-1)
-            chosen[i] = int(torch.multinomial(probs, 1, generator=seq.generator))
-        return chosen
+            masking = seq.min_mask is not None and len(seq.tokens) < p.min_tokens
+            plain = p.temperature == 0 and p.repetition_penalty == 1.0 and not seq.counts and not masking
+            if not plain:
+                chosen[i] = self._pick(seq, logits[i].float(), masking)
+            if p.logprobs is not None:
+                lps[i] = _logprob(torch, logits[i].float().log_softmax(-1), chosen[i], p.logprobs)
+        return chosen, lps
+
+    def _pick(self, seq: Sequence, row: Any, masking: bool) -> int:
+        """One token after penalties, the min_tokens mask, temperature, top-k and top-p."""
+        torch = self._torch
+        p = seq.params
+        if p.repetition_penalty != 1.0:
+            idx = torch.tensor(sorted(seq.seen), device=row.device)
+            vals = row.index_select(0, idx)
+            row = row.index_copy(
+                0, idx, torch.where(vals < 0, vals * p.repetition_penalty, vals / p.repetition_penalty)
+            )
+        if seq.counts:  # OpenAI: logit - count * frequency_penalty - (count > 0) * presence_penalty
+            idx = torch.tensor(list(seq.counts), device=row.device)
+            counts = torch.tensor(list(seq.counts.values()), dtype=row.dtype, device=row.device)
+            row = row.index_add(0, idx, -(counts * p.frequency_penalty + p.presence_penalty))
+        if masking:
+            row = row.index_fill(0, seq.min_mask, float("-inf"))
+        if p.temperature == 0:
+            return int(row.argmax())
+        row = row / p.temperature
+        if 0 < p.top_k < row.shape[0]:
+            kth = torch.topk(row, p.top_k).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        if p.top_p < 1.0:
+            ordered, order = torch.sort(row, descending=True)
+            probs = ordered.softmax(-1)
+            drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest prefix reaching top_p
+            row = row.index_fill(0, order[drop], float("-inf"))
+        probs = row.softmax(-1)
+        return int(torch.multinomial(probs, 1, generator=seq.generator))
 
     def _emit(self, seqs: list[Sequence], logits: Any, out: list[tuple[Sequence, GenerationChunk]]) -> None:
-        chosen = self._sample(seqs, logits)
+        chosen, lps = self._sample(seqs, logits)
         now = time.perf_counter()
         obs = self.observer
         self.counters.generation_tokens += len(seqs)
-        for seq, tok in zip(seqs, chosen, strict=True):
+        for seq, tok, lp in zip(seqs, chosen, lps, strict=True):
             if seq.finished:  # aborted while the step ran: its token is dropped with it
                 continue
+            p = seq.params
             seq.tokens.append(tok)
             seq.last = tok
             seq.pos += 1
             seq.budget -= 1
             if seq.seen is not None:
                 seq.seen.add(tok)
+            if seq.counts is not None:
+                seq.counts[tok] = seq.counts.get(tok, 0) + 1
             if seq.first_token_at == 0.0:
                 seq.first_token_at = now
                 if obs is not None:
                     obs.on_first_token(now - seq.arrival)
             seq.last_token_at = now
             reason = None
-            if tok in self.eos_ids and not seq.params.ignore_eos:
-                text, reason = seq.detok.flush(), "stop"
+            early = len(seq.tokens) <= p.min_tokens  # no stop string ends it before min_tokens
+            if (tok in self.eos_ids and not p.ignore_eos) or tok in seq.stop_ids:
+                text, reason = seq.detok.flush(), "stop"  # the stop token's own text is not sent
                 text, hit = seq.stops.feed(text)
                 text += "" if hit else seq.stops.flush()
             else:
-                text, hit = seq.stops.feed(seq.detok.add(tok))
+                text, hit = seq.detok.add(tok), False
+                if not early:
+                    text, hit = seq.stops.feed(text)
                 if hit:
                     reason = "stop"
                 elif seq.budget <= 0:
-                    tail, hit = seq.stops.feed(seq.detok.flush())
-                    text += tail + ("" if hit else seq.stops.flush())
+                    tail = seq.detok.flush()
+                    if not early:
+                        tail, hit = seq.stops.feed(tail)
+                        tail += "" if hit else seq.stops.flush()
+                    text += tail
                     reason = "stop" if hit else "length"
             if reason is not None:
                 seq.finished = True
                 self.counters.requests_finished += 1
                 if obs is not None:
                     obs.on_finish(len(seq.prompt_ids), len(seq.tokens), now - seq.arrival)
-            out.append((seq, GenerationChunk(text, [tok], reason, len(seq.prompt_ids), len(seq.tokens))))
+            chunk = GenerationChunk(text, [tok], reason, len(seq.prompt_ids), len(seq.tokens))
+            if lp is not None:
+                chunk.logprobs = [lp]
+            if seq.prompt_lps is not None:
+                chunk.prompt_logprobs, seq.prompt_lps = seq.prompt_lps, None
+            out.append((seq, chunk))
 
     def _drop_finished(self) -> None:
         rows = self._rows
@@ -474,6 +527,15 @@ class TransformersEngine:
             mine.keys = torch.cat([pad(mine.keys, (0, 0, pad_old, 0)), pad(theirs.keys, (0, 0, pad_new, 0))], 0)
             mine.values = torch.cat([pad(mine.values, (0, 0, pad_old, 0)), pad(theirs.values, (0, 0, pad_new, 0))], 0)
         self._rows = self._rows + joined
+
+
+def _logprob(torch: Any, logprobs: Any, token: int, k: int) -> TokenLogprob:
+    """``token``'s entry in one position's log-softmax row, with the ``k`` most likely tokens."""
+    top: list[tuple[int, float]] = []
+    if k:
+        values, ids = torch.topk(logprobs, min(k, logprobs.shape[0]))
+        top = list(zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprob(token, float(logprobs[token]), top)
 
 
 def _positive(p: dict[str, Any], key: str, default: int, zero_ok: bool = False) -> int:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from meshserve.protocol.errors import CapacityExhausted, ModelExecutionError, ModelLoadError
-from meshserve.server.llm.params import check_params
+from meshserve.server.llm.api_params import check_params
 from meshserve.server.llm.prompts import adds_special_tokens, apply_chat_template, check_token_ids
 from meshserve.server.llm.types import GenerationChunk, SamplingParams
 
