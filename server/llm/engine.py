@@ -85,6 +85,7 @@ class TransformersEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._stopping = False
+        self._texts: dict[int, str] = {}  # token id -> its text (logprobs), decoded once
 
     # -- loading -------------------------------------------------------------
     def load(self) -> None:
@@ -346,7 +347,8 @@ class TransformersEngine:
                 n = len(s.prompt_ids)
                 lps = logits[i, width - n : width - 1].float().log_softmax(-1)
                 k = s.params.prompt_logprobs or 0
-                s.prompt_lps = [None] + [_logprob(torch, lps[j], s.prompt_ids[j + 1], k) for j in range(n - 1)]
+                first = TokenLogprob(s.prompt_ids[0], self._token_text(s.prompt_ids[0]), None, [])
+                s.prompt_lps = [first] + [self._logprob(lps[j], s.prompt_ids[j + 1], k) for j in range(n - 1)]
             logits = logits[:, -1, :]
         self.counters.prompt_tokens += sum(len(s.prompt_ids) for s in new)
         self._emit(new, logits, out)
@@ -387,7 +389,6 @@ class TransformersEngine:
 
     def _sample(self, seqs: list[Sequence], logits: Any) -> tuple[list[int], list[TokenLogprob | None]]:
         """Each row's next token and, where asked, its logprob entry (of the raw distribution, as vLLM's)."""
-        torch = self._torch
         chosen = logits.argmax(dim=-1).tolist()
         lps: list[TokenLogprob | None] = [None] * len(seqs)
         for i, seq in enumerate(seqs):
@@ -397,8 +398,22 @@ class TransformersEngine:
             if not plain:
                 chosen[i] = self._pick(seq, logits[i].float(), masking)
             if p.logprobs is not None:
-                lps[i] = _logprob(torch, logits[i].float().log_softmax(-1), chosen[i], p.logprobs)
+                lps[i] = self._logprob(logits[i].float().log_softmax(-1), chosen[i], p.logprobs)
         return chosen, lps
+
+    def _logprob(self, logprobs: Any, token: int, k: int) -> TokenLogprob:
+        """``token``'s entry in one position's log-softmax row, with the ``k`` most likely tokens."""
+        top: list[tuple[int, str, float]] = []
+        if k:
+            values, ids = self._torch.topk(logprobs, min(k, logprobs.shape[0]))
+            top = [(i, self._token_text(i), v) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+        return TokenLogprob(token, self._token_text(token), float(logprobs[token]), top)
+
+    def _token_text(self, token: int) -> str:
+        text = self._texts.get(token)
+        if text is None:
+            text = self._texts[token] = self.tokenizer.decode([token])
+        return text
 
     def _pick(self, seq: Sequence, row: Any, masking: bool) -> int:
         """One token after penalties, the min_tokens mask, temperature, top-k and top-p."""
@@ -527,15 +542,6 @@ class TransformersEngine:
             mine.keys = torch.cat([pad(mine.keys, (0, 0, pad_old, 0)), pad(theirs.keys, (0, 0, pad_new, 0))], 0)
             mine.values = torch.cat([pad(mine.values, (0, 0, pad_old, 0)), pad(theirs.values, (0, 0, pad_new, 0))], 0)
         self._rows = self._rows + joined
-
-
-def _logprob(torch: Any, logprobs: Any, token: int, k: int) -> TokenLogprob:
-    """``token``'s entry in one position's log-softmax row, with the ``k`` most likely tokens."""
-    top: list[tuple[int, float]] = []
-    if k:
-        values, ids = torch.topk(logprobs, min(k, logprobs.shape[0]))
-        top = list(zip(ids.tolist(), values.tolist(), strict=True))
-    return TokenLogprob(token, float(logprobs[token]), top)
 
 
 def _positive(p: dict[str, Any], key: str, default: int, zero_ok: bool = False) -> int:

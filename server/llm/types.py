@@ -35,11 +35,13 @@ class SamplingParams:
 
 @dataclass(slots=True)
 class TokenLogprob:
-    """One token's log probability (of the model's raw distribution) and the ``top`` alternatives."""
+    """One token's log probability (of the model's raw distribution) and the ``top`` most likely
+    tokens, as (id, text, logprob). The first prompt token has no context: its ``logprob`` is None."""
 
     token_id: int
-    logprob: float
-    top: list[tuple[int, float]]
+    text: str
+    logprob: float | None
+    top: list[tuple[int, str, float]]
 
 
 @dataclass(slots=True)
@@ -71,6 +73,7 @@ class LLMEngine(Protocol):
 
     model_name: str
     max_model_len: int
+    tokenizer: Any  # a transformers tokenizer (echo of token-id prompts decodes with it)
     # Metrics hooks (meshserve.server.llm.metrics.Observer) or None: on_first_token(seconds),
     # on_step(seconds), on_finish(prompt_tokens, completion_tokens, seconds).
     observer: Any
