@@ -190,7 +190,8 @@ def test_chat_logprobs(client):
         assert len(entry.top_logprobs) == 2 and entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
         assert bytes(entry.bytes) == entry.token.encode()
     streamed = list(client.chat.completions.create(**args, stream=True, **GREEDY))
-    got = [e.logprob for ch in streamed if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    pieces = [ch.choices[0].logprobs.content for ch in streamed if ch.choices and ch.choices[0].logprobs]
+    got = [e.logprob for piece in pieces for e in piece]
     assert got == pytest.approx([e.logprob for e in content], abs=1e-6)
     plain = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=2, logprobs=False)
     assert plain.choices[0].logprobs is None
