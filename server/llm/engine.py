@@ -15,8 +15,12 @@ Iteration-level scheduling, as Orca and vLLM do it, on plain transformers:
   concatenating; rows leave by ``index_select``, and columns no row uses any more
   are trimmed off the left.
 * every sequence keeps its own sampling settings (its own ``torch.Generator`` when
-  seeded), stop strings, token budget and incremental detokenizer; finished rows
-  leave the batch in the same step.
+  seeded; repetition, presence and frequency penalties; EOS and ``stop_token_ids``
+  masked until ``min_tokens``), stop strings and stop tokens, token budget and
+  incremental detokenizer; finished rows leave the batch in the same step.
+* logprobs (when asked) are the raw log-softmax of the row's logits, before penalties
+  and temperature, as vLLM's; prompt logprobs need every position's logits, so those
+  prompts get a prefill forward of their own (the others keep only the last position).
 
 Greedy decoding under batching equals unbatched ``model.generate`` token for token
 (tested): masked columns contribute exact zeros, so only float summation order can
