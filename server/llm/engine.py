@@ -18,6 +18,9 @@ Iteration-level scheduling, as Orca and vLLM do it, on plain transformers:
   seeded; repetition, presence and frequency penalties; EOS and ``stop_token_ids``
   masked until ``min_tokens``), stop strings and stop tokens, token budget and
   incremental detokenizer; finished rows leave the batch in the same step.
+* chunked prefill: a prompt longer than ``max_prefill_chunk`` fills a KV cache of its own,
+  one chunk per step after that step's decode, so running sequences never stall behind it
+  for a whole long prefill; after its last chunk it samples its first token and joins.
 * logprobs (when asked) are the raw log-softmax of the row's logits, before penalties
   and temperature, as vLLM's; prompt logprobs need every position's logits, so those
   prompts get a prefill forward of their own (the others keep only the last position).
@@ -30,6 +33,8 @@ Settings (model ``parameters``): ``max_num_seqs`` (running batch, default 32),
 ``max_waiting`` (queued requests beyond the batch, default 256; then 503),
 ``max_model_len`` (default: the model's ``max_position_embeddings``),
 ``max_prefill_tokens`` (padded prompt tokens per prefill forward, default 4096),
+``max_prefill_chunk`` (a longer prompt is prefilled this many tokens per step, one such
+prompt at a time, while the running batch keeps decoding; default 512, 0: off),
 ``device`` (auto|cpu|cuda[:n]|mps), ``dtype`` (float32|float16|bfloat16),
 ``torch_threads`` (intra-op threads, process-wide; default: the cores less one).
 """
@@ -71,6 +76,7 @@ class TransformersEngine:
         self.max_num_seqs = _positive(p, "max_num_seqs", 32)
         self.max_waiting = _positive(p, "max_waiting", 256, zero_ok=True)
         self.max_prefill_tokens = _positive(p, "max_prefill_tokens", 4096)
+        self.max_prefill_chunk = _positive(p, "max_prefill_chunk", 512, zero_ok=True)
         self._max_model_len_setting = p.get("max_model_len")
         self._device_setting = str(p.get("device", "auto"))
         self._dtype_setting = p.get("dtype")
@@ -84,6 +90,10 @@ class TransformersEngine:
         self._rows: list[Sequence] = []  # the running batch, in KV-cache row order (worker thread)
         self._cache: Any = None
         self._mask: Any = None
+        # Chunked prefill: one long prompt at a time, a chunk per step, in a KV cache of its own.
+        self._chunking: Sequence | None = None
+        self._chunk_cache: Any = None
+        self._chunk_done = 0  # prompt tokens already in _chunk_cache
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -180,12 +190,13 @@ class TransformersEngine:
             executor, self._executor = self._executor, None
             await asyncio.to_thread(executor.shutdown, True)
         gone = ModelExecutionError(f"model {self.model_name!r} was unloaded")
-        for seq in [*self._waiting, *self._rows]:
+        for seq in [*self._waiting, *self._rows, *self._chunked()]:
             if not seq.finished:
                 seq.finished = True
                 seq.queue.put_nowait(gone)
         self._waiting.clear()
         self._rows = []
+        self._end_chunking()
         self._cache = self._mask = None
         self._sync_gauges()
         on_gpu = getattr(self, "device", None) is not None and self.device.type == "cuda"
@@ -211,7 +222,7 @@ class TransformersEngine:
             raise ModelExecutionError(f"model {self.model_name!r}: the engine is not running")
         ids = self.tokenize(prompt)
         check_params(params, self.max_model_len, len(ids))
-        running = sum(1 for s in self._rows if not s.finished)
+        running = self._running()
         if running + len(self._waiting) >= self.max_num_seqs + self.max_waiting:
             self.counters.rejected += 1
             raise CapacityExhausted(
@@ -252,20 +263,30 @@ class TransformersEngine:
         }
 
     def _sync_gauges(self) -> None:
-        self.counters.running = sum(1 for s in self._rows if not s.finished)
+        self.counters.running = self._running()
         self.counters.waiting = len(self._waiting)
+
+    def _running(self) -> int:
+        """Sequences holding a batch slot: the running rows and a prompt being prefilled in chunks."""
+        return sum(1 for s in [*self._rows, *self._chunked()] if not s.finished)
+
+    def _chunked(self) -> list[Sequence]:
+        return [] if self._chunking is None else [self._chunking]
+
+    def _end_chunking(self) -> None:
+        self._chunking, self._chunk_cache, self._chunk_done = None, None, 0
 
     # -- the scheduler -------------------------------------------------------
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         assert self._wake is not None
         while True:
-            if not self._rows and not self._waiting:
+            if not self._rows and not self._waiting and self._chunking is None:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             new = self._admit()
-            if not new and not any(not s.finished for s in self._rows) and not self._rows:
+            if not new and not self._rows and self._chunking is None:
                 continue
             try:
                 out = await loop.run_in_executor(self._executor, self._step, new)
@@ -274,11 +295,12 @@ class TransformersEngine:
             except Exception as e:  # a failed step fails its sequences; the engine keeps serving
                 log.exception("model %s: decoding step failed", self.model_name)
                 err = ModelExecutionError(f"model {self.model_name!r} failed: {type(e).__name__}: {e}")
-                for seq in [*self._rows, *new]:
+                for seq in [*self._rows, *new, *self._chunked()]:
                     if not seq.finished:
                         seq.finished = True
                         seq.queue.put_nowait(err)
                 self._rows, self._cache, self._mask = [], None, None
+                self._end_chunking()
                 self._sync_gauges()
                 continue
             for seq, chunk in out:
@@ -288,13 +310,22 @@ class TransformersEngine:
                 await asyncio.sleep(0)
 
     def _admit(self) -> list[Sequence]:
-        room = self.max_num_seqs - sum(1 for s in self._rows if not s.finished)
+        """The waiting sequences that join at this step, in arrival order. A prompt longer than
+        ``max_prefill_chunk`` becomes the one prefilled in chunks (when none is), so running
+        rows keep decoding meanwhile; the queue behind it waits for its turn."""
+        room = self.max_num_seqs - self._running()
         new: list[Sequence] = []
         longest = 0
         while self._waiting and len(new) < room:
             seq = self._waiting[0]
             if seq.finished:
                 self._waiting.popleft()
+                continue
+            if self.max_prefill_chunk and len(seq.prompt_ids) > self.max_prefill_chunk:
+                if self._chunking is not None:
+                    break
+                self._chunking = self._waiting.popleft()
+                room -= 1
                 continue
             longest2 = max(longest, len(seq.prompt_ids))
             if new and longest2 * (len(new) + 1) > self.max_prefill_tokens:
@@ -328,6 +359,8 @@ class TransformersEngine:
                 for group in ([s for s in new if s.params.prompt_logprobs is None], scored):
                     if group:
                         self._prefill(group, out, keep_all=group is scored)
+            if self._chunking is not None:
+                self._prefill_chunk(out)
             self._drop_finished()
         self.counters.steps += 1
         return out
@@ -357,6 +390,43 @@ class TransformersEngine:
         self.counters.prompt_tokens += sum(len(s.prompt_ids) for s in new)
         self._emit(new, logits, out)
         self._join(new, cache, mask)
+
+    def _prefill_chunk(self, out: list[tuple[Sequence, GenerationChunk]]) -> None:
+        """The next ``max_prefill_chunk`` tokens of the long prompt; after its last chunk, its
+        first token is sampled and it joins the running batch."""
+        torch = self._torch
+        seq = self._chunking
+        assert seq is not None
+        if seq.finished:  # aborted while waiting for its chunks
+            self._end_chunking()
+            return
+        n = len(seq.prompt_ids)
+        start = self._chunk_done
+        if start == 0:
+            self._prepare(seq)
+            self._chunk_cache = self._new_cache()
+        end = min(start + self.max_prefill_chunk, n)
+        ids = torch.tensor([seq.prompt_ids[start:end]], device=self.device)
+        mask = torch.ones((1, end), dtype=torch.long, device=self.device)
+        pos = torch.arange(start, end, device=self.device).unsqueeze(0)
+        k = seq.params.prompt_logprobs
+        logits = self._forward(ids, mask, pos, self._chunk_cache, keep_all=k is not None)
+        if k is not None:
+            lps = logits[0].float().log_softmax(-1)
+            if start == 0:
+                seq.prompt_lps = [TokenLogprob(seq.prompt_ids[0], self._token_text(seq.prompt_ids[0]), None, [])]
+            assert seq.prompt_lps is not None
+            seq.prompt_lps += [self._logprob(lps[j - start], seq.prompt_ids[j + 1], k) for j in range(start, end)
+                               if j + 1 < n]  # fmt: skip
+            logits = logits[:, -1, :]
+        self._chunk_done = end
+        if end < n:
+            return
+        cache = self._chunk_cache
+        self._end_chunking()
+        self.counters.prompt_tokens += n
+        self._emit([seq], logits, out)
+        self._join([seq], cache, mask)
 
     def _new_cache(self) -> Any:
         return self._cache_cls(config=self.model.config) if self._cache_takes_config else self._cache_cls()
