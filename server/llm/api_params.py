@@ -400,8 +400,6 @@ def openai_request(body: Mapping[str, Any], chat: bool) -> OpenAIRequest:
         if best_of is not None and _int("best_of", best_of, 1) != n:
             raise ParamError("best_of is not supported (only best_of equal to n)", "best_of")
         if s.max_tokens == 0:  # echo (checked above): score the prompt, generate nothing
-            if stream:
-                raise ParamError("'max_tokens' 0 (echo the prompt only) cannot be streamed", "max_tokens")
             req.echo_only = True
             s.max_tokens, s.min_tokens = 1, 0
     if len(req.prompts or [None]) * n > MAX_CHOICES:

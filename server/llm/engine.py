@@ -22,8 +22,8 @@ Iteration-level scheduling, as Orca and vLLM do it, on plain transformers:
   one chunk per step after that step's decode, so running sequences never stall behind it
   for a whole long prefill; after its last chunk it samples its first token and joins.
 * logprobs (when asked) are the raw log-softmax of the row's logits, before penalties
-  and temperature, as vLLM's; prompt logprobs need every position's logits, so those
-  prompts get a prefill forward of their own (the others keep only the last position).
+  and temperature, as vLLM's; prompt logprobs need every position's logits, so each
+  such prompt gets a prefill forward of its own (the others keep only the last position).
 
 Greedy decoding under batching equals unbatched ``model.generate`` token for token
 (tested): masked columns contribute exact zeros, so only float summation order can
@@ -354,11 +354,14 @@ class TransformersEngine:
             if new:
                 for seq in new:
                     self._prepare(seq)
-                # Prompt logprobs need every position's logits: those rows get a prefill of their own.
-                scored = [s for s in new if s.params.prompt_logprobs is not None]
-                for group in ([s for s in new if s.params.prompt_logprobs is None], scored):
-                    if group:
-                        self._prefill(group, out, keep_all=group is scored)
+                # Prompt logprobs need every position's logits ([T, vocab]): each such prompt gets a
+                # prefill of its own, so the logits held at once stay one prompt's (or one chunk's).
+                plain = [s for s in new if s.params.prompt_logprobs is None]
+                if plain:
+                    self._prefill(plain, out, keep_all=False)
+                for seq in new:
+                    if seq.params.prompt_logprobs is not None:
+                        self._prefill([seq], out, keep_all=True)
             if self._chunking is not None:
                 self._prefill_chunk(out)
             self._drop_finished()

@@ -213,6 +213,11 @@ async def _completion_events(
     try:
         async for i, chunk in merged_chunks(gens):
             last[i] = chunk
+            if req.echo_only:  # the prompt and its logprobs; the token made to score it is not sent
+                logprobs = None if req.logprobs is None else offsets[i].build(list(chunk.prompt_logprobs or []))
+                choice = {"index": i, "text": echoes[i], "logprobs": logprobs, "finish_reason": "length"}
+                yield sse_event({**head, "choices": [choice], **usage_field})
+                continue
             text, echoes[i] = echoes[i] + chunk.text, ""
             logprobs = None
             if req.logprobs is not None:
@@ -224,7 +229,8 @@ async def _completion_events(
             yield sse_event({**head, "choices": [choice], **usage_field})
         if req.include_usage:
             ends = [last[i] for i in range(len(gens))]
-            usage = _usage(sum(c.prompt_tokens for c in ends[:: req.n]), sum(c.completion_tokens for c in ends))
+            completion = 0 if req.echo_only else sum(c.completion_tokens for c in ends)
+            usage = _usage(sum(c.prompt_tokens for c in ends[:: req.n]), completion)
             yield sse_event({**head, "choices": [], "usage": usage})
     except Exception as e:
         status, body = error_body(e)

@@ -178,6 +178,12 @@ def test_echo_with_prompt_logprobs_and_no_generation(client, ref):
         assert r.usage.completion_tokens == max_tokens
     text = client.completions.create(model="tiny-llama", prompt=PROMPT, echo=True, max_tokens=0, logprobs=0)
     assert text.choices[0].text == PROMPT and text.choices[0].finish_reason == "length"
+    scoring = {"echo": True, "max_tokens": 0, "logprobs": 1, "stream": True, "stream_options": {"include_usage": True}}
+    streamed = list(client.completions.create(model="tiny-llama", prompt=[ids, ids[:4]], **scoring))
+    by_index = {ch.choices[0].index: ch.choices[0] for ch in streamed if ch.choices}
+    assert by_index[0].logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    assert len(by_index[1].logprobs.tokens) == 4 and by_index[1].finish_reason == "length"
+    assert streamed[-1].usage.completion_tokens == 0 and streamed[-1].usage.prompt_tokens == len(ids) + 4
 
 
 def test_chat_logprobs(client):
@@ -214,7 +220,6 @@ def test_chat_logprobs(client):
         ({"seed": -1}, "seed", ">= 0"),
         ({"best_of": 3}, "best_of", "best_of"),
         ({"max_tokens": 0}, "max_tokens", ">= 1"),
-        ({"max_tokens": 0, "echo": True, "stream": True}, "max_tokens", "streamed"),
         ({"suffix": "x"}, "suffix", "not supported"),
         ({"extra_body": {"mirostat": 1}}, "mirostat", "unknown request parameter 'mirostat'"),
     ],
