@@ -16,7 +16,6 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from meshserve.protocol.errors import InferenceError, ModelNotFound
-from meshserve.protocol.rest_codec import loads_object
 from meshserve.server.llm.api_params import OpenAIRequest, ParamError, openai_request
 from meshserve.server.llm.logprobs import CompletionLogprobs, chat_logprobs
 from meshserve.server.llm.request_stats import OPENAI, RequestStats
@@ -30,6 +29,7 @@ from meshserve.server.llm.service import (
     is_llm,
     merged_chunks,
     request_id,
+    request_object,
     start_all,
 )
 from meshserve.server.llm.sse import GenerationResponse, sse_event
@@ -103,7 +103,7 @@ def build_openai_router(dp: DataPlane) -> APIRouter:
         request: Request, chat: bool, stats: RequestStats
     ) -> tuple[OpenAIRequest, list[Generation], str, list[str]]:
         """Every choice started (prompt-major: choice ``p * n + j``), and each one's echo."""
-        body = loads_object(await request.body())
+        body = await request_object(request)  # decoded once: the front may have done it
         stats.model(body.get("model", ""))  # before the checks, so their 400s count under the model
         req = openai_request(body, chat)
         rid = request_id("chatcmpl" if chat else "cmpl")

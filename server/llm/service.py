@@ -35,6 +35,19 @@ Prompt = str | list[int]
 Build = Callable[[LLMEngine, Sampling | None], tuple[Prompt, SamplingParams]]
 
 
+PARSED_BODY = "meshserve.json"  # ASGI scope key: the body's JSON object, when the front decoded it
+
+
+async def request_object(request: Any) -> dict[str, Any]:
+    """The request's JSON object: the one the front decoded to route it, else the body's."""
+    doc = request.scope.get(PARSED_BODY)
+    if doc is not None:
+        return doc
+    from meshserve.protocol.rest_codec import loads_object
+
+    return loads_object(await request.body())
+
+
 def request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 

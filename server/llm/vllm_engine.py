@@ -204,6 +204,8 @@ class VLLMStream:
             chunk.prompt_logprobs = [
                 _entry(t, d, self._params.prompt_logprobs) for t, d in zip(self._ids, prompt_lps, strict=False)
             ]
+            if chunk.prompt_logprobs and not chunk.prompt_logprobs[0].text:  # vLLM gives the first token nothing
+                chunk.prompt_logprobs[0].text = owner.tokenizer.decode([self._ids[0]])
         return chunk
 
     async def aclose(self) -> None:
