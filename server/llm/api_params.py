@@ -316,6 +316,7 @@ class OpenAIRequest:
     n: int = 1
     logprobs: int | None = None  # top logprobs per token (completions' logprobs, chat's top_logprobs)
     echo_only: bool = False  # completions with echo and max_tokens 0: the prompt (and its logprobs) only
+    echoes: list[str] = field(default_factory=list)  # per choice, filled as the choices start
 
     def choice_params(self, params: SamplingParams, choice: int) -> SamplingParams:
         """One choice's engine parameters: its own seed (``seed + choice``, as vLLM's

@@ -99,16 +99,14 @@ def build_openai_router(dp: DataPlane) -> APIRouter:
             return error_response(ModelNotFound(f"the model {model_id!r} does not exist"))
         return _json(model_card(entry))
 
-    async def start(
-        request: Request, chat: bool, stats: RequestStats
-    ) -> tuple[OpenAIRequest, list[Generation], str, list[str]]:
-        """Every choice started (prompt-major: choice ``p * n + j``), and each one's echo."""
+    async def start(request: Request, chat: bool, stats: RequestStats) -> tuple[OpenAIRequest, list[Generation], str]:
         body = await request_object(request)  # decoded once: the front may have done it
         stats.model(body.get("model", ""))  # before the checks, so their 400s count under the model
         req = openai_request(body, chat)
         rid = request_id("chatcmpl" if chat else "cmpl")
+        # Every choice started, prompt-major (choice p * n + j); req.echoes gets each one's echo.
         prompts: list[Any] = [None] if chat else req.prompts
-        echoes = [""] * (len(prompts) * req.n)
+        echoes = req.echoes = [""] * (len(prompts) * req.n)
 
         def build(index: int, prompt: Any, choice: int):
             def bound(engine, defaults):
@@ -130,13 +128,14 @@ def build_openai_router(dp: DataPlane) -> APIRouter:
             for i, p in enumerate(prompts)
             for j in range(req.n)
         ]
-        return req, await start_all(starts), rid, echoes
+        return req, await start_all(starts), rid
 
     @router.post("/completions", summary="Text completion")
     async def completions(request: Request) -> Response:
         stats = RequestStats(dp, OPENAI)
         try:
-            req, gens, rid, echoes = await start(request, False, stats)
+            req, gens, rid = await start(request, False, stats)
+            echoes = req.echoes
             head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": req.model}
             if req.stream:
                 return GenerationResponse(_completion_events(gens, head, req, echoes, stats), gens, stats)
@@ -161,7 +160,7 @@ def build_openai_router(dp: DataPlane) -> APIRouter:
     async def chat_completions(request: Request) -> Response:
         stats = RequestStats(dp, OPENAI)
         try:
-            req, gens, rid, _ = await start(request, True, stats)
+            req, gens, rid = await start(request, True, stats)
             head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": req.model}
             if req.stream:
                 events = _chat_events(gens, {**head, "object": "chat.completion.chunk"}, req, stats)
