@@ -10,9 +10,9 @@
     python loadtests/llm_bench.py --vllm-python /work/venv-vllm/bin/python
 
 At each concurrency level (1, 4, 16 streams) every stream sends ``--per-stream``
-requests back to back (at least one); each asks for ``--max-tokens`` tokens with
-``ignore_eos`` (greedy), so every system generates the same number of tokens. Reports
-output tokens/s and TTFT p50/p99 per system and level, then the ratios at the highest
+requests back to back (at least one); each asks for exactly ``--max-tokens`` tokens
+(``min_tokens`` = ``max_tokens`` and ``ignore_eos``, greedy), so every system generates
+the same number of tokens. Reports output tokens/s and TTFT p50/p99 per system and level, then the ratios at the highest
 level. Systems run one after another, each with the machine to itself; the load
 generator shares the cores: compare ratios from one run, not absolute numbers.
 The model is tests/llm/tiny_llama.py's "small" variant (random weights, ~4 M params).
@@ -58,8 +58,8 @@ def percentile(values: list[float], q: float) -> float:
 # -- an OpenAI streaming client ---------------------------------------------------------
 async def stream_completion(session: aiohttp.ClientSession, url: str, i: int, max_tokens: int) -> tuple[float, int]:
     """(TTFT seconds, completion tokens) for one streamed /v1/completions request."""
-    body = {"model": MODEL, "prompt": prompt(i), "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {"model": MODEL, "prompt": prompt(i), "max_tokens": max_tokens, "min_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     started = time.perf_counter()
     ttft = None
     tokens = 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from meshserve.protocol.errors import InvalidInput
@@ -90,6 +90,9 @@ def _unknown(names: list[str], supported: list[str], where: str) -> ParamError:
 
 # -- the sampling part shared by every endpoint -------------------------------------
 
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs
+MAX_STOP_TOKEN_IDS = 64
+
 
 @dataclass(slots=True)
 class Sampling:
@@ -103,8 +106,16 @@ class Sampling:
     stop: list[str] = field(default_factory=list)
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     max_tokens_field: str = "max_tokens"
     given: set[str] = field(default_factory=set)  # the fields the request set
+
+    def copy(self) -> Sampling:
+        """An independent copy (``bind`` fills the fields it is missing in place)."""
+        return replace(self, stop=list(self.stop), stop_token_ids=list(self.stop_token_ids), given=set(self.given))
 
     def bind(self, max_model_len: int, default_max_tokens: int | None, model: Sampling | None = None) -> SamplingParams:
         """The engine's parameters. Fields the request left out come from the model's
@@ -123,6 +134,8 @@ class Sampling:
                 f"'{self.max_tokens_field}' is {max_tokens}, more than the model's context of {max_model_len} tokens",
                 self.max_tokens_field,
             )
+        if self.min_tokens > max_tokens:
+            raise ParamError(f"'min_tokens' ({self.min_tokens}) must be <= max_tokens ({max_tokens})", "min_tokens")
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=self.temperature,
@@ -132,6 +145,10 @@ class Sampling:
             stop=self.stop,
             repetition_penalty=self.repetition_penalty,
             ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens,
+            stop_token_ids=list(self.stop_token_ids),
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
         )
 
 
@@ -140,10 +157,21 @@ class Sampling:
 ABSURD_MAX_TOKENS = 1 << 20
 _ALIASES = {"max_new_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "random_seed": "seed",
             "stop_words": "stop", "stop_sequences": "stop"}  # fmt: skip
-SAMPLING_FIELDS = ["max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "repetition_penalty", "ignore_eos"]
+SAMPLING_FIELDS = ["max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "repetition_penalty", "ignore_eos",
+                   "min_tokens", "stop_token_ids", "presence_penalty", "frequency_penalty"]  # fmt: skip
 
 
-def _set(s: Sampling, name: str, v: Any) -> None:
+def _token_ids(name: str, v: Any) -> list[int]:
+    if v is None:
+        return []
+    if not isinstance(v, list) or not all(_is_token(t) for t in v):
+        raise ParamError(f"'{name}' must be a list of non-negative integer token ids", name)
+    if len(v) > MAX_STOP_TOKEN_IDS:
+        raise ParamError(f"'{name}' has {len(v)} ids; at most {MAX_STOP_TOKEN_IDS} are allowed", name)
+    return list(v)
+
+
+def _set(s: Sampling, name: str, v: Any, min_max_tokens: int = 1) -> None:
     target = _ALIASES.get(name, name)
     if v is not None:
         s.given.add(target)
@@ -152,28 +180,30 @@ def _set(s: Sampling, name: str, v: Any) -> None:
             return
         if s.max_tokens is not None and s.max_tokens_field != name:
             raise ParamError(f"give either '{s.max_tokens_field}' or '{name}', not both", name)
-        s.max_tokens, s.max_tokens_field = _int(name, v, 1, ABSURD_MAX_TOKENS), name
-    elif target == "temperature":
-        if v is not None:
-            s.temperature = _float(name, v, 0.0, 100.0)
-    elif target == "top_p":
-        if v is not None:
-            s.top_p = _float(name, v, 0.0, 1.0, lo_open=True)
-    elif target == "top_k":
-        if v is not None:
-            k = _int(name, v, -1)
-            s.top_k = 0 if k == -1 else k  # vLLM's -1 and 0 both mean "off"
-    elif target == "seed":
-        if v is not None:
-            s.seed = _int(name, v, 0, 2**63 - 1)
+        s.max_tokens, s.max_tokens_field = _int(name, v, min_max_tokens, ABSURD_MAX_TOKENS), name
     elif target == "stop":
         s.stop = _stop(name, v)
+    elif target == "stop_token_ids":
+        s.stop_token_ids = _token_ids(name, v)
+    elif v is None:
+        return
+    elif target == "temperature":
+        s.temperature = _float(name, v, 0.0, 100.0)
+    elif target == "top_p":
+        s.top_p = _float(name, v, 0.0, 1.0, lo_open=True)
+    elif target == "top_k":
+        k = _int(name, v, -1)
+        s.top_k = 0 if k == -1 else k  # vLLM's -1 and 0 both mean "off"
+    elif target == "seed":
+        s.seed = _int(name, v, 0, 2**63 - 1)
     elif target == "repetition_penalty":
-        if v is not None:
-            s.repetition_penalty = _float(name, v, 0.0, 10.0, lo_open=True)
+        s.repetition_penalty = _float(name, v, 0.0, 10.0, lo_open=True)
     elif target == "ignore_eos":
-        if v is not None:
-            s.ignore_eos = _bool(name, v)
+        s.ignore_eos = _bool(name, v)
+    elif target == "min_tokens":
+        s.min_tokens = _int(name, v, 0, ABSURD_MAX_TOKENS)
+    elif target in ("presence_penalty", "frequency_penalty"):
+        setattr(s, target, _float(name, v, -2.0, 2.0))
     else:  # pragma: no cover - callers only pass known names
         raise AssertionError(name)
 
@@ -189,9 +219,50 @@ def model_defaults(doc: Any) -> Sampling | None:
     return s
 
 
+def check_model_defaults(doc: Any) -> Sampling | None:
+    """``parameters.generation`` checked strictly at load: an unknown name or a bad value is an error."""
+    if doc is None:
+        return None
+    if not isinstance(doc, Mapping):
+        raise ParamError("parameters.generation must be an object of sampling defaults", "generation")
+    unknown = [k for k in doc if k not in SAMPLING_FIELDS and k not in _ALIASES]
+    if unknown:
+        raise _unknown(unknown, SAMPLING_FIELDS, "generation")
+    return model_defaults(doc)
+
+
+def check_params(sp: SamplingParams, max_model_len: int, prompt_tokens: int | None = None) -> SamplingParams:
+    """The engines' own guard on what they are handed (endpoints parse with the functions
+    above; tests and embedders may build ``SamplingParams`` directly): the same checks and
+    words, plus the context (normalised in place)."""
+    s = Sampling()
+    for name in SAMPLING_FIELDS:
+        _set(s, name, getattr(sp, name))
+    bound = s.bind(max_model_len, None)
+    for name in SAMPLING_FIELDS:
+        setattr(sp, name, getattr(bound, name))
+    for name in ("logprobs", "prompt_logprobs"):
+        if getattr(sp, name) is not None:
+            setattr(sp, name, _int(name, getattr(sp, name), 0, MAX_LOGPROBS))
+    if prompt_tokens is not None:
+        if prompt_tokens == 0:
+            raise InvalidInput("the prompt is empty")
+        if prompt_tokens >= max_model_len:
+            raise InvalidInput(
+                f"the prompt has {prompt_tokens} tokens; the model's context is {max_model_len} "
+                "(prompt plus at least one generated token must fit)"
+            )
+    return sp
+
+
 # -- OIP: generate / infer / gRPC parameters -----------------------------------------
 
 OIP_EXTRA = ["stream", "exclude_input_in_output"]
+# Parameters the OIP fronts put on an infer request that are not sampling settings.
+PROTOCOL_KEYS = frozenset(
+    {"binary_data_output", "binary_data", "sequence_id", "sequence_start", "sequence_end", "priority", "timeout",
+     "headers", "triton_enable_empty_final_response", "request_id", "content_type"}
+)  # fmt: skip
 OIP_FIELDS = SAMPLING_FIELDS + ["max_new_tokens", "random_seed", "stop_words", "stop_sequences"] + OIP_EXTRA
 
 
@@ -230,6 +301,8 @@ def oip_sampling(
 
 # -- OpenAI completions and chat ------------------------------------------------------
 
+MAX_CHOICES = 64  # prompts x n in one request
+
 
 @dataclass(slots=True)
 class OpenAIRequest:
@@ -237,21 +310,29 @@ class OpenAIRequest:
     sampling: Sampling
     stream: bool = False
     include_usage: bool = False
-    prompts: list[str | list[int]] = field(default_factory=list)  # completions: one choice each
+    prompts: list[str | list[int]] = field(default_factory=list)  # completions: n choices each
     echo: bool = False
     messages: list[dict[str, Any]] | None = None  # chat
+    n: int = 1
+    logprobs: int | None = None  # top logprobs per token (completions' logprobs, chat's top_logprobs)
+    echo_only: bool = False  # completions with echo and max_tokens 0: the prompt (and its logprobs) only
+    echoes: list[str] = field(default_factory=list)  # per choice, filled as the choices start
+
+    def choice_params(self, params: SamplingParams, choice: int) -> SamplingParams:
+        """One choice's engine parameters: its own seed (``seed + choice``, as vLLM's
+        parallel sampling), the logprobs asked for."""
+        params.logprobs = self.logprobs
+        if self.echo and self.logprobs is not None:
+            params.prompt_logprobs = self.logprobs
+        if params.seed is not None and choice:
+            params.seed = (params.seed + choice) % 2**63
+        return params
 
 
 # Fields accepted and ignored: they change nothing a client could observe here.
 _IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 # Fields accepted only at the value that means "off" (the feature is not offered).
 _OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "n": (1,),
-    "best_of": (1,),
-    "logprobs": (False,),
-    "top_logprobs": (0,),
-    "frequency_penalty": (0, 0.0),
-    "presence_penalty": (0, 0.0),
     "logit_bias": ({},),
     "suffix": ("",),
     "tools": ([],),
@@ -259,40 +340,33 @@ _OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "response_format": ({"type": "text"},),
 }
 _WHY_OFF = {
-    "n": "only n=1 is supported",
-    "best_of": "only best_of=1 is supported",
-    "logprobs": "logprobs are not supported",
-    "top_logprobs": "logprobs are not supported",
-    "frequency_penalty": "frequency_penalty is not supported; use repetition_penalty",
-    "presence_penalty": "presence_penalty is not supported; use repetition_penalty",
     "logit_bias": "logit_bias is not supported",
     "suffix": "suffix is not supported",
     "tools": "tool calling is not supported",
     "tool_choice": "tool calling is not supported",
     "response_format": "only response_format {'type': 'text'} is supported",
 }
-_COMMON = ["model", "stream", "stream_options", *SAMPLING_FIELDS, *_IGNORED, *_OFF_VALUES]
-COMPLETION_FIELDS = [*_COMMON, "prompt", "echo"]
-CHAT_FIELDS = [*_COMMON, "messages", "max_completion_tokens"]
+_COMMON = ["model", "stream", "stream_options", "n", *SAMPLING_FIELDS, *_IGNORED]
+COMPLETION_FIELDS = [*_COMMON, "prompt", "echo", "logprobs", "best_of"]
+CHAT_FIELDS = [*_COMMON, "messages", "max_completion_tokens", "logprobs", "top_logprobs"]
 
 
 def openai_request(body: Mapping[str, Any], chat: bool) -> OpenAIRequest:
     fields = CHAT_FIELDS if chat else COMPLETION_FIELDS
-    unknown = [k for k in body if k not in fields]
+    unknown = [k for k in body if k not in fields and k not in _OFF_VALUES]
     if unknown:
         raise _unknown(unknown, fields, "request")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ParamError("'model' is required: the name of a served model", "model")
+    echo = False if chat or body.get("echo") is None else _bool("echo", body["echo"])
     s = Sampling()
     for name in (*SAMPLING_FIELDS, "max_completion_tokens"):
         if name in body:
-            _set(s, name, body[name])
+            _set(s, name, body[name], min_max_tokens=0 if echo else 1)
     for name, off in _OFF_VALUES.items():
         v = body.get(name)
         if v is not None and not any(v == o and type(v) is type(o) for o in off):
-            if name in ("frequency_penalty", "presence_penalty") and isinstance(v, (int, float)) and v == 0:
-                continue
             raise ParamError(_WHY_OFF[name], name)
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise ParamError("'user' must be a string", "user")
@@ -310,13 +384,27 @@ def openai_request(body: Mapping[str, Any], chat: bool) -> OpenAIRequest:
             raise _unknown(extra, ["include_usage", "continuous_usage_stats"], "stream_options")
         if options.get("include_usage") is not None:
             include_usage = _bool("stream_options.include_usage", options["include_usage"])
-    req = OpenAIRequest(model=model, sampling=s, stream=stream, include_usage=include_usage)
+    n = 1 if body.get("n") is None else _int("n", body["n"], 1, MAX_CHOICES)
+    req = OpenAIRequest(model=model, sampling=s, stream=stream, include_usage=include_usage, n=n, echo=echo)
     if chat:
         req.messages = chat_messages(body.get("messages"))
+        if body.get("logprobs") is not None and _bool("logprobs", body["logprobs"]):
+            top = body.get("top_logprobs")
+            req.logprobs = 0 if top is None else _int("top_logprobs", top, 0, MAX_LOGPROBS)
+        elif body.get("top_logprobs") is not None:
+            raise ParamError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     else:
         req.prompts = completion_prompts(body.get("prompt"))
-        echo = body.get("echo")
-        req.echo = False if echo is None else _bool("echo", echo)
+        if body.get("logprobs") is not None:
+            req.logprobs = _int("logprobs", body["logprobs"], 0, MAX_LOGPROBS)
+        best_of = body.get("best_of")
+        if best_of is not None and _int("best_of", best_of, 1) != n:
+            raise ParamError("best_of is not supported (only best_of equal to n)", "best_of")
+        if s.max_tokens == 0:  # echo (checked above): score the prompt, generate nothing
+            req.echo_only = True
+            s.max_tokens, s.min_tokens = 1, 0
+    if len(req.prompts or [None]) * n > MAX_CHOICES:
+        raise ParamError(f"at most {MAX_CHOICES} choices per request (prompts x n), got {len(req.prompts) * n}", "n")
     return req
 
 

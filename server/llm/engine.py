@@ -15,8 +15,15 @@ Iteration-level scheduling, as Orca and vLLM do it, on plain transformers:
   concatenating; rows leave by ``index_select``, and columns no row uses any more
   are trimmed off the left.
 * every sequence keeps its own sampling settings (its own ``torch.Generator`` when
-  seeded), stop strings, token budget and incremental detokenizer; finished rows
-  leave the batch in the same step.
+  seeded; repetition, presence and frequency penalties; EOS and ``stop_token_ids``
+  masked until ``min_tokens``), stop strings and stop tokens, token budget and
+  incremental detokenizer; finished rows leave the batch in the same step.
+* chunked prefill: a prompt longer than ``max_prefill_chunk`` fills a KV cache of its own,
+  one chunk per step after that step's decode, so running sequences never stall behind it
+  for a whole long prefill; after its last chunk it samples its first token and joins.
+* logprobs (when asked) are the raw log-softmax of the row's logits, before penalties
+  and temperature, as vLLM's; prompt logprobs need every position's logits, so each
+  such prompt gets a prefill forward of its own (the others keep only the last position).
 
 Greedy decoding under batching equals unbatched ``model.generate`` token for token
 (tested): masked columns contribute exact zeros, so only float summation order can
@@ -26,6 +33,8 @@ Settings (model ``parameters``): ``max_num_seqs`` (running batch, default 32),
 ``max_waiting`` (queued requests beyond the batch, default 256; then 503),
 ``max_model_len`` (default: the model's ``max_position_embeddings``),
 ``max_prefill_tokens`` (padded prompt tokens per prefill forward, default 4096),
+``max_prefill_chunk`` (a longer prompt is prefilled this many tokens per step, one such
+prompt at a time, while the running batch keeps decoding; default 512, 0: off),
 ``device`` (auto|cpu|cuda[:n]|mps), ``dtype`` (float32|float16|bfloat16),
 ``torch_threads`` (intra-op threads, process-wide; default: the cores less one).
 """
@@ -45,11 +54,11 @@ from pathlib import Path
 from typing import Any
 
 from meshserve.protocol.errors import CapacityExhausted, ModelExecutionError, ModelLoadError
-from meshserve.server.llm.params import check_params
+from meshserve.server.llm.api_params import check_params
 from meshserve.server.llm.prompts import adds_special_tokens, apply_chat_template, check_token_ids
 from meshserve.server.llm.sequence import EngineStats, GenerationStream, Sequence
 from meshserve.server.llm.text import Detokenizer
-from meshserve.server.llm.types import GenerationChunk, SamplingParams
+from meshserve.server.llm.types import GenerationChunk, SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +76,7 @@ class TransformersEngine:
         self.max_num_seqs = _positive(p, "max_num_seqs", 32)
         self.max_waiting = _positive(p, "max_waiting", 256, zero_ok=True)
         self.max_prefill_tokens = _positive(p, "max_prefill_tokens", 4096)
+        self.max_prefill_chunk = _positive(p, "max_prefill_chunk", 512, zero_ok=True)
         self._max_model_len_setting = p.get("max_model_len")
         self._device_setting = str(p.get("device", "auto"))
         self._dtype_setting = p.get("dtype")
@@ -80,11 +90,16 @@ class TransformersEngine:
         self._rows: list[Sequence] = []  # the running batch, in KV-cache row order (worker thread)
         self._cache: Any = None
         self._mask: Any = None
+        # Chunked prefill: one long prompt at a time, a chunk per step, in a KV cache of its own.
+        self._chunking: Sequence | None = None
+        self._chunk_cache: Any = None
+        self._chunk_done = 0  # prompt tokens already in _chunk_cache
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._stopping = False
+        self._texts: dict[int, str] = {}  # token id -> its text (logprobs), decoded once
 
     # -- loading -------------------------------------------------------------
     def load(self) -> None:
@@ -175,12 +190,13 @@ class TransformersEngine:
             executor, self._executor = self._executor, None
             await asyncio.to_thread(executor.shutdown, True)
         gone = ModelExecutionError(f"model {self.model_name!r} was unloaded")
-        for seq in [*self._waiting, *self._rows]:
+        for seq in [*self._waiting, *self._rows, *self._chunked()]:
             if not seq.finished:
                 seq.finished = True
                 seq.queue.put_nowait(gone)
         self._waiting.clear()
         self._rows = []
+        self._end_chunking()
         self._cache = self._mask = None
         self._sync_gauges()
         on_gpu = getattr(self, "device", None) is not None and self.device.type == "cuda"
@@ -206,7 +222,7 @@ class TransformersEngine:
             raise ModelExecutionError(f"model {self.model_name!r}: the engine is not running")
         ids = self.tokenize(prompt)
         check_params(params, self.max_model_len, len(ids))
-        running = sum(1 for s in self._rows if not s.finished)
+        running = self._running()
         if running + len(self._waiting) >= self.max_num_seqs + self.max_waiting:
             self.counters.rejected += 1
             raise CapacityExhausted(
@@ -247,20 +263,30 @@ class TransformersEngine:
         }
 
     def _sync_gauges(self) -> None:
-        self.counters.running = sum(1 for s in self._rows if not s.finished)
+        self.counters.running = self._running()
         self.counters.waiting = len(self._waiting)
+
+    def _running(self) -> int:
+        """Sequences holding a batch slot: the running rows and a prompt being prefilled in chunks."""
+        return sum(1 for s in [*self._rows, *self._chunked()] if not s.finished)
+
+    def _chunked(self) -> list[Sequence]:
+        return [] if self._chunking is None else [self._chunking]
+
+    def _end_chunking(self) -> None:
+        self._chunking, self._chunk_cache, self._chunk_done = None, None, 0
 
     # -- the scheduler -------------------------------------------------------
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         assert self._wake is not None
         while True:
-            if not self._rows and not self._waiting:
+            if not self._rows and not self._waiting and self._chunking is None:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             new = self._admit()
-            if not new and not any(not s.finished for s in self._rows) and not self._rows:
+            if not new and not self._rows and self._chunking is None:
                 continue
             try:
                 out = await loop.run_in_executor(self._executor, self._step, new)
@@ -269,11 +295,12 @@ class TransformersEngine:
             except Exception as e:  # a failed step fails its sequences; the engine keeps serving
                 log.exception("model %s: decoding step failed", self.model_name)
                 err = ModelExecutionError(f"model {self.model_name!r} failed: {type(e).__name__}: {e}")
-                for seq in [*self._rows, *new]:
+                for seq in [*self._rows, *new, *self._chunked()]:
                     if not seq.finished:
                         seq.finished = True
                         seq.queue.put_nowait(err)
                 self._rows, self._cache, self._mask = [], None, None
+                self._end_chunking()
                 self._sync_gauges()
                 continue
             for seq, chunk in out:
@@ -283,13 +310,22 @@ class TransformersEngine:
                 await asyncio.sleep(0)
 
     def _admit(self) -> list[Sequence]:
-        room = self.max_num_seqs - sum(1 for s in self._rows if not s.finished)
+        """The waiting sequences that join at this step, in arrival order. A prompt longer than
+        ``max_prefill_chunk`` becomes the one prefilled in chunks (when none is), so running
+        rows keep decoding meanwhile; the queue behind it waits for its turn."""
+        room = self.max_num_seqs - self._running()
         new: list[Sequence] = []
         longest = 0
         while self._waiting and len(new) < room:
             seq = self._waiting[0]
             if seq.finished:
                 self._waiting.popleft()
+                continue
+            if self.max_prefill_chunk and len(seq.prompt_ids) > self.max_prefill_chunk:
+                if self._chunking is not None:
+                    break
+                self._chunking = self._waiting.popleft()
+                room -= 1
                 continue
             longest2 = max(longest, len(seq.prompt_ids))
             if new and longest2 * (len(new) + 1) > self.max_prefill_tokens:
@@ -318,34 +354,94 @@ class TransformersEngine:
             if new:
                 for seq in new:
                     self._prepare(seq)
-                width = max(len(s.prompt_ids) for s in new)
-                ids = torch.full((len(new), width), self.pad_id, dtype=torch.long)
-                mask = torch.zeros((len(new), width), dtype=torch.long)
-                for i, s in enumerate(new):
-                    n = len(s.prompt_ids)
-                    ids[i, width - n :] = torch.tensor(s.prompt_ids)
-                    mask[i, width - n :] = 1
-                ids, mask = ids.to(self.device), mask.to(self.device)
-                pos = (mask.cumsum(-1) - 1).clamp_(min=0)
-                cache = self._new_cache()
-                logits = self._forward(ids, mask, pos, cache)
-                self.counters.prompt_tokens += sum(len(s.prompt_ids) for s in new)
-                self._emit(new, logits, out)
-                self._join(new, cache, mask)
+                # Prompt logprobs need every position's logits ([T, vocab]): each such prompt gets a
+                # prefill of its own, so the logits held at once stay one prompt's (or one chunk's).
+                plain = [s for s in new if s.params.prompt_logprobs is None]
+                if plain:
+                    self._prefill(plain, out, keep_all=False)
+                for seq in new:
+                    if seq.params.prompt_logprobs is not None:
+                        self._prefill([seq], out, keep_all=True)
+            if self._chunking is not None:
+                self._prefill_chunk(out)
             self._drop_finished()
         self.counters.steps += 1
         return out
 
+    def _prefill(self, new: list[Sequence], out: list[tuple[Sequence, GenerationChunk]], keep_all: bool) -> None:
+        """One forward over the new prompts (left-padded together); their rows join the batch."""
+        torch = self._torch
+        width = max(len(s.prompt_ids) for s in new)
+        ids = torch.full((len(new), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(new), width), dtype=torch.long)
+        for i, s in enumerate(new):
+            n = len(s.prompt_ids)
+            ids[i, width - n :] = torch.tensor(s.prompt_ids)
+            mask[i, width - n :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp_(min=0)
+        cache = self._new_cache()
+        logits = self._forward(ids, mask, pos, cache, keep_all)
+        if keep_all:
+            for i, s in enumerate(new):
+                n = len(s.prompt_ids)
+                lps = logits[i, width - n : width - 1].float().log_softmax(-1)
+                k = s.params.prompt_logprobs or 0
+                first = TokenLogprob(s.prompt_ids[0], self._token_text(s.prompt_ids[0]), None, [])
+                s.prompt_lps = [first] + [self._logprob(lps[j], s.prompt_ids[j + 1], k) for j in range(n - 1)]
+            logits = logits[:, -1, :]
+        self.counters.prompt_tokens += sum(len(s.prompt_ids) for s in new)
+        self._emit(new, logits, out)
+        self._join(new, cache, mask)
+
+    def _prefill_chunk(self, out: list[tuple[Sequence, GenerationChunk]]) -> None:
+        """The next ``max_prefill_chunk`` tokens of the long prompt; after its last chunk, its
+        first token is sampled and it joins the running batch."""
+        torch = self._torch
+        seq = self._chunking
+        assert seq is not None
+        if seq.finished:  # aborted while waiting for its chunks
+            self._end_chunking()
+            return
+        n = len(seq.prompt_ids)
+        start = self._chunk_done
+        if start == 0:
+            self._prepare(seq)
+            self._chunk_cache = self._new_cache()
+        end = min(start + self.max_prefill_chunk, n)
+        ids = torch.tensor([seq.prompt_ids[start:end]], device=self.device)
+        mask = torch.ones((1, end), dtype=torch.long, device=self.device)
+        pos = torch.arange(start, end, device=self.device).unsqueeze(0)
+        k = seq.params.prompt_logprobs
+        logits = self._forward(ids, mask, pos, self._chunk_cache, keep_all=k is not None)
+        if k is not None:
+            lps = logits[0].float().log_softmax(-1)
+            if start == 0:
+                seq.prompt_lps = [TokenLogprob(seq.prompt_ids[0], self._token_text(seq.prompt_ids[0]), None, [])]
+            assert seq.prompt_lps is not None
+            seq.prompt_lps += [self._logprob(lps[j - start], seq.prompt_ids[j + 1], k) for j in range(start, end)
+                               if j + 1 < n]  # fmt: skip
+            logits = logits[:, -1, :]
+        self._chunk_done = end
+        if end < n:
+            return
+        cache = self._chunk_cache
+        self._end_chunking()
+        self.counters.prompt_tokens += n
+        self._emit([seq], logits, out)
+        self._join([seq], cache, mask)
+
     def _new_cache(self) -> Any:
         return self._cache_cls(config=self.model.config) if self._cache_takes_config else self._cache_cls()
 
-    def _forward(self, ids: Any, mask: Any, pos: Any, cache: Any) -> Any:
+    def _forward(self, ids: Any, mask: Any, pos: Any, cache: Any, keep_all: bool = False) -> Any:
+        """The last position's logits ``[rows, vocab]``; with ``keep_all`` every position's ``[rows, T, vocab]``."""
         kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, self._cache_arg: cache,
                   "use_cache": True}  # fmt: skip
-        if self._keep_arg:
+        if self._keep_arg and not keep_all:
             kwargs[self._keep_arg] = 1
         logits = self.model(**kwargs).logits
-        return logits[:, -1, :]
+        return logits if keep_all else logits[:, -1, :]
 
     def _prepare(self, seq: Sequence) -> None:
         torch = self._torch
@@ -359,76 +455,125 @@ class TransformersEngine:
             seq.generator = gen
         if p.repetition_penalty != 1.0:
             seq.seen = set(seq.prompt_ids)
+        if p.presence_penalty or p.frequency_penalty:
+            seq.counts = {}
+        seq.stop_ids = frozenset(t for t in p.stop_token_ids if t < self.vocab_size)
+        if p.min_tokens > 0:
+            masked = sorted(t for t in (self.eos_ids | seq.stop_ids) if t < self.vocab_size)
+            if masked:
+                seq.min_mask = torch.tensor(masked, device=self.device)
         seq.detok = Detokenizer(self._decode, seq.prompt_ids)
 
-    def _sample(self, seqs: list[Sequence], logits: Any) -> list[int]:
-        torch = self._torch
+    def _sample(self, seqs: list[Sequence], logits: Any) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Each row's next token and, where asked, its logprob entry (of the raw distribution, as vLLM's)."""
         chosen = logits.argmax(dim=-1).tolist()
+        lps: list[TokenLogprob | None] = [None] * len(seqs)
         for i, seq in enumerate(seqs):
             p = seq.params
-            if p.temperature == 0 and p.repetition_penalty == 1.0:
-                continue
-            row = logits[i].float()
-            if p.repetition_penalty != 1.0:
-                idx = torch.tensor(sorted(seq.seen), device=row.device)
-                vals = row.index_select(0, idx)
-                row = row.index_copy(
-                    0, idx, torch.where(vals < 0, vals * p.repetition_penalty, vals / p.repetition_penalty)
-                )
-            if p.temperature == 0:
-                chosen[i] = int(row.argmax())
-                continue
-            row = row / p.temperature
-            if 0 < p.top_k < row.shape[0]:
-                kth = torch.topk(row, p.top_k).values[-1]
-                row = row.masked_fill(row < kth, float("-inf"))
-            if p.top_p < 1.0:
-                ordered, order = torch.sort(row, descending=True)
-                probs = ordered.softmax(-1)
-                drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest prefix reaching top_p
-                row = row.index_fill(0, order[drop], float("-inf"))
-            probs = row.softmax(-1)
-            chosen[i] = int(torch.multinomial(probs, 1, generator=seq.generator))
-        return chosen
+            masking = seq.min_mask is not None and len(seq.tokens) < p.min_tokens
+            plain = p.temperature == 0 and p.repetition_penalty == 1.0 and not seq.counts and not masking
+            if not plain:
+                chosen[i] = self._pick(seq, logits[i].float(), masking)
+            if p.logprobs is not None:
+                lps[i] = self._logprob(logits[i].float().log_softmax(-1), chosen[i], p.logprobs)
+        return chosen, lps
+
+    def _logprob(self, logprobs: Any, token: int, k: int) -> TokenLogprob:
+        """``token``'s entry in one position's log-softmax row, with the ``k`` most likely tokens."""
+        top: list[tuple[int, str, float]] = []
+        if k:
+            values, ids = self._torch.topk(logprobs, min(k, logprobs.shape[0]))
+            top = [(i, self._token_text(i), v) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+        return TokenLogprob(token, self._token_text(token), float(logprobs[token]), top)
+
+    def _token_text(self, token: int) -> str:
+        text = self._texts.get(token)
+        if text is None:
+            text = self._texts[token] = self.tokenizer.decode([token])
+        return text
+
+    def _pick(self, seq: Sequence, row: Any, masking: bool) -> int:
+        """One token after penalties, the min_tokens mask, temperature, top-k and top-p."""
+        torch = self._torch
+        p = seq.params
+        if p.repetition_penalty != 1.0:
+            idx = torch.tensor(sorted(seq.seen), device=row.device)
+            vals = row.index_select(0, idx)
+            row = row.index_copy(
+                0, idx, torch.where(vals < 0, vals * p.repetition_penalty, vals / p.repetition_penalty)
+            )
+        if seq.counts:  # OpenAI: logit - count * frequency_penalty - (count > 0) * presence_penalty
+            idx = torch.tensor(list(seq.counts), device=row.device)
+            counts = torch.tensor(list(seq.counts.values()), dtype=row.dtype, device=row.device)
+            row = row.index_add(0, idx, -(counts * p.frequency_penalty + p.presence_penalty))
+        if masking:
+            row = row.index_fill(0, seq.min_mask, float("-inf"))
+        if p.temperature == 0:
+            return int(row.argmax())
+        row = row / p.temperature
+        if 0 < p.top_k < row.shape[0]:
+            kth = torch.topk(row, p.top_k).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        if p.top_p < 1.0:
+            ordered, order = torch.sort(row, descending=True)
+            probs = ordered.softmax(-1)
+            drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest prefix reaching top_p
+            row = row.index_fill(0, order[drop], float("-inf"))
+        probs = row.softmax(-1)
+        return int(torch.multinomial(probs, 1, generator=seq.generator))
 
     def _emit(self, seqs: list[Sequence], logits: Any, out: list[tuple[Sequence, GenerationChunk]]) -> None:
-        chosen = self._sample(seqs, logits)
+        chosen, lps = self._sample(seqs, logits)
         now = time.perf_counter()
         obs = self.observer
         self.counters.generation_tokens += len(seqs)
-        for seq, tok in zip(seqs, chosen, strict=True):
+        for seq, tok, lp in zip(seqs, chosen, lps, strict=True):
             if seq.finished:  # aborted while the step ran: its token is dropped with it
                 continue
+            p = seq.params
             seq.tokens.append(tok)
             seq.last = tok
             seq.pos += 1
             seq.budget -= 1
             if seq.seen is not None:
                 seq.seen.add(tok)
+            if seq.counts is not None:
+                seq.counts[tok] = seq.counts.get(tok, 0) + 1
             if seq.first_token_at == 0.0:
                 seq.first_token_at = now
                 if obs is not None:
                     obs.on_first_token(now - seq.arrival)
             seq.last_token_at = now
             reason = None
-            if tok in self.eos_ids and not seq.params.ignore_eos:
-                text, reason = seq.detok.flush(), "stop"
+            early = len(seq.tokens) <= p.min_tokens  # no stop string ends it before min_tokens
+            if (tok in self.eos_ids and not p.ignore_eos) or tok in seq.stop_ids:
+                text, reason = seq.detok.flush(), "stop"  # the stop token's own text is not sent
                 text, hit = seq.stops.feed(text)
                 text += "" if hit else seq.stops.flush()
             else:
-                text, hit = seq.stops.feed(seq.detok.add(tok))
+                text, hit = seq.detok.add(tok), False
+                if not early:
+                    text, hit = seq.stops.feed(text)
                 if hit:
                     reason = "stop"
                 elif seq.budget <= 0:
-                    tail, hit = seq.stops.feed(seq.detok.flush())
-                    text += tail + ("" if hit else seq.stops.flush())
+                    tail = seq.detok.flush()
+                    if not early:
+                        tail, hit = seq.stops.feed(tail)
+                        tail += "" if hit else seq.stops.flush()
+                    text += tail
                     reason = "stop" if hit else "length"
             if reason is not None:
                 seq.finished = True
                 self.counters.requests_finished += 1
                 if obs is not None:
                     obs.on_finish(len(seq.prompt_ids), len(seq.tokens), now - seq.arrival)
-            out.append((seq, GenerationChunk(text, [tok], reason, len(seq.prompt_ids), len(seq.tokens))))
+            chunk = GenerationChunk(text, [tok], reason, len(seq.prompt_ids), len(seq.tokens))
+            if lp is not None:
+                chunk.logprobs = [lp]
+            if seq.prompt_lps is not None:
+                chunk.prompt_logprobs, seq.prompt_lps = seq.prompt_lps, None
+            out.append((seq, chunk))
 
     def _drop_finished(self) -> None:
         rows = self._rows

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -18,6 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from meshserve.protocol.errors import InferenceError, ModelNotFound
 from meshserve.server.llm.api_params import OpenAIRequest, ParamError, openai_request
+from meshserve.server.llm.logprobs import CompletionLogprobs, chat_logprobs
 from meshserve.server.llm.request_stats import OPENAI, RequestStats
 from meshserve.server.llm.service import (
     CLIENT_GONE,
@@ -103,27 +103,30 @@ def build_openai_router(dp: DataPlane) -> APIRouter:
         body = await request_object(request)  # decoded once: the front may have done it
         stats.model(body.get("model", ""))  # before the checks, so their 400s count under the model
         req = openai_request(body, chat)
-        if req.echo and not all(isinstance(p, str) for p in req.prompts):
-            raise ParamError("'echo' needs text prompts", "echo")
         rid = request_id("chatcmpl" if chat else "cmpl")
-        if chat:
+        # Every choice started, prompt-major (choice p * n + j); req.echoes gets each one's echo.
+        prompts: list[Any] = [None] if chat else req.prompts
+        echoes = req.echoes = [""] * (len(prompts) * req.n)
 
-            def build_chat(engine, defaults):
-                return chat_prompt(engine, req.messages or []), req.sampling.bind(engine.max_model_len, None, defaults)
-
-            return req, [await Generation.start(dp, req.model, None, build_chat, rid)], rid
-
-        def build(prompt):
+        def build(index: int, prompt: Any, choice: int):
             def bound(engine, defaults):
-                sampling = replace(req.sampling, given=set(req.sampling.given))  # bind() fills in defaults
-                return prompt, sampling.bind(engine.max_model_len, COMPLETION_DEFAULT_MAX_TOKENS, defaults)
+                if chat:
+                    prompt_ = chat_prompt(engine, req.messages or [])
+                else:
+                    prompt_ = prompt
+                    if req.echo:
+                        echoes[index] = prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt)
+                default = None if chat else COMPLETION_DEFAULT_MAX_TOKENS  # chat runs up to the context
+                params = req.sampling.copy().bind(engine.max_model_len, default, defaults)
+                return prompt_, req.choice_params(params, choice)
 
             return bound
 
-        many = len(req.prompts) > 1
+        many = len(echoes) > 1
         starts = [
-            Generation.start(dp, req.model, None, build(p), f"{rid}-{i}" if many else rid)
-            for i, p in enumerate(req.prompts)
+            Generation.start(dp, req.model, None, build(i * req.n + j, p, j), f"{rid}-{i * req.n + j}" if many else rid)
+            for i, p in enumerate(prompts)
+            for j in range(req.n)
         ]
         return req, await start_all(starts), rid
 
@@ -132,37 +135,51 @@ def build_openai_router(dp: DataPlane) -> APIRouter:
         stats = RequestStats(dp, OPENAI)
         try:
             req, gens, rid = await start(request, False, stats)
+            echoes = req.echoes
             head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": req.model}
-            echoes = [p if req.echo else "" for p in req.prompts]
             if req.stream:
                 return GenerationResponse(_completion_events(gens, head, req, echoes, stats), gens, stats)
             dones = await collect_all_while_connected(gens, request.receive)
         except BaseException as e:
             return _ended_early(stats, e)
         stats.end()
-        choices = [
-            {"index": i, "text": echoes[i] + d.text, "logprobs": None, "finish_reason": _finish(d)}
-            for i, d in enumerate(dones)
-        ]
-        usage = _usage(sum(d.prompt_tokens for d in dones), sum(d.completion_tokens for d in dones))
+        choices = []
+        for i, d in enumerate(dones):
+            logprobs = None
+            if req.logprobs is not None:
+                entries = list(d.prompt_logprobs or []) if req.echo else []
+                logprobs = CompletionLogprobs().build(entries + ([] if req.echo_only else d.logprobs or []))
+            text = echoes[i] + ("" if req.echo_only else d.text)
+            finish = "length" if req.echo_only else _finish(d)
+            choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish})
+        completion = 0 if req.echo_only else sum(d.completion_tokens for d in dones)
+        usage = _usage(sum(d.prompt_tokens for d in dones[:: req.n]), completion)
         return _json({**head, "choices": choices, "usage": usage})
 
     @router.post("/chat/completions", summary="Chat completion")
     async def chat_completions(request: Request) -> Response:
         stats = RequestStats(dp, OPENAI)
         try:
-            req, (gen,), rid = await start(request, True, stats)
+            req, gens, rid = await start(request, True, stats)
             head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": req.model}
             if req.stream:
-                events = _chat_events(gen, {**head, "object": "chat.completion.chunk"}, req, stats)
-                return GenerationResponse(events, gen, stats)
-            done = await gen.collect_while_connected(request.receive)
+                events = _chat_events(gens, {**head, "object": "chat.completion.chunk"}, req, stats)
+                return GenerationResponse(events, gens, stats)
+            dones = await collect_all_while_connected(gens, request.receive)
         except BaseException as e:
             return _ended_early(stats, e)
         stats.end()
-        message = {"role": "assistant", "content": done.text}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish(done)}
-        return _json({**head, "choices": [choice], "usage": _usage(done.prompt_tokens, done.completion_tokens)})
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": d.text},
+                "logprobs": None if req.logprobs is None else chat_logprobs(d.logprobs or []),
+                "finish_reason": _finish(d),
+            }
+            for i, d in enumerate(dones)
+        ]
+        usage = _usage(dones[0].prompt_tokens, sum(d.completion_tokens for d in dones))
+        return _json({**head, "choices": choices, "usage": usage})
 
     return router
 
@@ -191,16 +208,28 @@ async def _completion_events(
     usage_field = {"usage": None} if req.include_usage else {}
     last = {i: g.first for i, g in enumerate(gens)}
     echoes = list(echoes)
+    offsets = [CompletionLogprobs() for _ in gens]
     try:
         async for i, chunk in merged_chunks(gens):
             last[i] = chunk
+            if req.echo_only:  # the prompt and its logprobs; the token made to score it is not sent
+                logprobs = None if req.logprobs is None else offsets[i].build(list(chunk.prompt_logprobs or []))
+                choice = {"index": i, "text": echoes[i], "logprobs": logprobs, "finish_reason": "length"}
+                yield sse_event({**head, "choices": [choice], **usage_field})
+                continue
             text, echoes[i] = echoes[i] + chunk.text, ""
-            if not text and chunk.finish_reason is None:
+            logprobs = None
+            if req.logprobs is not None:
+                entries = list(chunk.prompt_logprobs or []) if req.echo else []
+                logprobs = offsets[i].build(entries + (chunk.logprobs or []))
+            if not text and chunk.finish_reason is None and logprobs is None:
                 continue  # an incomplete character: nothing to show yet
-            choice = {"index": i, "text": text, "logprobs": None, "finish_reason": _finish(chunk)}
+            choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": _finish(chunk)}
             yield sse_event({**head, "choices": [choice], **usage_field})
         if req.include_usage:
-            usage = _usage(sum(c.prompt_tokens for c in last.values()), sum(c.completion_tokens for c in last.values()))
+            ends = [last[i] for i in range(len(gens))]
+            completion = 0 if req.echo_only else sum(c.completion_tokens for c in ends)
+            usage = _usage(sum(c.prompt_tokens for c in ends[:: req.n]), completion)
             yield sse_event({**head, "choices": [], "usage": usage})
     except Exception as e:
         status, body = error_body(e)
@@ -209,21 +238,28 @@ async def _completion_events(
     yield DONE
 
 
-async def _chat_events(gen: Generation, head: dict, req: OpenAIRequest, stats: RequestStats) -> AsyncIterator[bytes]:
+async def _chat_events(
+    gens: list[Generation], head: dict, req: OpenAIRequest, stats: RequestStats
+) -> AsyncIterator[bytes]:
     usage_field = {"usage": None} if req.include_usage else {}
-    last = gen.first
+    last = {i: g.first for i, g in enumerate(gens)}
     try:
-        first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-        yield sse_event({**head, "choices": [first], **usage_field})
-        async for chunk in gen.chunks():
-            last = chunk
-            if not chunk.text and chunk.finish_reason is None:
+        for i in range(len(gens)):
+            first = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                     "finish_reason": None}  # fmt: skip
+            yield sse_event({**head, "choices": [first], **usage_field})
+        async for i, chunk in merged_chunks(gens):
+            last[i] = chunk
+            logprobs = None if req.logprobs is None else chat_logprobs(chunk.logprobs or [])
+            if not chunk.text and chunk.finish_reason is None and logprobs is None:
                 continue
             delta = {"content": chunk.text} if chunk.text else {}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": _finish(chunk)}
+            choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": _finish(chunk)}
             yield sse_event({**head, "choices": [choice], **usage_field})
         if req.include_usage:
-            yield sse_event({**head, "choices": [], "usage": _usage(last.prompt_tokens, last.completion_tokens)})
+            ends = [last[i] for i in range(len(gens))]
+            usage = _usage(ends[0].prompt_tokens, sum(c.completion_tokens for c in ends))
+            yield sse_event({**head, "choices": [], "usage": usage})
     except Exception as e:
         status, body = error_body(e)
         stats.status = status

@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from meshserve.server.llm.text import Detokenizer, StopMatcher
-from meshserve.server.llm.types import GenerationChunk, SamplingParams
+from meshserve.server.llm.types import GenerationChunk, SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
     from meshserve.server.llm.engine import TransformersEngine
@@ -20,6 +20,7 @@ class Sequence:
     __slots__ = (
         "id", "prompt_ids", "params", "queue", "tokens", "last", "pos", "generator", "detok", "stops",
         "finished", "aborted", "budget", "seen", "arrival", "first_token_at", "last_token_at", "error",
+        "counts", "stop_ids", "min_mask", "prompt_lps",
     )  # fmt: skip
 
     def __init__(self, rid: str, prompt_ids: list[int], params: SamplingParams, budget: int) -> None:
@@ -37,6 +38,10 @@ class Sequence:
         self.aborted = False
         self.budget = budget  # tokens it may still generate (max_tokens, bounded by the context)
         self.seen: Any = None  # token ids for the repetition penalty
+        self.counts: dict[int, int] | None = None  # generated token -> count (presence/frequency penalties)
+        self.stop_ids: frozenset[int] = frozenset()  # stop_token_ids inside the vocabulary
+        self.min_mask: Any = None  # ids masked while fewer than min_tokens were generated (EOS, stop ids)
+        self.prompt_lps: list[TokenLogprob | None] | None = None  # sent with the first chunk
         self.arrival = time.perf_counter()
         self.first_token_at = 0.0
         self.last_token_at = 0.0
@@ -111,6 +116,8 @@ class GenerationStream:
 
 
 def _merge(a: GenerationChunk, b: GenerationChunk) -> GenerationChunk:
+    logprobs = a.logprobs + b.logprobs if a.logprobs is not None and b.logprobs is not None else None
     return GenerationChunk(
-        a.text + b.text, a.token_ids + b.token_ids, b.finish_reason, b.prompt_tokens, b.completion_tokens
-    )
+        a.text + b.text, a.token_ids + b.token_ids, b.finish_reason, b.prompt_tokens, b.completion_tokens,
+        logprobs, a.prompt_logprobs,
+    )  # fmt: skip

@@ -154,10 +154,15 @@ class Generation:
     async def collect(self) -> Completed:
         parts: list[str] = []
         last = self.first
+        logprobs: list[Any] | None = [] if self.first.logprobs is not None else None
         async for chunk in self.chunks():
             parts.append(chunk.text)
+            if logprobs is not None and chunk.logprobs is not None:
+                logprobs.extend(chunk.logprobs)
             last = chunk
-        return Completed("".join(parts), last.finish_reason or "stop", last.prompt_tokens, last.completion_tokens)
+        done = Completed("".join(parts), last.finish_reason or "stop", last.prompt_tokens, last.completion_tokens)
+        done.logprobs, done.prompt_logprobs = logprobs, self.first.prompt_logprobs
+        return done
 
     async def collect_while_connected(self, receive: Callable[[], Any]) -> Completed:
         """``collect``, dropping the sequence as soon as the HTTP client goes away
@@ -254,13 +259,15 @@ async def _disconnected(receive: Callable[[], Any]) -> None:
 
 
 class Completed:
-    __slots__ = ("text", "finish_reason", "prompt_tokens", "completion_tokens")
+    __slots__ = ("text", "finish_reason", "prompt_tokens", "completion_tokens", "logprobs", "prompt_logprobs")
 
     def __init__(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> None:
         self.text = text
         self.finish_reason = finish_reason
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens
+        self.logprobs: list[Any] | None = None  # TokenLogprob per generated token, when asked for
+        self.prompt_logprobs: list[Any] | None = None
 
 
 async def _aclose(it: AsyncIterator[Any]) -> None:

@@ -25,14 +25,31 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens were generated
+    stop_token_ids: list[int] = field(default_factory=list)
+    presence_penalty: float = 0.0  # OpenAI semantics: on the generated tokens only
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # top logprobs per generated token (None: none; 0: the chosen token's only)
+    prompt_logprobs: int | None = None  # the same for every prompt token (the first has none)
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """One token's log probability (of the model's raw distribution) and the ``top`` most likely
+    tokens, as (id, text, logprob). The first prompt token has no context: its ``logprob`` is None."""
+
+    token_id: int
+    text: str
+    logprob: float | None
+    top: list[tuple[int, str, float]]
 
 
 @dataclass(slots=True)
 class GenerationChunk:
     """One step's output for one sequence: the new text and tokens since the previous chunk.
 
-    The last chunk of a sequence has ``finish_reason`` set ("stop": EOS or a stop
-    sequence; "length": max_tokens or the context was reached; "abort").
+    The last chunk of a sequence has ``finish_reason`` set ("stop": EOS, a stop
+    token or a stop sequence; "length": max_tokens or the context was reached; "abort").
     """
 
     text: str
@@ -40,6 +57,8 @@ class GenerationChunk:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when asked for
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # first chunk only, when asked for
 
 
 class LLMEngine(Protocol):
@@ -54,6 +73,7 @@ class LLMEngine(Protocol):
 
     model_name: str
     max_model_len: int
+    tokenizer: Any  # a transformers tokenizer (echo of token-id prompts decodes with it)
     # Metrics hooks (meshserve.server.llm.metrics.Observer) or None: on_first_token(seconds),
     # on_step(seconds), on_finish(prompt_tokens, completion_tokens, seconds).
     observer: Any

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from meshserve.protocol.errors import CapacityExhausted, ModelExecutionError, ModelLoadError
-from meshserve.server.llm.params import check_params
+from meshserve.server.llm.api_params import check_params
 from meshserve.server.llm.prompts import adds_special_tokens, apply_chat_template, check_token_ids
-from meshserve.server.llm.types import GenerationChunk, SamplingParams
+from meshserve.server.llm.types import GenerationChunk, SamplingParams, TokenLogprob
 
 PASSTHROUGH = (
     "dtype", "max_model_len", "tensor_parallel_size", "gpu_memory_utilization", "enforce_eager", "max_num_seqs",
@@ -126,7 +126,9 @@ class VLLMEngine:
         return VllmParams(
             max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or 0, seed=p.seed,
             stop=list(p.stop) or None, repetition_penalty=p.repetition_penalty, ignore_eos=p.ignore_eos,
-            output_kind=RequestOutputKind.DELTA,
+            min_tokens=p.min_tokens, stop_token_ids=list(p.stop_token_ids) or None,
+            presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+            logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs, output_kind=RequestOutputKind.DELTA,
         )  # fmt: skip
 
 
@@ -144,6 +146,7 @@ class VLLMStream:
         self._produced = 0
         self._arrival = time.perf_counter()
         self._last = 0.0
+        self._prompt_sent = False
 
     def __aiter__(self) -> VLLMStream:
         return self
@@ -192,7 +195,18 @@ class VLLMStream:
             if obs is not None:
                 obs.on_finish(len(self._ids), self._produced, now - self._arrival)
             self._finish()
-        return GenerationChunk(comp.text, tokens, reason, len(self._ids), self._produced)
+        chunk = GenerationChunk(comp.text, tokens, reason, len(self._ids), self._produced)
+        if self._params.logprobs is not None and comp.logprobs is not None:
+            chunk.logprobs = [_entry(t, d, self._params.logprobs) for t, d in zip(tokens, comp.logprobs, strict=False)]
+        prompt_lps = getattr(out, "prompt_logprobs", None)
+        if self._params.prompt_logprobs is not None and prompt_lps and not self._prompt_sent:
+            self._prompt_sent = True
+            chunk.prompt_logprobs = [
+                _entry(t, d, self._params.prompt_logprobs) for t, d in zip(self._ids, prompt_lps, strict=False)
+            ]
+            if chunk.prompt_logprobs and not chunk.prompt_logprobs[0].text:  # vLLM gives the first token nothing
+                chunk.prompt_logprobs[0].text = owner.tokenizer.decode([self._ids[0]])
+        return chunk
 
     async def aclose(self) -> None:
         if not self._done:
@@ -225,3 +239,16 @@ class VLLMStream:
     @property
     def completion_tokens(self) -> int:
         return self._produced
+
+
+def _entry(token: int, logprobs: Any, k: int) -> TokenLogprob:
+    """A vLLM position's ``{token_id: Logprob(logprob, rank, decoded_token)}`` (None: the first
+    prompt token) as the engines' TokenLogprob: the chosen token and the ``k`` best ranked."""
+    if not logprobs:
+        return TokenLogprob(token, "", None, [])
+    chosen = logprobs.get(token)
+    ranked = sorted((r.rank, i, r) for i, r in logprobs.items() if r.rank is not None and r.rank <= k)
+    top = [(i, r.decoded_token or "", r.logprob) for _, i, r in ranked[:k]]
+    if chosen is None:
+        return TokenLogprob(token, "", None, top)
+    return TokenLogprob(token, chosen.decoded_token or "", chosen.logprob, top)

@@ -8,9 +8,9 @@ OpenAI and gRPC streaming endpoints reach the same engine through ``self.engine`
 Input: ``text_input`` BYTES ``[-1]`` (``input0`` is accepted too, as in the seed's curl
 example), one prompt per element, each generated to completion concurrently in the
 engine's running batch. Sampling settings come from the request's ``parameters``
-(``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``,
-``repetition_penalty``, ``ignore_eos``), on top of the model's
-``parameters.generation`` defaults. Output: ``text_output`` BYTES, one per prompt.
+(the sampling parameters every LLM endpoint takes, parsed by
+:mod:`meshserve.server.llm.api_params`), on top of the model's ``parameters.generation``
+defaults. Output: ``text_output`` BYTES, one per prompt.
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ from meshserve.protocol.datatypes import bytes_array
 from meshserve.protocol.errors import InvalidInput, ModelLoadError
 from meshserve.protocol.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor, TensorMetadata
 from meshserve.server.llm import metrics
-from meshserve.server.llm.params import check_params, sampling_params_from
+from meshserve.server.llm.api_params import PROTOCOL_KEYS, Sampling, check_model_defaults, oip_sampling
 from meshserve.server.llm.types import GenerationChunk, LLMEngine, SamplingParams
 from meshserve.server.runtimes.base import Model
 
 INPUT = "text_input"
 OUTPUT = "text_output"
 INPUT_ALIASES = {"input0": INPUT, "text": INPUT, "prompt": INPUT}
+DEFAULT_MAX_TOKENS = 16  # as OIP generate and OpenAI completions
 
 
 class LLMModel(Model):
@@ -50,11 +51,8 @@ class LLMModel(Model):
         self.chat = settings.parameters.get("chat", False)
         if not isinstance(self.chat, bool):
             raise ModelLoadError("parameters.chat must be true or false")
-        defaults = settings.parameters.get("generation") or {}
-        if not isinstance(defaults, dict):
-            raise ModelLoadError("parameters.generation must be an object of sampling defaults")
         try:
-            self.defaults = sampling_params_from(defaults)
+            self.defaults = check_model_defaults(settings.parameters.get("generation"))
         except InvalidInput as e:
             raise ModelLoadError(f"parameters.generation: {e.message}") from None
 
@@ -68,7 +66,7 @@ class LLMModel(Model):
         self.engine = engine
         metrics.track(self.name, engine)
         try:
-            check_params(sampling_params_from(None, self.defaults), engine.max_model_len)
+            Sampling().bind(engine.max_model_len, DEFAULT_MAX_TOKENS, self.defaults)
         except InvalidInput as e:
             await engine.stop()
             raise ModelLoadError(f"parameters.generation: {e.message}") from None
@@ -95,8 +93,10 @@ class LLMModel(Model):
             meta.parameters = {"max_model_len": self.engine.max_model_len}
         return meta
 
-    def sampling_params(self, parameters: dict[str, Any] | None) -> SamplingParams:
-        return sampling_params_from(parameters, self.defaults)
+    def sampling_params(self, engine: LLMEngine, parameters: dict[str, Any] | None) -> SamplingParams:
+        """A plain infer request's parameters, as every LLM endpoint reads them."""
+        sampling, _ = oip_sampling(parameters, ignore=PROTOCOL_KEYS)
+        return sampling.bind(engine.max_model_len, DEFAULT_MAX_TOKENS, self.defaults)
 
     def text_prompt(self, engine: LLMEngine, text: str) -> str:
         """A text_input (plain infer, OIP generate, gRPC streaming) as the engine gets it:
@@ -116,7 +116,7 @@ class LLMModel(Model):
         prompts = _prompts(request, self.name)
         prompts = [self.text_prompt(engine, p) for p in prompts]
         base = request.id or uuid.uuid4().hex
-        params = [self.sampling_params(request.parameters) for _ in prompts]
+        params = [self.sampling_params(engine, request.parameters) for _ in prompts]
         # Queue every prompt first: bad input or a full queue fails the whole request before any work.
         streams: list[Any] = []
         try:

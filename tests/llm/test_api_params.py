@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 from meshserve.protocol.errors import InvalidInput
-from meshserve.server.llm.api_params import ParamError, chat_messages, model_defaults, oip_sampling, openai_request
+from meshserve.server.llm.api_params import (
+    ParamError,
+    chat_messages,
+    check_model_defaults,
+    model_defaults,
+    oip_sampling,
+    openai_request,
+)
 
 
 def test_oip_aliases_and_options():
@@ -95,3 +102,36 @@ def test_chat_messages_join_text_parts_and_check_roles():
                 [{"role": "user"}], [{"role": "user", "content": "x", "tool_calls": []}], ["hi"]):  # fmt: skip
         with pytest.raises(ParamError):
             chat_messages(bad)
+
+
+def test_new_sampling_fields_and_openai_options():
+    s, _ = oip_sampling({"min_tokens": 4, "stop_token_ids": [2, 7], "presence_penalty": -1, "frequency_penalty": 2})
+    p = s.bind(256, 16)
+    assert (p.min_tokens, p.stop_token_ids, p.presence_penalty, p.frequency_penalty) == (4, [2, 7], -1.0, 2.0)
+    with pytest.raises(ParamError, match="<= max_tokens") as e:
+        oip_sampling({"min_tokens": 17})[0].bind(256, 16)  # the endpoint's default max_tokens counts too
+    assert e.value.param == "min_tokens"
+    r = openai_request({"model": "m", "prompt": ["a", "b"], "n": 3, "logprobs": 2, "seed": 5}, chat=False)
+    assert (r.n, r.logprobs, r.echo_only) == (3, 2, False)
+    assert [r.choice_params(r.sampling.copy().bind(256, 16), j).seed for j in range(3)] == [5, 6, 7]
+    echo = openai_request({"model": "m", "prompt": [1, 2], "echo": True, "max_tokens": 0, "logprobs": 1}, False)
+    p = echo.choice_params(echo.sampling.copy().bind(256, 16), 0)
+    assert echo.echo_only and (p.max_tokens, p.logprobs, p.prompt_logprobs) == (1, 1, 1)
+    chat = openai_request({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": True}, True)
+    assert chat.logprobs == 0  # the chosen token's logprob, no alternatives
+    assert openai_request({"model": "m", "prompt": "x", "logprobs": None}, False).logprobs is None
+
+
+def test_one_wording_for_unknown_parameters():
+    with pytest.raises(ParamError) as oip:
+        oip_sampling({"mirostat": 1})
+    with pytest.raises(ParamError) as api:
+        openai_request({"model": "m", "prompt": "x", "mirostat": 1}, chat=False)
+    for e, where in ((oip, "generation"), (api, "request")):
+        assert e.value.message.startswith(f"unknown {where} parameter 'mirostat'; supported: ")
+        supported = e.value.message.split("supported: ")[1].split(", ")
+        assert {"frequency_penalty", "presence_penalty", "min_tokens", "stop_token_ids"} <= set(supported)
+        assert "suffix" not in supported and "logit_bias" not in supported  # refused: never listed
+    with pytest.raises(ParamError, match="unknown generation parameter 'n'"):
+        check_model_defaults({"n": 2})
+    assert check_model_defaults({"max_new_tokens": 5}).bind(256, 16).max_tokens == 5

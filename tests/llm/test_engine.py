@@ -536,3 +536,96 @@ def test_chat_setting_sends_plain_infer_prompts_through_the_chat_template(loop, 
         return len(tok(text)["input_ids"])
 
     assert prompt_tokens(True) > prompt_tokens(False)
+
+
+def test_logprobs_penalties_and_min_tokens_rows_leave_greedy_rows_unchanged(engine, loop, reference):
+    """Rows asking for prompt logprobs (a prefill of their own), token logprobs, penalties or
+    min_tokens share steps with plain greedy rows, which still equal unbatched generate."""
+    import torch
+
+    tok = reference.tokenizer
+    plain = [(PROMPTS[0], 12), (PROMPTS[3], 9)]
+    special = [
+        greedy(6, prompt_logprobs=2, logprobs=1),
+        greedy(10, logprobs=3, frequency_penalty=1.0, presence_penalty=0.5),
+        greedy(8, min_tokens=8, stop_token_ids=[5, 6]),
+    ]
+
+    async def go():
+        return await asyncio.gather(
+            *[collect(engine, p, greedy(n), 0, f"plain{i}") for i, (p, n) in enumerate(plain)],
+            *[collect(engine, PROMPTS[1], sp, 0, f"special{i}") for i, sp in enumerate(special)],
+        )
+
+    results = loop.run(go())
+    for (prompt, n), res in zip(plain, results, strict=False):
+        assert res["tokens"] == reference(prompt, n)
+        assert all(c.logprobs is None and c.prompt_logprobs is None for c in res["chunks"])
+    scored, penalised, held = results[len(plain) :]
+    assert scored["tokens"] == reference(PROMPTS[1], 6)  # greedy with logprobs: the same tokens
+    ids = tok(PROMPTS[1])["input_ids"]
+    with torch.inference_mode():
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(engine.path).eval()
+        table = model(torch.tensor([ids + scored["tokens"]])).logits[0].float().log_softmax(-1)
+    prompt_lps = scored["chunks"][0].prompt_logprobs
+    assert [e.token_id for e in prompt_lps] == ids and prompt_lps[0].logprob is None
+    for i in range(1, len(ids)):
+        assert prompt_lps[i].logprob == pytest.approx(float(table[i - 1, ids[i]]), abs=1e-4)
+        assert len(prompt_lps[i].top) == 2 and prompt_lps[i].top[0][2] >= prompt_lps[i].top[1][2]
+    token_lps = [e for c in scored["chunks"] for e in c.logprobs]
+    assert [e.token_id for e in token_lps] == scored["tokens"]
+    for i, e in enumerate(token_lps):
+        assert e.logprob == pytest.approx(float(table[len(ids) - 1 + i, e.token_id]), abs=1e-4)
+        assert e.top[0][0] == e.token_id  # greedy: the chosen token is the most likely
+    assert len([e for c in penalised["chunks"] for e in c.logprobs]) == len(penalised["tokens"])
+    assert len(held["tokens"]) == 8 and not {5, 6} & set(held["tokens"])
+
+
+def test_chunked_prefill_keeps_decoding_while_a_long_prompt_is_prefilled(loop, tiny_llama, reference):
+    """A prompt longer than max_prefill_chunk is prefilled a chunk per step: a running
+    sequence gets a token at each of those steps (unchunked: one step, one token), and the
+    long one's output and prompt logprobs are those of an unchunked run."""
+    long_prompt = " ".join(PROMPTS) * 3
+    n = len(reference.tokenizer(long_prompt)["input_ids"])
+    chunks = -(-n // 16)
+    assert chunks >= 8
+
+    async def scenario(eng):
+        """(decoder tokens between the long prompt's arrival and its first token, its chunks)."""
+        arrivals: list[tuple[float, int]] = []
+        started = asyncio.Event()
+
+        async def decoder():
+            async for chunk in eng.generate(PROMPTS[0], greedy(120, ignore_eos=True), "decoder"):
+                arrivals.append((time.perf_counter(), len(chunk.token_ids)))
+                if sum(k for _, k in arrivals) >= 3:
+                    started.set()
+
+        task = asyncio.ensure_future(decoder())
+        await started.wait()
+        submitted = time.perf_counter()
+        out = []
+        async for chunk in eng.generate(long_prompt, greedy(6, prompt_logprobs=1), "long"):
+            out.append((time.perf_counter(), chunk))
+        await task
+        first = out[0][0]
+        return sum(k for t, k in arrivals if submitted < t <= first), [c for _, c in out]
+
+    results = {}
+    for chunk_size in (16, 0):
+        eng = make_engine(loop, tiny_llama, max_prefill_chunk=chunk_size)
+        try:
+            results[chunk_size] = loop.run(scenario(eng))
+        finally:
+            loop.run(eng.stop())
+    during, got = results[16]
+    during_unchunked, whole = results[0]
+    assert during >= chunks - 2, (during, chunks)  # the decoder kept its pace through the chunks
+    assert during_unchunked <= 2, during_unchunked  # unchunked, it waited for the whole prefill
+    tokens = [t for c in got for t in c.token_ids]
+    assert tokens == [t for c in whole for t in c.token_ids] == reference(long_prompt, 6)
+    chunked_lps = [e.logprob for e in got[0].prompt_logprobs[1:]]
+    assert len(chunked_lps) == n - 1
+    assert chunked_lps == pytest.approx([e.logprob for e in whole[0].prompt_logprobs[1:]], abs=1e-4)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from meshserve.server.llm.params import sampling_params_from
 from meshserve.server.llm.text import Detokenizer, StopMatcher
 
 
@@ -54,13 +53,3 @@ def test_stop_matcher_across_feeds():
 def test_earliest_stop_wins():
     m = StopMatcher(["cd", "b"])
     assert m.feed("abcd") == ("a", True)
-
-
-def test_request_parameters_to_sampling_params():
-    sp = sampling_params_from({"max_new_tokens": 5, "stop": "x", "temperature": 0, "binary_data_output": True})
-    assert (sp.max_tokens, sp.stop, sp.temperature) == (5, ["x"], 0)
-    base = sampling_params_from({"max_tokens": 9, "stop": ["q"]})
-    sp = sampling_params_from({"temperature": 0.5}, base)
-    assert (sp.max_tokens, sp.stop, sp.temperature) == (9, ["q"], 0.5)
-    sp.stop.append("z")
-    assert base.stop == ["q"]
