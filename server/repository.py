@@ -49,6 +49,19 @@ def _check_batching(model: Model) -> None:
         )
 
 
+def _warn_if_one_model(base: Path) -> None:
+    """``--model-dir`` names the folder that holds one folder per model; a model's own folder
+    there serves nothing, silently, so say what to pass instead."""
+    settings = [f for f in SETTINGS_FILES if (base / f).is_file()]
+    held = settings[0] if settings else ", ".join(f"{r} model files" for r in runtimes_for_dir(base))
+    if held:
+        log.warning(
+            "--model-dir %s looks like one model's folder (it holds %s), not a folder of model folders: "
+            "pass its parent, --model-dir %s, to serve it as model %r",
+            base, held, base.resolve().parent, base.resolve().name,
+        )  # fmt: skip
+
+
 def _read_settings_doc(folder: Path) -> dict[str, Any]:
     """A folder's settings document for a load over the API: a broken file is the client's 400."""
     try:
@@ -106,6 +119,7 @@ class ModelRepository:
         if base is not None:
             if not base.is_dir():
                 raise ValueError(f"model directory {base} does not exist")
+            _warn_if_one_model(base)
             for child in sorted(base.iterdir()):
                 if not child.is_dir() or child.name.startswith("."):
                     continue
