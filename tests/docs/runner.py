@@ -80,9 +80,9 @@ def _checked(block: Block) -> str:
             cmd = "\n".join(command)
             want = expect.group(1)
             out[-len(command) :] = [
-                f"{{ {cmd}\n}} > \"$DOCS_OUT\" 2>&1 || {{ cat \"$DOCS_OUT\"; exit 1; }}",
+                f'{{ {cmd}\n}} > "$DOCS_OUT" 2>&1 || {{ cat "$DOCS_OUT"; exit 1; }}',
                 'cat "$DOCS_OUT"; echo',
-                f"grep -qF -- {shlex.quote(want)} \"$DOCS_OUT\" || "
+                f'grep -qF -- {shlex.quote(want)} "$DOCS_OUT" || '
                 f"{{ echo {shlex.quote(f'docs-test: page line {block.line}: expected {want!r} in the output of: {cmd}')} >&2; exit 1; }}",  # noqa: E501
             ]
             command = []
@@ -128,7 +128,8 @@ def script(page: Path, ports: dict[str, int]) -> str:
 def _serve_on_loopback(m: re.Match) -> str:
     """``meshserve serve`` on 127.0.0.1, its default ports spelt out (then mapped like the rest)."""
     rest = m.group(1)
-    defaults = ("" if "--http-port" in rest else " --http-port 8080") + ("" if "--grpc-port" in rest else " --grpc-port 8081")
+    defaults = "" if "--http-port" in rest else " --http-port 8080"
+    defaults += "" if "--grpc-port" in rest else " --grpc-port 8081"
     return f"meshserve serve --host 127.0.0.1{defaults}{rest}"
 
 
@@ -147,8 +148,14 @@ def run_page(page: Path, workdir: Path, timeout: float = 110) -> PageRun:
     venv = Path(sys.prefix)
     (workdir / ".venv").symlink_to(venv)
     (workdir / "page.sh").write_text(script(page, {}))
-    env = {**os.environ, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}", "VIRTUAL_ENV": str(venv),
-           "HOME": str(workdir / "home"), "XDG_CACHE_HOME": str(workdir / "cache"), "PYTHONPATH": str(REPO)}  # fmt: skip
+    env = {
+        **os.environ,
+        "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+        "VIRTUAL_ENV": str(venv),
+        "HOME": str(workdir / "home"),  # no docker config, no caches of the user's own
+        "XDG_CACHE_HOME": str(workdir / "cache"),
+        "PYTHONPATH": str(REPO),
+    }
     log = workdir / "page.log"
     started = time.monotonic()
     with open(log, "wb") as out:

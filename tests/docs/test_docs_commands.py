@@ -39,3 +39,23 @@ def test_runner_checks_outputs_and_fails_on_drift(tmp_path):
     drifted.write_text("```sh\necho hello world\n# => goodbye\n```\n")
     result = run_page(drifted, tmp_path / "d")
     assert result.returncode != 0 and "expected 'goodbye'" in result.output
+
+
+def readme_section(heading: str, target: Path) -> Path:
+    """One ``## heading`` section of the README (up to the next ``## ``), as a page of its own."""
+    text = (REPO / "README.md").read_text()
+    start = text.index(f"\n## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    target.write_text(text[start : end if end != -1 else None])
+    return target
+
+
+def test_readme_runtimes_section_runs(tmp_path):
+    """The README's runtimes examples: torch, ONNX, XGBoost and transformers models created in
+    `models/` (the later ones while the server runs, then loaded by name) answer as shown."""
+    for module in ("torch", "onnxruntime", "onnx", "xgboost", "transformers"):
+        pytest.importorskip(module)
+    page = readme_section("Models and runtimes", tmp_path / "runtimes.md")
+    result = run_page(page, tmp_path / "page")
+    print(f"README runtimes: {result.seconds:.1f}s")
+    assert result.returncode == 0, f"README 'Models and runtimes' failed:\n{result.output[-6000:]}"
