@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from meshserve.server.version import __version__
 
@@ -174,34 +175,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from meshserve.server import production
     from meshserve.server.process import serve
     from meshserve.server.security import check_startup
     from meshserve.server.settings import Settings
     from pydantic import ValidationError
 
     try:
-        settings = Settings.load(
-            args.config,
-            model_dir=args.model_dir,
-            host=args.host,
-            http_port=args.http_port,
-            grpc_port=args.grpc_port,
-            max_request_bytes=args.max_request_bytes,
-            max_bytes_elements=args.max_bytes_elements,
-            adapters=args.adapters,
-            log_level=args.log_level,
-            capacity_bytes=args.capacity_bytes,
-            min_churn_age_seconds=args.min_churn_age,
-            capacity_wait_seconds=args.capacity_wait,
-            preload=args.preload,
-            **production.values(args),
-            store=args.store,
-            max_model_bytes=args.max_model_bytes,
-            load_threads=args.load_threads,
-            insecure_registries=args.insecure,
-            s3_endpoint=args.s3_endpoint,
-        )
+        settings = Settings.load(args.config, **serve_overrides(args))
     except (ValidationError, OSError, ValueError) as e:
         print(f"meshserve: invalid settings: {_settings_error(e)}", file=sys.stderr)
         return 2
@@ -215,6 +195,33 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     serve(settings)
     return 0
+
+
+def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Settings fields from ``serve``'s flags (None: not given). docs/generate.py reads the
+    flag of each setting from here, so the settings table cannot drift from the parser."""
+    from meshserve.server import production
+
+    return dict(
+        model_dir=args.model_dir,
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        max_request_bytes=args.max_request_bytes,
+        max_bytes_elements=args.max_bytes_elements,
+        adapters=args.adapters,
+        log_level=args.log_level,
+        capacity_bytes=args.capacity_bytes,
+        min_churn_age_seconds=args.min_churn_age,
+        capacity_wait_seconds=args.capacity_wait,
+        preload=args.preload,
+        **production.values(args),
+        store=args.store,
+        max_model_bytes=args.max_model_bytes,
+        load_threads=args.load_threads,
+        insecure_registries=args.insecure,
+        s3_endpoint=args.s3_endpoint,
+    )
 
 
 def _settings_error(e: Exception) -> str:
