@@ -121,7 +121,7 @@ def script(page: Path, ports: dict[str, int]) -> str:
         parts.append(f"echo '--- page line {block.line}'")
         parts.append(_checked(block))
     text = "\n".join(parts) + "\n"
-    text = re.sub(r"\bmeshserve serve\b(.*)", _serve_on_loopback, text)
+    text = re.sub(r"\bmeshserve serve\b((?:[^\n]*\\\n)*[^\n]*)", _serve_on_loopback, text)
     return DOC_PORTS.sub(lambda m: str(ports.setdefault(m.group(1), free_port())), text)
 
 
