@@ -216,3 +216,12 @@ def test_grpc_load_of_an_unsupported_uri_is_invalid_argument(server):
             stub.RepositoryModelLoad(request, timeout=30)
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "'gs'" in info.value.details()
+
+
+def test_serve_config_with_an_unsupported_uri_stops_in_one_line(tmp_path):
+    config = tmp_path / "models.yaml"
+    config.write_text('models:\n  - {name: remote, uri: "hf://org/model"}\n')
+    out = meshserve("serve", "--config", str(config), "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0")
+    line = out.stderr.strip().splitlines()[-1]  # after the server's own start line
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert line.startswith("meshserve serve: ") and "'hf'" in line and "huggingface-cli" in line, line
