@@ -150,3 +150,20 @@ def test_broken_settings_file_is_400(served, http):
     r = http.post("/v2/repository/models/broken_json/load")
     assert r.status_code == 400, r.text
     assert "broken_json" in r.json()["error"]
+
+
+def test_repository_uris_none_registers_no_new_folder(tmp_path):
+    """--repository-uris none: only models registered at start can be (re)loaded over the API."""
+    models = tmp_path / "models"
+    shutil.copytree(EXAMPLES / "echo", models / "echo")
+    srv = start_server(models, tmp_path / "server.log", "--repository-uris", "none")
+    try:
+        _add_echo(models, "late")
+        with httpx.Client(base_url=srv.http_url, timeout=30) as http:
+            r = http.post("/v2/repository/models/late/load")
+            assert r.status_code == 403, r.text
+            assert "--repository-uris none" in r.json()["error"]
+            assert _echo(http, "late").status_code == 404
+            assert http.post("/v2/repository/models/echo/load").status_code == 200  # registered: reloads
+    finally:
+        srv.stop()
