@@ -59,3 +59,14 @@ def test_readme_runtimes_section_runs(tmp_path):
     result = run_page(page, tmp_path / "page")
     print(f"README runtimes: {result.seconds:.1f}s")
     assert result.returncode == 0, f"README 'Models and runtimes' failed:\n{result.output[-6000:]}"
+
+
+def test_readme_modelcar_section_runs(tmp_path):
+    """The README's modelcar commands: a registry on loopback, build and push, pull back."""
+    if not Path("/usr/bin/docker-registry").exists():
+        pytest.skip("docker-registry is not installed (make system-deps)")
+    ensure_iris()
+    page = readme_section("Model URIs, modelcars and the cache", tmp_path / "uris.md")
+    result = run_page(page, tmp_path / "page")
+    print(f"README modelcars: {result.seconds:.1f}s")
+    assert result.returncode == 0, f"README 'Model URIs, modelcars and the cache' failed:\n{result.output[-6000:]}"
