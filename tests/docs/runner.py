@@ -118,7 +118,7 @@ def script(page: Path, ports: dict[str, int]) -> str:
         if block.skipped:
             parts.append(f"# page line {block.line}: skipped ({block.skipped})")
             continue
-        parts.append(f"echo '--- page line {block.line}'")
+        parts.append(f'echo; echo "--- page line {block.line} (at $SECONDS s)"')
         parts.append(_checked(block))
     text = "\n".join(parts) + "\n"
     text = re.sub(r"\bmeshserve serve\b((?:[^\n]*\\\n)*[^\n]*)", _serve_on_loopback, text)
