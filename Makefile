@@ -18,7 +18,7 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	    docker-registry skopeo umoci busybox-static etcd-server prometheus >/dev/null; \
 	fi
-.PHONY: serve test test-vllm test-gpu install examples lint bench bench-batching clean system-deps
+.PHONY: docs serve test test-vllm test-gpu install examples lint bench bench-batching clean system-deps
 
 # torch first, pinned: the runtime extras would otherwise resolve torch to a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
@@ -71,6 +71,17 @@ test-vllm: install $(VLLM_VENV)/.installed
 # GPU it says so and exits 0 at once.
 test-gpu:
 	bash loadtests/gpu_lane.sh
+
+# The documentation site in build/site: pages generated from the code and the README, then
+# mkdocs with every warning (a broken link or anchor) an error.
+DOCS_STAMP := $(VENV)/.docs-installed
+$(DOCS_STAMP): pyproject.toml | $(STAMP)
+	$(BIN)/pip install --quiet -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(BIN)/python docs/generate.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 lint: install
 	$(BIN)/ruff check .

@@ -13,10 +13,8 @@ from meshserve.loaders.limits import LoadBudget
 from meshserve.loaders.oci import RegistryClient, registry_host
 from meshserve.loaders.pull import pull
 from meshserve.loaders.remote import fetch_http, fetch_s3
-from meshserve.loaders.resolve import UnsupportedURI, resolve_uri
+from meshserve.loaders.resolve import REMOTE_SCHEMES, check_uri_form, resolve_uri
 from meshserve.protocol.errors import ModelLoadError
-
-REMOTE_SCHEMES = ("http", "https", "s3", "oci")
 
 
 def default_cache_dir() -> Path:
@@ -95,6 +93,5 @@ class ModelFetcher:
             return fetch_s3(uri, self.cache, self.s3_endpoint, self.offline_first, progress, budget)
         if scheme == "oci":
             return pull(uri, self.cache, self.client_for, self.platform, self.offline_first, progress, budget)
-        if scheme not in ("", "file") and not (len(scheme) == 1 and uri[1:3] in (":\\", ":/")):
-            raise UnsupportedURI(f"URI scheme {scheme!r} is not supported (file, http(s), s3, oci)")
+        check_uri_form(uri)
         return resolve_uri(uri, base_dir)

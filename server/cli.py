@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from meshserve.server.version import __version__
 
@@ -12,8 +13,10 @@ from meshserve.server.version import __version__
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshserve", description="An Open Inference Protocol v2 model server.")
     parser.add_argument("--version", action="version", version=f"meshserve {__version__}")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of a failed command")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve models over REST and gRPC")
+    _debug_flag(s)
     s.add_argument("--model-dir", type=Path, help="serve every model found in this directory")
     s.add_argument("--config", type=Path, help="a YAML or JSON settings file (may list models)")
     s.add_argument("--host", help="address to bind (default 0.0.0.0)")
@@ -31,12 +34,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--store", help="etcd://host:port/prefix: join the pods sharing it into one mesh")
     s.add_argument("--max-model-bytes", type=int, help="bytes one remote model may download or unpack")
     s.add_argument("--load-threads", type=int, help="threads for model loads and fetches (default 4)")
+    s.add_argument("--insecure", action="store_const", const=True, help="reach OCI registries over plain http")
+    s.add_argument("--s3-endpoint", help="S3-compatible endpoint for s3:// models (MinIO...; else AWS_ENDPOINT_URL)")
     from meshserve.server.production import add_flags
 
     add_flags(s)
     p = sub.add_parser("pull", help="fetch a model URI into the cache (an init-container step)")
     p.add_argument("uri", help="oci://registry/repo:tag, https://..., s3://bucket/prefix")
     _remote_flags(p)
+    _debug_flag(p)
     from meshserve.adapters.cli import add_parsers
 
     add_parsers(sub)  # train, tune, workflow, adapters (the sidecar)
@@ -49,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--busybox", type=Path, default=Path("/bin/busybox"), help="static busybox binary")
     build.add_argument("--uncompressed", action="store_true", help="plain tar layer: faster pulls, bigger pushes")
     _remote_flags(build)
+    _debug_flag(build)
     g = sub.add_parser("generate", help="run a JSONL file of prompts through an LLM (resumable)")
     g.add_argument("--model", required=True, help="model URI: a folder, oci://..., https://..., s3://...")
     g.add_argument("--input", required=True, type=Path, help='JSONL: {"id": ..., "prompt" | "messages": ...}')
@@ -58,7 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, help="default temperature for lines that set none")
     g.add_argument("--max-in-flight", type=int, default=256, help="prompts submitted at once (default 256)")
     _remote_flags(g)
+    _debug_flag(g)
     return parser
+
+
+def _debug_flag(p: argparse.ArgumentParser) -> None:
+    """``--debug`` after the command too (SUPPRESS: the top-level flag is not reset)."""
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="print the traceback on failure")
 
 
 def _remote_flags(p: argparse.ArgumentParser) -> None:
@@ -68,6 +81,7 @@ def _remote_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--registry-password", help="else from a docker config.json")
     p.add_argument("--max-model-bytes", type=int, help="bytes the model may download or unpack")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--s3-endpoint", help="S3-compatible endpoint for s3:// URIs (MinIO...; else AWS_ENDPOINT_URL)")
 
 
 def _fetcher(args: argparse.Namespace, uri: str):
@@ -84,6 +98,7 @@ def _fetcher(args: argparse.Namespace, uri: str):
         registry_password=args.registry_password if host else None,
         registry_credentials_host=host,
         max_model_bytes=args.max_model_bytes,
+        s3_endpoint=args.s3_endpoint,
     ).fetcher()
 
 
@@ -103,7 +118,9 @@ def _modelcar_build(args: argparse.Namespace) -> int:
     from meshserve.loaders.modelcar import build_and_push
     from meshserve.loaders.oci import Reference
     from meshserve.loaders.progress import Progress
+    from meshserve.loaders.resolve import check_oci_tag
 
+    check_oci_tag(args.tag)
     fetcher = _fetcher(args, args.tag)
     ref = Reference.parse(args.tag)
     progress = Progress(f"push {args.tag}", enabled=not args.quiet)
@@ -118,66 +135,104 @@ def _modelcar_build(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "serve":
-        from meshserve.server import production
-        from meshserve.server.process import serve
-        from meshserve.server.security import check_startup
-        from meshserve.server.settings import Settings
-        from pydantic import ValidationError
+    if args.command in ("train", "tune", "workflow", "adapters"):
+        from meshserve.adapters.cli import run_command
 
-        try:
-            settings = Settings.load(
-                args.config,
-                model_dir=args.model_dir,
-                host=args.host,
-                http_port=args.http_port,
-                grpc_port=args.grpc_port,
-                max_request_bytes=args.max_request_bytes,
-                max_bytes_elements=args.max_bytes_elements,
-                adapters=args.adapters,
-                adapters_url=args.adapters_url,
-                log_level=args.log_level,
-                capacity_bytes=args.capacity_bytes,
-                min_churn_age_seconds=args.min_churn_age,
-                capacity_wait_seconds=args.capacity_wait,
-                preload=args.preload,
-                **production.values(args),
-                store=args.store,
-                max_model_bytes=args.max_model_bytes,
-                load_threads=args.load_threads,
-            )
-        except (ValidationError, OSError, ValueError) as e:
-            print(f"meshserve: invalid settings: {e}", file=sys.stderr)
-            return 2
-        try:
-            check_startup(settings)
-        except ValueError as e:
-            print(f"meshserve: refusing to start: {e}", file=sys.stderr)
-            return 2
-        if settings.model_dir is not None and not Path(settings.model_dir).is_dir():
-            print(f"meshserve: invalid settings: model directory {settings.model_dir} does not exist", file=sys.stderr)
-            return 2
-        serve(settings)
-        return 0
+        return run_command(args)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"meshserve {args.command}: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(e: Exception) -> str:
+    """An error as one line: our errors say what to do; others get their type and --debug."""
     from meshserve.protocol.errors import InferenceError
 
-    try:
-        if args.command in ("train", "tune", "workflow", "adapters"):
-            from meshserve.adapters.cli import run_command
+    if isinstance(e, InferenceError):
+        return e.message.splitlines()[0] if e.message else type(e).__name__
+    text = str(e).strip().splitlines()
+    detail = f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+    return f"{detail} (run with --debug for the traceback)"
 
-            return run_command(args)
-        if args.command == "pull":
-            return _pull(args)
-        if args.command == "modelcar":
-            return _modelcar_build(args)
-        if args.command == "generate":
-            from meshserve.server.llm.offline import main as generate_main
 
-            return generate_main(args, _fetcher(args, args.model))
-    except InferenceError as e:
-        print(f"meshserve {args.command}: {e.message}", file=sys.stderr)
-        return 1
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "pull":
+        return _pull(args)
+    if args.command == "modelcar":
+        return _modelcar_build(args)
+    if args.command == "generate":
+        from meshserve.server.llm.offline import main as generate_main
+
+        return generate_main(args, _fetcher(args, args.model))
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from meshserve.server.process import serve
+    from meshserve.server.security import check_startup
+    from meshserve.server.settings import Settings
+    from pydantic import ValidationError
+
+    try:
+        settings = Settings.load(args.config, **serve_overrides(args))
+    except (ValidationError, OSError, ValueError) as e:
+        print(f"meshserve: invalid settings: {_settings_error(e)}", file=sys.stderr)
+        return 2
+    try:
+        check_startup(settings)
+    except ValueError as e:
+        print(f"meshserve: refusing to start: {e}", file=sys.stderr)
+        return 2
+    if settings.model_dir is not None and not Path(settings.model_dir).is_dir():
+        print(f"meshserve: invalid settings: model directory {settings.model_dir} does not exist", file=sys.stderr)
+        return 2
+    serve(settings)
+    return 0
+
+
+def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Settings fields from ``serve``'s flags (None: not given). docs/generate.py reads the
+    flag of each setting from here, so the settings table cannot drift from the parser."""
+    from meshserve.server import production
+
+    return dict(
+        model_dir=args.model_dir,
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        max_request_bytes=args.max_request_bytes,
+        max_bytes_elements=args.max_bytes_elements,
+        adapters=args.adapters,
+        adapters_url=args.adapters_url,
+        log_level=args.log_level,
+        capacity_bytes=args.capacity_bytes,
+        min_churn_age_seconds=args.min_churn_age,
+        capacity_wait_seconds=args.capacity_wait,
+        preload=args.preload,
+        **production.values(args),
+        store=args.store,
+        max_model_bytes=args.max_model_bytes,
+        load_threads=args.load_threads,
+        insecure_registries=args.insecure,
+        s3_endpoint=args.s3_endpoint,
+    )
+
+
+def _settings_error(e: Exception) -> str:
+    """pydantic's multi-line report as one line."""
+    from pydantic import ValidationError
+
+    if isinstance(e, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors())
+    return str(e)
 
 
 if __name__ == "__main__":

@@ -180,6 +180,16 @@ class DataPlane:
 
     # -- repository extension ------------------------------------------------
     def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+        rows = self._registered_rows(ready_only)
+        if not ready_only:  # folders on disk a load would register (Triton lists them UNAVAILABLE)
+            rows += [
+                {"name": name, "version": "", "state": "UNAVAILABLE", "reason": reason, "size_bytes": 0,
+                 "last_used": None, "pinned": False, "requests": 0}
+                for name, reason in self.repository.unregistered_folders()
+            ]  # fmt: skip
+        return rows
+
+    def _registered_rows(self, ready_only: bool) -> list[dict[str, Any]]:
         if self.fleet is not None:  # every model of the fleet, where its copies are
             return self.fleet.index_rows(ready_only)
         rows = []

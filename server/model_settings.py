@@ -61,6 +61,19 @@ class ModelSettings(BaseModel):
     # Never evicted from the cache, and loaded at start.
     pinned: bool = False
 
+    @field_validator("uri")
+    @classmethod
+    def _uri_form(cls, v: str | None) -> str | None:
+        """A scheme no loader takes is the writer's mistake: say so now, not as a failed load."""
+        if v is not None:
+            from meshserve.loaders.resolve import UnsupportedURI, check_uri_form
+
+            try:
+                check_uri_form(v)
+            except UnsupportedURI as e:
+                raise ValueError(e.message) from None
+        return v
+
     def metadata(self) -> ModelMetadata:
         return ModelMetadata(
             name=self.name,

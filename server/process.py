@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -32,9 +33,29 @@ class _UvicornServer(uvicorn.Server):
         yield
 
 
+# uvicorn's own start/stop lines come once per uvicorn server (a worker runs two, one on a Unix
+# socket, where "Press CTRL+C to quit" means nothing): meshserve logs one line per process instead.
+_UVICORN_LIFECYCLE = (
+    "Started server process", "Finished server process", "Uvicorn running on", "Shutting down",
+    "Waiting for connections to close", "Waiting for background tasks", "Waiting for application",
+)  # fmt: skip
+
+
+class _UvicornLifecycleFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(_UVICORN_LIFECYCLE))
+
+
+def _quiet_uvicorn_lifecycle() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _UvicornLifecycleFilter) for f in logger.filters):
+        logger.addFilter(_UvicornLifecycleFilter())
+
+
 async def run(settings: Settings, started: asyncio.Event | None = None, router: Router | None = None) -> None:
     """Serve until SIGINT/SIGTERM. With ``router`` this is one of several workers
     (server/workers.py): shared ports, plus private sockets its peers forward to."""
+    _quiet_uvicorn_lifecycle()
     dataplane = DataPlane(settings)
     if router is not None:
         from meshserve.server.worker_copies import WorkerCopies
@@ -109,7 +130,10 @@ async def run(settings: Settings, started: asyncio.Event | None = None, router: 
                 raise OSError(f"REST server on {settings.host}:{settings.http_port} did not start")
             await asyncio.sleep(0.01)
     who = f"worker {router.index}/{router.workers}: " if router is not None else ""
-    log.info("%sREST on %s:%d, gRPC on %s:%d", who, settings.host, settings.http_port, settings.host, grpc_port)
+    log.info(
+        "%sREST on %s:%d, gRPC on %s:%d (pid %d)",
+        who, settings.host, settings.http_port, settings.host, grpc_port, os.getpid(),
+    )  # fmt: skip
 
     try:
         await dataplane.start()
@@ -174,7 +198,7 @@ def serve(settings: Settings | None = None, router: Router | None = None) -> Non
     configure_logging(settings.log_level, settings.log_format, settings.access_log)
     from meshserve.server import tracing
 
-    tracing.setup(settings.tracing, settings.server_name)
+    tracing.setup(settings.tracing, settings.server_name, settings.trace_probes)
     from meshserve.server.memory import tune_allocator
 
     tune_allocator()

@@ -45,6 +45,10 @@ def add_flags(s: argparse.ArgumentParser) -> None:
         help="let repository loads name code (import paths, trust_remote_code); needs an auth token",
     )  # fmt: skip
     g.add_argument("--tracing", action="store_const", const=True, help="OpenTelemetry spans (the otel extra)")
+    g.add_argument(
+        "--trace-probes", action="store_const", const=True,
+        help="with --tracing, also trace health probes, /metrics and ASGI internals (dropped by default)",
+    )  # fmt: skip
 
 
 def values(args: argparse.Namespace) -> dict[str, Any]:
@@ -70,6 +74,7 @@ def values(args: argparse.Namespace) -> dict[str, Any]:
         "workers": args.workers,
         "worker_copy_rate": args.worker_copy_rate,
         "tracing": args.tracing,
+        "trace_probes": args.trace_probes,
         "repository_uris": args.repository_uris,
         "repository_code": args.repository_code,
     }

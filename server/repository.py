@@ -16,17 +16,21 @@ from meshserve.loaders import is_remote, resolve_uri
 from meshserve.loaders.limits import LoadCancelled
 from meshserve.modelmesh import CacheEntry, ModelCache, ModelState, PlacementPolicy
 from meshserve.modelmesh.registry import ModelRegistry, model_key
-from meshserve.protocol.errors import InvalidInput, ModelLoadError, ModelNotFound
+from meshserve.protocol.errors import Forbidden, InvalidInput, ModelLoadError, ModelNotFound
 from meshserve.server.capacity import default_capacity, files_size
+from meshserve.server.load_policy import check_load_config
 from meshserve.server.loaded_model import LoadedModel
 from meshserve.server.memory import reachable_bytes, release_free_memory, rss_bytes
-from meshserve.server.model_settings import ModelSettings, parse_model_settings, read_settings_file
+from meshserve.server.model_settings import SETTINGS_FILES, ModelSettings, parse_model_settings, read_settings_file
 from meshserve.server.runtimes.base import Model
 from meshserve.server.runtimes.files import runtimes_for_dir
 from meshserve.server.runtimes.registry import resolve_runtime
+from meshserve.server.security import check_model_name
 from meshserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
+# A repository index looks at this many folders of --model-dir for models not registered.
+MAX_INDEXED_FOLDERS = 10_000
 GC_AFTER_UNLOAD_BYTES = 32 * 1024 * 1024
 TRIM_AFTER_FREED_BYTES = 8 * 1024 * 1024
 
@@ -43,6 +47,34 @@ def _check_batching(model: Model) -> None:
             f"model {model.name!r}: max_batch_size is {model.settings.max_batch_size} but its runtime "
             f"({type(model).__name__}) does not accept a batch dimension; remove max_batch_size"
         )
+
+
+def _warn_if_one_model(base: Path) -> None:
+    """``--model-dir`` names the folder that holds one folder per model; a model's own folder
+    there serves nothing, silently, so say what to pass instead."""
+    settings = [f for f in SETTINGS_FILES if (base / f).is_file()]
+    held = settings[0] if settings else ", ".join(f"{r} model files" for r in runtimes_for_dir(base))
+    if held:
+        log.warning(
+            "--model-dir %s looks like one model's folder (it holds %s), not a folder of model folders: "
+            "pass its parent, --model-dir %s, to serve it as model %r",
+            base, held, base.resolve().parent, base.resolve().name,
+        )  # fmt: skip
+
+
+def _read_settings_doc(folder: Path) -> dict[str, Any]:
+    """A folder's settings document for a load over the API: a broken file is the client's 400."""
+    try:
+        doc = read_settings_file(folder)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise InvalidInput(f"the model-settings file in folder {folder.name!r} cannot be read: {e}") from None
+    except Exception as e:  # yaml.YAMLError, without importing yaml here
+        raise InvalidInput(f"the model-settings file in folder {folder.name!r} is not valid YAML: {e}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise InvalidInput(f"the model-settings file in folder {folder.name!r} must hold an object")
+    return doc
 
 
 class ModelRepository:
@@ -87,6 +119,7 @@ class ModelRepository:
         if base is not None:
             if not base.is_dir():
                 raise ValueError(f"model directory {base} does not exist")
+            _warn_if_one_model(base)
             for child in sorted(base.iterdir()):
                 if not child.is_dir() or child.name.startswith("."):
                     continue
@@ -168,12 +201,80 @@ class ModelRepository:
             self.register(ms, disk_bytes=disk)
             await self.cache.load(key, spec=ms)
             return
+        if not self._by_name(name):
+            await self.register_new_folder(name)
         for key in self.keys_of(name):
             entry = self.entry(key)
             spec = None
             if entry.state is ModelState.READY:
                 spec = self._reread(key) or entry.spec
             await self.cache.load(key, spec=spec)
+
+    def _by_name(self, name: str) -> bool:
+        try:
+            return bool(self.keys_of(name))
+        except ModelNotFound:
+            return False
+
+    async def register_new_folder(self, name: str) -> None:
+        """Triton's explicit model control: a folder that appeared directly under --model-dir
+        after start is registered by its name. Its settings file meets the same load policy as
+        a client's config (server/load_policy.py): it arrived while the server ran."""
+        loop = asyncio.get_running_loop()
+        folder = await loop.run_in_executor(self.executor, self._new_folder, name)
+        doc = await loop.run_in_executor(self.executor, _read_settings_doc, folder)
+        check_load_config({**doc, "uri": str(folder)}, self.settings)
+        ms = await loop.run_in_executor(self.executor, self._settings_from_dir, folder)
+        if ms is None:
+            raise InvalidInput(f"folder {name!r} in the model directory has no model-settings file and no model file")
+        if ms.name != name:
+            raise InvalidInput(f"folder {name!r} holds a model-settings file that names model {ms.name!r}")
+        if not self._by_name(name):  # a concurrent load of the same folder registered it first
+            self.register(ms, origin=folder, disk_bytes=await loop.run_in_executor(self.executor, files_size, folder))
+            log.info("registered model %s from %s (explicit load)", name, folder)
+
+    def _new_folder(self, name: str) -> Path:
+        """``name``'s folder directly under the model directory, resolved inside it."""
+        base = self.settings.model_dir
+        missing = ModelNotFound(
+            f"model {name!r} not found"
+            + (f" (and no folder {name!r} in the model directory {base})" if base is not None else "")
+        )
+        if base is None:
+            raise missing
+        root = Path(base).resolve()
+        folder = (root / name).resolve()
+        if folder.parent != root:  # a symlink out of the model directory
+            raise Forbidden(f"folder {name!r} resolves outside the model directory (--model-dir)")
+        if not folder.is_dir():
+            raise missing
+        return folder
+
+    def unregistered_folders(self) -> list[tuple[str, str]]:
+        """Folders directly under --model-dir that name no registered model, with why:
+        what a repository index lists as UNAVAILABLE (Triton lists such models too)."""
+        base = self.settings.model_dir
+        if base is None:
+            return []
+        rows = []
+        try:
+            children = sorted(Path(base).iterdir())
+        except OSError:
+            return []
+        for child in children[:MAX_INDEXED_FOLDERS]:
+            name = child.name
+            if name.startswith(".") or not child.is_dir() or self._by_name(name):
+                continue
+            try:
+                check_model_name(name)
+            except InvalidInput:
+                continue
+            if not any((child / f).is_file() for f in SETTINGS_FILES) and not runtimes_for_dir(child):
+                reason = "no model-settings file and no model file in this folder"
+            else:
+                reason = f"not loaded: appeared after start; POST /v2/repository/models/{name}/load loads it"
+            rows.append((name, reason))
+        return rows
 
     @staticmethod
     def parse_config(name: str, config: dict[str, Any]) -> ModelSettings:

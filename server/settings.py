@@ -136,6 +136,7 @@ class Settings(BaseSettings):
     # trust_remote_code): off by default; needs an auth token.
     repository_code: bool = False
     tracing: bool = False  # OpenTelemetry spans (the `otel` extra); off: no cost
+    trace_probes: bool = False  # also spans for health probes, /metrics and ASGI internals (noise)
 
     @field_validator("access_log", mode="before")
     @classmethod

@@ -7,6 +7,7 @@ These tests load, unload and break models, so they use a meshserve of their own.
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -208,4 +209,25 @@ def test_bad_config_is_invalid_argument(repo, config, words):
     assert e.status() == repo.status(400)
     assert words in e.message()
     assert name not in repo.index()
+    repo.assert_still_serving()
+
+
+def test_folder_added_after_start_loads_by_name(repo):
+    """Triton's explicit mode: copy a model folder into the repository, then load it by name."""
+    name = f"copied_{repo.protocol}"
+    shutil.copytree(repo.model_dir / "echo", repo.model_dir / name)
+    (repo.model_dir / name / "model-settings.json").write_text(
+        json.dumps({"name": name, "implementation": "model.py:EchoModel"})
+    )
+    row = repo.index()[name]
+    assert row["state"] == "UNAVAILABLE"
+    assert "load" in row["reason"]
+    repo.client.load_model(name)
+    assert repo.client.is_model_ready(name)
+    assert repo.index()[name]["state"] == "READY"
+    np.testing.assert_array_equal(repo.echo(name, X), X)
+    repo.client.unload_model(name)
+    assert not repo.client.is_model_ready(name)
+    repo.client.load_model(name)
+    np.testing.assert_array_equal(repo.echo(name, X), X)
     repo.assert_still_serving()

@@ -105,7 +105,7 @@ def test_bad_input_lines_stop_before_loading(tmp_path, line, words):
     path.write_text('{"id": 0, "prompt": "ok"}\n' + line + "\n")
     out = tmp_path / "out.jsonl"
     r = meshserve("generate", "--model", str(tmp_path / "no-such-model"), "--input", str(path), "--output", str(out))
-    assert r.returncode == 1 and all(w in r.stderr for w in words), r.stderr
+    assert r.returncode == 2 and all(w in r.stderr for w in words), r.stderr
     assert not out.exists()
 
 
@@ -115,6 +115,6 @@ def test_bad_default_flags_stop_before_loading(tmp_path):
     out = tmp_path / "o.jsonl"
     base = ["generate", "--model", str(tmp_path / "no-such-model"), "--input", str(path), "--output", str(out)]
     r = meshserve(*base, "--max-tokens", "0")
-    assert r.returncode == 1 and "max_tokens" in r.stderr and ">= 1" in r.stderr, r.stderr
+    assert r.returncode == 2 and "max_tokens" in r.stderr and ">= 1" in r.stderr, r.stderr
     r = meshserve(*base, "--max-in-flight", "0")
-    assert r.returncode == 1 and "--max-in-flight" in r.stderr, r.stderr
+    assert r.returncode == 2 and "--max-in-flight" in r.stderr, r.stderr

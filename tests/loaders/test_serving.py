@@ -55,15 +55,15 @@ def test_bad_uris_fail_the_model_not_the_server(registry, tmp_path):
     srv = start_server(EXAMPLES, tmp_path / "log", "--repository-uris", "any", env=env)
     auth = {"authorization": "Bearer operator-token"}
     try:
-        for name, uri, reason in [
-            ("ghost", f"oci://{registry.host}/no/such:1", "not found"),
-            ("nohost", "oci://127.0.0.1:1/x/y:1", "unreachable"),
-            ("weird", "ftp://example/x", "not supported"),
+        for name, uri, status, reason in [
+            ("ghost", f"oci://{registry.host}/no/such:1", 500, "not found"),
+            ("nohost", "oci://127.0.0.1:1/x/y:1", 500, "unreachable"),
+            ("weird", "ftp://example/x", 400, "not supported"),  # the client's mistake, before any fetch
         ]:
             config = {"implementation": "model.py:EchoModel", "uri": uri}
             r = httpx.post(f"{srv.http_url}/v2/repository/models/{name}/load", json={"parameters": {"config": config}},
                            headers=auth)  # fmt: skip
-            assert r.status_code == 500 and reason in r.json()["error"] and uri.split("//")[1] in r.json()["error"]
+            assert r.status_code == status and reason in r.json()["error"] and uri.split("//")[1] in r.json()["error"]
         doc = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}
         assert httpx.post(f"{srv.http_url}/v2/models/echo/infer", json=doc, headers=auth).status_code == 200
         assert httpx.get(f"{srv.http_url}/v2/health/ready").status_code == 200

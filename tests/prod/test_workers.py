@@ -157,3 +157,26 @@ def test_a_port_in_use_fails_at_once(tmp_path):
                "--grpc-port", str(free_port()), "--workers", "2", "--model-dir", str(tmp_path)]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO)
     assert out.returncode == 1 and "address in use" in out.stderr
+
+
+def test_one_start_line_per_worker(tmp_path):
+    """Each worker runs two uvicorn servers (the shared port and a Unix socket for its peers):
+    uvicorn's own start/stop lines would come twice per worker, with "Press CTRL+C to quit"
+    for a socket; meshserve says once per process where it listens."""
+    import shutil
+
+    from tests.support.server import EXAMPLES
+
+    shutil.copytree(EXAMPLES / "echo", tmp_path / "models" / "echo")
+    srv = start_server(tmp_path / "models", tmp_path / "server.log", "--workers", "2", "--shutdown-grace", "1")
+    deadline = time.monotonic() + 20
+    while len(re.findall(r"worker \d/2: REST on", srv.log())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.stop() == 0
+    log = srv.log()
+    starts = re.findall(r"worker (\d)/2: REST on 127\.0\.0\.1:\d+, gRPC on 127\.0\.0\.1:\d+ \(pid (\d+)\)", log)
+    assert sorted(w for w, _ in starts) == ["0", "1"], log
+    assert len({pid for _, pid in starts}) == 2
+    for noise in ("Press CTRL+C", "Started server process", "Uvicorn running", "Finished server process"):
+        assert noise not in log, log
+    assert log.count("started 2 workers") == 1
