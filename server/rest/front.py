@@ -31,7 +31,6 @@ from meshserve.server.rest.encoding import MIN_COMPRESSED_RESPONSE, decode_body,
 from meshserve.server.rest.errors import REQUEST_ID, send_exception
 from meshserve.server.rest.headers import RequestHeaders
 from meshserve.server.security import HEALTH_PATHS, METRICS_PATH, Deadlines, build_auth
-from meshserve.server.settings import Settings
 from meshserve.server.workers import MODEL_PATH, Router
 
 log = logging.getLogger(__name__)
@@ -46,20 +45,18 @@ _JOIN_BELOW = 64 * 1024
 
 
 class RestFront:
-    def __init__(
-        self, dataplane: DataPlane, max_body: int, settings: Settings | None = None, router: Router | None = None
-    ) -> None:
+    """``api``: the FastAPI app for everything but infer (one per process, shared by its fronts)."""
+
+    def __init__(self, dataplane: DataPlane, api: Any, max_body: int, router: Router | None = None) -> None:
         self.dataplane = dataplane
         self.router = router
         self.max_body = max_body
-        from meshserve.server.rest.routes import build_api
-
-        self.api = build_api(dataplane)
-        settings = settings or dataplane.settings
+        self.api = api
+        settings = dataplane.settings
         self.auth = build_auth(settings)
         self.request_timeout = settings.request_timeout_seconds
         self.body_timeout = settings.body_timeout_seconds
-        self.obs = getattr(dataplane, "observe", None)
+        self.obs = dataplane.observe
         self.deadlines = Deadlines()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -365,9 +362,9 @@ async def _read_body(receive: BodyReceive) -> bytes:
     return b"".join(chunks)
 
 
-def build_rest_app(dataplane: DataPlane, max_body: int, router: Router | None = None) -> Any:
+def build_rest_app(dataplane: DataPlane, api: Any, max_body: int, router: Router | None = None) -> Any:
     """The front, wrapped in CORS when origins are configured (off by default)."""
-    front = RestFront(dataplane, max_body, router=router)
+    front = RestFront(dataplane, api, max_body, router=router)
     origins = dataplane.settings.cors_origins
     if not origins:
         return front
