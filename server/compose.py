@@ -8,16 +8,19 @@ alone with stand-ins, and every front of a process shares one FastAPI app, one r
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from meshserve.protocol.errors import InferenceError
 from meshserve.server.dataplane import DataPlane
+from meshserve.server.llm.metrics import LLMMetrics
 from meshserve.server.load_executor import LoadExecutor
 from meshserve.server.metrics import MeshCollector, load_time_histogram
-from meshserve.server.observe import RequestMetrics
+from meshserve.server.observe import PhaseTimers, RequestMetrics
 from meshserve.server.repository import ModelRepository
+from meshserve.server.runtimes.base import Model
 from meshserve.server.settings import Settings
 from prometheus_client import CollectorRegistry
 
@@ -58,19 +61,34 @@ def build_dataplane(settings: Settings, registry: CollectorRegistry | None = Non
 
     # Per-request figures (server/observe.py): counts, latency phases, in-flight, batch sizes.
     observe = RequestMetrics(registry, known)
-    repository.phases = observe.phases  # each loaded model's queue/predict timers
+    llm = LLMMetrics(registry, lambda: _engines(repository))
+
+    def instrument(model: Model) -> PhaseTimers:
+        engine = getattr(model, "engine", None)  # an LLM runtime's, once loaded
+        if engine is not None:
+            llm.attach(model.name, engine)
+        return observe.phases(model.name)
+
+    repository.instrument = instrument
     repository.cache.on_load = load_time_histogram(registry).observe
     dp = DataPlane(settings, repository, executor, load_executor, registry, observe)
     registry.register(MeshCollector(dp))
-    from meshserve.server.llm.metrics import register_llm_metrics
-
-    register_llm_metrics(registry)
     if settings.store:
         from meshserve.modelmesh.store import open_store
         from meshserve.server.fleet import Fleet
 
         dp.join(Fleet(dp, settings, open_store(settings.store, settings.fleet_lease_seconds)))
     return dp
+
+
+def _engines(repository: ModelRepository) -> Iterator[tuple[str, Any]]:
+    """The LLM engines of the models loaded now, by model name (read at scrape time)."""
+    seen: set[str] = set()
+    for entry in repository.cache.entries():
+        engine = getattr(entry.handle.model, "engine", None) if entry.handle is not None else None
+        if engine is not None and entry.spec.name not in seen:  # one label per model name
+            seen.add(entry.spec.name)
+            yield entry.spec.name, engine
 
 
 def build_process(settings: Settings, router: Router | None = None) -> Process:

@@ -70,8 +70,9 @@ class ModelRepository:
         self.registry = ModelRegistry()
         self.fetcher = settings.fetcher()
         self._freed_since_trim = 0
-        # A model's phase timers, by name (the request metrics', set by the composition root).
-        self.phases: Callable[[str], PhaseTimers] | None = None
+        # Metrics for each model that loads: returns its phase timers (and may hook its
+        # engine's); set by the composition root.
+        self.instrument: Callable[[Model], PhaseTimers | None] | None = None
 
     def predicted_size(self, ms: ModelSettings) -> int:
         """What a model will take once loaded, before it loads (ModelMesh's predictModelSize):
@@ -225,7 +226,7 @@ class ModelRepository:
             except Exception as e:
                 raise _load_error(e)  # noqa: B904 - the original stays as __context__
             size = self._size_of(model, before)
-        timers = self.phases(model.name) if self.phases is not None else None
+        timers = self.instrument(model) if self.instrument is not None else None
         return LoadedModel(model, size, timers), size
 
     def cancel_loads(self) -> None:

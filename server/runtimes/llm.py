@@ -22,7 +22,6 @@ from typing import Any
 from meshserve.protocol.datatypes import bytes_array
 from meshserve.protocol.errors import InvalidInput, ModelLoadError
 from meshserve.protocol.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor, TensorMetadata
-from meshserve.server.llm import metrics
 from meshserve.server.llm.params import check_params, sampling_params_from
 from meshserve.server.llm.types import GenerationChunk, LLMEngine, SamplingParams
 from meshserve.server.runtimes.base import Model
@@ -66,7 +65,6 @@ class LLMModel(Model):
         engine = create_engine(self.path, self.name, self.parameters)
         await engine.start()
         self.engine = engine
-        metrics.track(self.name, engine)
         try:
             check_params(sampling_params_from(None, self.defaults), engine.max_model_len)
         except InvalidInput as e:
@@ -76,7 +74,6 @@ class LLMModel(Model):
     async def unload(self) -> None:
         engine, self.engine = self.engine, None
         if engine is not None:
-            metrics.untrack(self.name, engine)
             await engine.stop()
 
     def size_bytes(self) -> int | None:
