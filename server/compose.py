@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from meshserve.protocol.errors import InferenceError
@@ -41,7 +41,6 @@ class Process:
     # One of several workers: the REST app and gRPC server its peers forward to.
     peer_rest_app: Any = None
     peer_grpc_server: grpc.aio.Server | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def build_dataplane(settings: Settings, registry: CollectorRegistry | None = None) -> DataPlane:
