@@ -217,7 +217,8 @@ class RestFront:
         try:
             self._check(scope, headers)
             body = await _read_body(self._body(receive))
-            fwd = [(k, v) for k, v in scope["headers"] if k in (b"authorization", b"x-api-key")]
+            creds = ((b"authorization", headers.authorization), (b"x-api-key", headers.api_key))
+            fwd = [(k, v) for k, v in creds if v is not None]
             if scope["path"] == "/v2/health/ready":
                 # The pod is ready when every worker is (each answers for its own models).
                 ok = self.dataplane.ready() and await self.router.all_ready(fwd)

@@ -86,3 +86,12 @@ def test_not_ready_is_400_with_an_error(http):
     r = http.get("/v2/models/hooks/ready", headers=AUTH)
     assert r.status_code == 200 and r.json() == {"name": "hooks", "ready": True}
     assert http.get("/v2/health/ready").json() == {"ready": True}
+
+
+def test_pod_wide_views_pass_the_credentials_on(http):
+    """/metrics and the repository index gather every worker's, with the caller's token."""
+    r = http.get("/metrics", headers={**AUTH, "x-request-id": "scrape"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "scrape"
+    assert "meshserve_models_registered" in r.text
+    index = http.post("/v2/repository/index", headers=AUTH, json={}).json()
+    assert {"slow", "rows", "hooks"} <= {row["name"] for row in index}
