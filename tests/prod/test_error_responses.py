@@ -4,10 +4,12 @@ the size check, and the worker that forwards to the owner of a model (--workers 
 
 from __future__ import annotations
 
+import grpc
 import httpx
 import pytest
+from meshserve.protocol.grpc import grpc_service_pb2 as pb
 
-from tests.prod.conftest import infer_doc
+from tests.prod.conftest import grpc_stub, infer_doc
 from tests.support.server import start_server
 
 TOKEN = "errors-token"
@@ -74,13 +76,17 @@ def test_forwarded_request_keeps_one_id(http):
         assert r.status_code == 200 and r.headers["x-request-id"] == name
 
 
-def test_not_ready_is_400_with_an_error(http):
-    """Triton answers a model that is not ready with 400 (Kubernetes counts any 4xx as failure)."""
+def test_not_ready_is_400_with_an_error(srv, http):
+    """Triton answers a model that is not ready with 400 (Kubernetes counts any 4xx as failure);
+    gRPC's ModelReady answers ready=false."""
     assert http.post("/v2/repository/models/hooks/unload", headers=AUTH).status_code == 200
     try:
         r = http.get("/v2/models/hooks/ready", headers={**AUTH, "x-request-id": "probe"})
         assert r.status_code == 400 and r.headers["x-request-id"] == "probe"
         assert r.json()["ready"] is False and "not ready" in r.json()["error"]
+        with grpc.insecure_channel(srv.grpc_address) as channel:
+            md = tuple(AUTH.items())
+            assert not grpc_stub(channel).ModelReady(pb.ModelReadyRequest(name="hooks"), metadata=md, timeout=5).ready
     finally:
         assert http.post("/v2/repository/models/hooks/load", headers=AUTH).status_code == 200
     r = http.get("/v2/models/hooks/ready", headers=AUTH)
