@@ -6,8 +6,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from concurrent.futures import Executor
+from typing import TYPE_CHECKING, Any
 
 from meshserve.modelmesh import CacheEntry, ModelState
 from meshserve.protocol.errors import InferenceError, ServerNotReady
@@ -19,6 +19,11 @@ from meshserve.server.security import check_model_name, redact
 from meshserve.server.settings import Settings
 from meshserve.server.version import __version__
 
+if TYPE_CHECKING:
+    from meshserve.server.fleet import Fleet
+    from meshserve.server.observe import RequestMetrics
+    from prometheus_client import CollectorRegistry
+
 log = logging.getLogger(__name__)
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "parameters"]
@@ -26,16 +31,24 @@ PRELOAD_CONCURRENCY = 4
 
 
 class DataPlane:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.executor = ThreadPoolExecutor(settings.predict_threads, thread_name_prefix="predict")
-        # Loads and fetches on threads of their own: a stuck load never holds a predict thread.
-        self.load_executor = LoadExecutor(settings.load_threads, name="load")
-        self.repository = ModelRepository(settings, self.executor, self.load_executor)
-        self.cache = self.repository.cache
-        from meshserve.server.metrics import build_metrics
+    """Built by the composition root (server/compose.py), which hands it its collaborators."""
 
-        self.metrics = build_metrics(self)
+    def __init__(
+        self,
+        settings: Settings,
+        repository: ModelRepository,
+        executor: Executor,
+        load_executor: LoadExecutor,
+        metrics: CollectorRegistry,
+        observe: RequestMetrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.executor = executor
+        self.load_executor = load_executor
+        self.repository = repository
+        self.cache = repository.cache
+        self.metrics = metrics  # the process's Prometheus registry
+        self.observe = observe  # per-request figures, read by both fronts
         self._started = False
         self._draining = False
         self._stopping = False
@@ -45,8 +58,13 @@ class DataPlane:
         self.drain_hooks: list[Callable[[], Awaitable[None]]] = []
         # Which models this process serves (all, unless it is one of several workers).
         self.owns: Callable[[str], bool] = lambda name: True
-        self.fleet = None  # meshserve.server.fleet.Fleet when a coordination store joins pods (settings.store)
+        self.fleet: Fleet | None = None  # set once the fleet handed to join() has started
+        self._joining: Fleet | None = None
         self.copies = None  # meshserve.server.worker_copies.WorkerCopies when one of several workers
+
+    def join(self, fleet: Fleet) -> None:
+        """The fleet this data plane joins when it starts (with a coordination store)."""
+        self._joining = fleet
 
     # -- lifecycle ----------------------------------------------------------
     async def start(self) -> None:
@@ -56,8 +74,8 @@ class DataPlane:
         keys = await self.repository.discover()
         self._startup_keys = keys
         log.info("registered %d models in %.2fs", len(keys), time.monotonic() - started)
-        if self.settings.store:
-            await self._join_fleet()
+        if self._joining is not None:
+            await self._join_fleet(self._joining)
         if self.settings.preload:
             entries = [e for e in (self.cache.get(k) for k in keys) if e is not None and self.owns(e.spec.name)]
             entries.sort(key=lambda e: not e.pinned)
@@ -79,11 +97,9 @@ class DataPlane:
             await asyncio.gather(*(preload(e) for e in entries))
         self._started = True
 
-    async def _join_fleet(self) -> None:
-        from meshserve.modelmesh.store import StoreUnavailable, open_store
-        from meshserve.server.fleet import Fleet
+    async def _join_fleet(self, fleet: Fleet) -> None:
+        from meshserve.modelmesh.store import StoreUnavailable
 
-        fleet = Fleet(self, self.settings, open_store(self.settings.store, self.settings.fleet_lease_seconds))
         try:
             await fleet.start()
         except StoreUnavailable as e:

@@ -17,6 +17,7 @@ from meshserve.protocol.errors import InferenceError, InvalidInput, ModelExecuti
 from meshserve.protocol.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor, TensorMetadata
 from meshserve.server import tracing
 from meshserve.server.batching import DynamicBatcher
+from meshserve.server.observe import PhaseTimers
 from meshserve.server.runtimes.base import Model
 from meshserve.server.slots import Slots
 
@@ -31,7 +32,7 @@ def _hook(model: Model, name: str) -> Callable[[Any], Any] | None:
 class LoadedModel:
     """One model instance ready to serve; built once per load, used per request."""
 
-    def __init__(self, model: Model, size_bytes: int) -> None:
+    def __init__(self, model: Model, size_bytes: int, timers: PhaseTimers | None = None) -> None:
         self.model = model
         self.name = model.name
         self.version = model.version or ""
@@ -50,9 +51,7 @@ class LoadedModel:
         settings = model.settings
         self.batcher: DynamicBatcher | None = None
         self._batching = settings.max_batch_size > 1 and model.supports_batching
-        from meshserve.server import observe
-
-        self.timers = observe.CURRENT.phases(self.name) if observe.CURRENT is not None else None
+        self.timers = timers  # queue/predict histograms of this model (server/observe.py), if measured
 
     def validate(self, request: InferenceRequest) -> None:
         """Check the request against the declared inputs/outputs, if any are declared."""

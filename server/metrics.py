@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from meshserve.server.llm.metrics import register_llm_metrics
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -52,35 +51,11 @@ class MeshCollector(Collector):
                 failures.add_metric(labels, entry.failed_requests)
         yield requests
         yield failures
-        fleet = getattr(self.dp, "fleet", None)
+        fleet = self.dp.fleet
         if fleet is not None:
             yield from fleet.metrics()
 
 
-def build_metrics(dataplane: DataPlane) -> CollectorRegistry:
-    """One registry per server: the cache's figures plus a load-time histogram."""
-    registry = CollectorRegistry()
-    registry.register(MeshCollector(dataplane))
-    load_time = Histogram(
-        "meshserve_model_load_seconds", "Time to load a model.", buckets=LOAD_BUCKETS, registry=registry
-    )
-    dataplane.cache.on_load = load_time.observe
-    from meshserve.server import observe
-
-    # Per-request figures (server/observe.py): counts, latency phases, in-flight, batch sizes.
-    dataplane.observe = observe.CURRENT = observe.RequestMetrics(registry, _registered(dataplane))
-    register_llm_metrics(registry)
-    return registry
-
-
-def _registered(dataplane: DataPlane):
-    """Whether a name is a registered model (only those become metric labels)."""
-    from meshserve.protocol.errors import InferenceError
-
-    def known(name: str) -> bool:
-        try:
-            return bool(dataplane.repository.keys_of(name))
-        except InferenceError:
-            return False
-
-    return known
+def load_time_histogram(registry: CollectorRegistry) -> Histogram:
+    """Model load times; the cache observes each load (its ``on_load``)."""
+    return Histogram("meshserve_model_load_seconds", "Time to load a model.", buckets=LOAD_BUCKETS, registry=registry)

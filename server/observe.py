@@ -36,10 +36,6 @@ _MAX_ID = 128
 
 access_log = logging.getLogger("meshserve.access")
 
-# The process's request metrics, set when a data plane builds its registry; loaded
-# models pick their phase timers from it.
-CURRENT: RequestMetrics | None = None
-
 
 class _Hist:
     """A histogram kept as plain numbers: observed on the event loop only (both fronts,

@@ -12,9 +12,8 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
+from meshserve.server.compose import build_process
 from meshserve.server.dataplane import DataPlane
-from meshserve.server.grpc.servicer import build_grpc_server
-from meshserve.server.rest import build_rest_app
 from meshserve.server.rest.connections import bounded_http_protocol
 from meshserve.server.security import grpc_server_credentials
 from meshserve.server.settings import Settings
@@ -56,13 +55,8 @@ async def run(settings: Settings, started: asyncio.Event | None = None, router: 
     """Serve until SIGINT/SIGTERM. With ``router`` this is one of several workers
     (server/workers.py): shared ports, plus private sockets its peers forward to."""
     _quiet_uvicorn_lifecycle()
-    dataplane = DataPlane(settings)
-    if router is not None:
-        from meshserve.server.worker_copies import WorkerCopies
-
-        dataplane.owns = router.mine
-        dataplane.copies = router.copies = WorkerCopies(dataplane, router)
-    grpc_server = build_grpc_server(dataplane, settings.max_request_bytes, reuse_port=router is not None, router=router)
+    process = build_process(settings, router)
+    dataplane, grpc_server = process.dataplane, process.grpc_server
     credentials = grpc_server_credentials(settings)
     address = f"{settings.host}:{settings.grpc_port}"
     try:
@@ -80,7 +74,7 @@ async def run(settings: Settings, started: asyncio.Event | None = None, router: 
         timeout_graceful_shutdown=settings.shutdown_grace_seconds,
     )  # fmt: skip
     config = uvicorn.Config(
-        build_rest_app(dataplane, settings.max_request_bytes, router),
+        process.rest_app,
         host=settings.host,
         port=settings.http_port,
         ssl_certfile=str(settings.tls_cert) if tls else None,
@@ -96,10 +90,9 @@ async def run(settings: Settings, started: asyncio.Event | None = None, router: 
 
         shared, uds = worker_sockets(settings, router)
         sockets = [shared]
-        private_rest = _UvicornServer(
-            uvicorn.Config(build_rest_app(dataplane, settings.max_request_bytes), uds=uds, **common)
-        )
-        private_grpc = build_grpc_server(dataplane, settings.max_request_bytes, peer=True)
+        private_rest = _UvicornServer(uvicorn.Config(process.peer_rest_app, uds=uds, **common))
+        private_grpc = process.peer_grpc_server
+        assert private_grpc is not None
         private_grpc.add_insecure_port(f"unix:{router.grpc_socket(router.index)}")
         private.append((private_rest, private_grpc))
 

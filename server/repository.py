@@ -8,9 +8,10 @@ import gc
 import inspect
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshserve.loaders import is_remote, resolve_uri
 from meshserve.loaders.limits import LoadCancelled
@@ -27,6 +28,9 @@ from meshserve.server.runtimes.files import runtimes_for_dir
 from meshserve.server.runtimes.registry import resolve_runtime
 from meshserve.server.security import check_model_name
 from meshserve.server.settings import Settings
+
+if TYPE_CHECKING:
+    from meshserve.server.observe import PhaseTimers
 
 log = logging.getLogger(__name__)
 # A repository index looks at this many folders of --model-dir for models not registered.
@@ -98,6 +102,9 @@ class ModelRepository:
         self.registry = ModelRegistry()
         self.fetcher = settings.fetcher()
         self._freed_since_trim = 0
+        # Metrics for each model that loads: returns its phase timers (and may hook its
+        # engine's); set by the composition root.
+        self.instrument: Callable[[Model], PhaseTimers | None] | None = None
 
     def predicted_size(self, ms: ModelSettings) -> int:
         """What a model will take once loaded, before it loads (ModelMesh's predictModelSize):
@@ -320,7 +327,8 @@ class ModelRepository:
             except Exception as e:
                 raise _load_error(e)  # noqa: B904 - the original stays as __context__
             size = self._size_of(model, before)
-        return LoadedModel(model, size), size
+        timers = self.instrument(model) if self.instrument is not None else None
+        return LoadedModel(model, size, timers), size
 
     def cancel_loads(self) -> None:
         """Tell every load in progress to stop (at shutdown): fetches end at their next chunk."""

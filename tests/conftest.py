@@ -4,7 +4,18 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.lanes import guard_unit_lane, mark_lanes
 from tests.support.server import RunningServer, make_model_dir, start_server
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "unit: runs in the test process (make test-unit)")
+    config.addinivalue_line("markers", "system: starts processes or services (a server, etcd, a registry)")
+    guard_unit_lane()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    mark_lanes(items)
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from meshserve.protocol.datatypes import (
     bytes_from_buffer,
     cast_checked,
     check_shape,
+    decode_bytes_elements,
     dtype_of,
     encode_bytes_elements,
     fixed_from_buffer,
@@ -184,6 +185,37 @@ def encode_infer_response(response: InferenceResponse, raw: bool = True) -> pb.M
     if raw:
         msg.raw_output_contents.extend(raw_parts)
     return msg
+
+
+def decode_infer_response(msg: pb.ModelInferResponse) -> InferenceResponse:
+    """A response message back as protocol types (a pod's forwarded answer, a client's reply):
+    raw contents stay in their received buffers, BYTES elements are not limited (the
+    sender is a trusted peer that already bounded them)."""
+    raw = msg.raw_output_contents
+    outputs = []
+    for i, out in enumerate(msg.outputs):
+        shape = tuple(out.shape)
+        if raw:
+            buf = raw[i]
+            if out.datatype == "BYTES":
+                data = bytes_array(decode_bytes_elements(out.name, buf), shape)
+            else:
+                data = np.frombuffer(buf, dtype=DTYPES[out.datatype]).reshape(shape)
+        else:
+            values = getattr(out.contents, CONTENTS_FIELD[out.datatype])
+            if out.datatype == "BYTES":
+                data = bytes_array(list(values), shape)
+            else:
+                data = np.array(values, dtype=DTYPES[out.datatype]).reshape(shape)
+        params = decode_parameters(out.parameters) if out.parameters else {}
+        outputs.append(Tensor(out.name, out.datatype, data, params))
+    return InferenceResponse(
+        msg.model_name,
+        outputs,
+        model_version=msg.model_version or None,
+        id=msg.id or None,
+        parameters=decode_parameters(msg.parameters) if msg.parameters else None,
+    )
 
 
 def encode_infer_request(request: InferenceRequest, raw: bool = True) -> pb.ModelInferRequest:

@@ -8,15 +8,13 @@ import socket
 from typing import TYPE_CHECKING
 
 import grpc
-import numpy as np
 from meshserve.modelmesh import CacheEntry, ModelState
 from meshserve.modelmesh.store import CoordinationStore
 from meshserve.protocol import errors
-from meshserve.protocol.datatypes import DTYPES
 from meshserve.protocol.errors import InferenceError, ModelNotReady, ServerNotReady
-from meshserve.protocol.grpc import grpc_service_pb2 as pb
-from meshserve.protocol.grpc.codec import CONTENTS_FIELD, decode_parameters
-from meshserve.protocol.types import InferenceResponse, Tensor
+
+# A forwarded call's answer is decoded by the protocol's codec, beside its encoder (re-exported here).
+from meshserve.protocol.grpc.codec import decode_infer_response  # noqa: F401
 
 if TYPE_CHECKING:
     from meshserve.server.settings import Settings
@@ -56,40 +54,6 @@ def _remote_error(e: grpc.aio.AioRpcError) -> Exception:
     if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
         return ServerNotReady("the pod holding the model did not answer within the deadline")
     return _Unreachable(f"{e.code().name}: {e.details()}")
-
-
-def decode_infer_response(msg: pb.ModelInferResponse) -> InferenceResponse:
-    """A forwarded call's answer, back as the data plane's response (raw contents stay in
-    their received buffers)."""
-    raw = msg.raw_output_contents
-    outputs = []
-    for i, out in enumerate(msg.outputs):
-        shape = tuple(out.shape)
-        if raw:
-            buf = raw[i]
-            if out.datatype == "BYTES":
-                from meshserve.protocol.datatypes import bytes_array, decode_bytes_elements
-
-                data = bytes_array(decode_bytes_elements(out.name, buf), shape)
-            else:
-                data = np.frombuffer(buf, dtype=DTYPES[out.datatype]).reshape(shape)
-        else:
-            values = getattr(out.contents, CONTENTS_FIELD[out.datatype])
-            if out.datatype == "BYTES":
-                from meshserve.protocol.datatypes import bytes_array
-
-                data = bytes_array(list(values), shape)
-            else:
-                data = np.array(values, dtype=DTYPES[out.datatype]).reshape(shape)
-        params = decode_parameters(out.parameters) if out.parameters else {}
-        outputs.append(Tensor(out.name, out.datatype, data, params))
-    return InferenceResponse(
-        msg.model_name,
-        outputs,
-        model_version=msg.model_version or None,
-        id=msg.id or None,
-        parameters=decode_parameters(msg.parameters) if msg.parameters else None,
-    )
 
 
 def _advertised_host(settings: Settings) -> str:

@@ -23,6 +23,7 @@ from meshserve.protocol.grpc.codec import decode_infer_request, encode_infer_res
 from meshserve.protocol.types import InferenceRequest, InferenceResponse, Tensor
 from meshserve.server.llm.api_params import OIP_FIELDS, oip_sampling
 from meshserve.server.llm.service import Generation, request_id
+from meshserve.server.security import redact
 
 if TYPE_CHECKING:
     from meshserve.server.dataplane import DataPlane
@@ -114,7 +115,7 @@ async def stream_llm(dp: DataPlane, msg: pb.ModelInferRequest) -> AsyncIterator[
         if empty_final:
             yield _response(_Named(msg), msg.id, None, True, None)
     except InferenceError as e:
-        yield pb.ModelStreamInferResponse(error_message=e.message)
+        yield pb.ModelStreamInferResponse(error_message=redact(e.message))  # as every other path
 
 
 class _Named:

@@ -6,14 +6,14 @@ latency, prompt and generation lengths) or once per decoding step (inter-token
 latency: every running sequence got one token in that step). Nothing is recorded
 per token beyond the engines' integer adds.
 
-The server calls :func:`register_llm_metrics` from ``meshserve.server.metrics.build_metrics``;
-the llm runtime calls :func:`track` / :func:`untrack` as models load and unload.
+The composition root (server/compose.py) builds one :class:`LLMMetrics` on the server's
+registry, reading the engines of the models loaded now (``engines``), and hands each
+model that loads to :meth:`LLMMetrics.attach`, which gives its engine an :class:`Observer`.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -37,8 +37,7 @@ GAUGES = (
     ("waiting", "meshserve_llm_num_requests_waiting", "Sequences queued for the batch."),
 )
 
-_lock = threading.Lock()
-_engines: dict[str, Any] = {}
+Engines = Callable[[], Iterable[tuple[str, Any]]]  # (model label, engine) of the models loaded now
 
 
 class _Histograms:
@@ -53,9 +52,6 @@ class _Histograms:
         self.e2e = h("meshserve_llm_e2e_request_latency_seconds", "Request latency to the last token.", E2E_BUCKETS)
         self.prompt = h("meshserve_llm_request_prompt_tokens", "Prompt length per request.", TOKEN_BUCKETS)
         self.generation = h("meshserve_llm_request_generation_tokens", "Tokens generated per request.", TOKEN_BUCKETS)
-
-
-_histograms: _Histograms | None = None
 
 
 class Observer:
@@ -83,9 +79,11 @@ class Observer:
 
 
 class LLMCollector(Collector):
+    def __init__(self, engines: Engines) -> None:
+        self._engines = engines
+
     def collect(self) -> Iterator[Metric]:
-        with _lock:
-            engines = list(_engines.items())
+        engines = list(self._engines())
         counters = [(key, CounterMetricFamily(name, doc, labels=["model"])) for key, name, doc in COUNTERS]
         gauges = [(key, GaugeMetricFamily(name, doc, labels=["model"])) for key, name, doc in GAUGES]
         for model, engine in engines:
@@ -96,25 +94,13 @@ class LLMCollector(Collector):
             yield family
 
 
-def register_llm_metrics(registry: CollectorRegistry) -> None:
-    """Add the LLM engines' metrics to the server's registry (one call from build_metrics)."""
-    global _histograms
-    registry.register(LLMCollector())
-    with _lock:
-        _histograms = _Histograms(registry)
-        for model, engine in _engines.items():
-            engine.observer = Observer(model, _histograms)
+class LLMMetrics:
+    """The LLM engines' metrics in one server's registry."""
 
+    def __init__(self, registry: CollectorRegistry, engines: Engines) -> None:
+        registry.register(LLMCollector(engines))
+        self._histograms = _Histograms(registry)
 
-def track(model: str, engine: Any) -> None:
-    """Report ``engine`` under the label ``model`` until :func:`untrack`."""
-    with _lock:
-        _engines[model] = engine
-        if _histograms is not None:
-            engine.observer = Observer(model, _histograms)
-
-
-def untrack(model: str, engine: Any | None = None) -> None:
-    with _lock:
-        if engine is None or _engines.get(model) is engine:
-            _engines.pop(model, None)
+    def attach(self, model: str, engine: Any) -> None:
+        """Observe ``engine``'s requests and steps under the label ``model``."""
+        engine.observer = Observer(model, self._histograms)

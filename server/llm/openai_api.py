@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from meshserve.protocol.errors import InferenceError, ModelNotFound
+from meshserve.protocol.errors import ModelNotFound
 from meshserve.server.llm.api_params import OpenAIRequest, ParamError, openai_request
 from meshserve.server.llm.logprobs import CompletionLogprobs, chat_logprobs
 from meshserve.server.llm.request_stats import OPENAI, RequestStats
@@ -33,6 +33,8 @@ from meshserve.server.llm.service import (
     start_all,
 )
 from meshserve.server.llm.sse import GenerationResponse, sse_event
+from meshserve.server.rest.errors import error_response as rest_error
+from meshserve.server.rest.errors import error_status
 
 if TYPE_CHECKING:
     from meshserve.server.dataplane import DataPlane
@@ -48,11 +50,7 @@ def _json(doc: Any, status: int = 200) -> Response:
 
 
 def error_body(e: BaseException) -> tuple[int, dict[str, Any]]:
-    if isinstance(e, InferenceError):
-        status, message = e.http_status, e.message
-    else:
-        log.exception("unexpected error in an OpenAI route", exc_info=e)
-        status, message = 500, "internal server error"
+    status, message = error_status(e)  # redacted; the unexpected logged
     kind = "invalid_request_error" if status < 500 else "server_error"
     code = "model_not_found" if isinstance(e, ModelNotFound) else None
     param = e.param if isinstance(e, ParamError) else None
@@ -60,8 +58,9 @@ def error_body(e: BaseException) -> tuple[int, dict[str, Any]]:
 
 
 def error_response(e: BaseException) -> Response:
+    """OpenAI's error shape, through the one REST error builder (headers a status implies)."""
     status, body = error_body(e)
-    return _json(body, status)
+    return rest_error(status, "", e=e, body=orjson.dumps(body))
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

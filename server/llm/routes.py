@@ -24,6 +24,7 @@ from meshserve.server.llm.api_params import OIP_FIELDS, ParamError, oip_sampling
 from meshserve.server.llm.request_stats import OIP, RequestStats
 from meshserve.server.llm.service import CLIENT_GONE, ClientGone, Generation, is_llm_model, request_id, request_object
 from meshserve.server.llm.sse import SSE_HEADERS, SSE_MEDIA_TYPE, GenerationResponse, sse_event
+from meshserve.server.rest.errors import error_status
 
 if TYPE_CHECKING:
     from meshserve.server.dataplane import DataPlane
@@ -162,4 +163,4 @@ async def _events(
     except InferenceError as e:
         if stats is not None:
             stats.fail(e)
-        yield sse_event({"error": e.message})
+        yield sse_event({"error": error_status(e)[1]})

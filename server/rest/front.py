@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import re
 from collections.abc import Awaitable, Callable
 from time import perf_counter_ns
@@ -16,7 +15,6 @@ from typing import Any
 
 from meshserve.protocol.errors import (
     BodyTimeout,
-    CapacityExhausted,
     InferenceError,
     InvalidInput,
     PayloadTooLarge,
@@ -24,21 +22,15 @@ from meshserve.protocol.errors import (
     ServerNotReady,
     Unauthenticated,
 )
-from meshserve.protocol.rest_codec import HEADER_LENGTH, decode_infer_request, encode_error, encode_infer_response
+from meshserve.protocol.rest_codec import HEADER_LENGTH, decode_infer_request, encode_infer_response
 from meshserve.server import tracing
 from meshserve.server.dataplane import DataPlane
 from meshserve.server.fleet import ROUTE
 from meshserve.server.observe import FrontStats, clean_request_id, log_access
 from meshserve.server.rest.encoding import MIN_COMPRESSED_RESPONSE, decode_body, encode_body, response_encoding
-from meshserve.server.security import (
-    HEALTH_PATHS,
-    METRICS_PATH,
-    WWW_AUTHENTICATE,
-    Deadlines,
-    build_auth,
-    redact,
-)
-from meshserve.server.settings import Settings
+from meshserve.server.rest.errors import REQUEST_ID, send_exception
+from meshserve.server.rest.headers import RequestHeaders
+from meshserve.server.security import HEALTH_PATHS, METRICS_PATH, Deadlines, build_auth
 from meshserve.server.upstream import relay
 from meshserve.server.workers import MODEL_PATH, REPOSITORY_CHANGE, Router
 
@@ -49,90 +41,83 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 INFER_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
-_JSON = [(b"content-type", b"application/json")]
 _HEADER_LENGTH_B = HEADER_LENGTH.encode()
 _JOIN_BELOW = 64 * 1024
 
 
 class RestFront:
-    def __init__(
-        self, dataplane: DataPlane, max_body: int, settings: Settings | None = None, router: Router | None = None
-    ) -> None:
+    """``api``: the FastAPI app for everything but infer (one per process, shared by its fronts)."""
+
+    def __init__(self, dataplane: DataPlane, api: Any, max_body: int, router: Router | None = None) -> None:
         self.dataplane = dataplane
         self.router = router
         self.max_body = max_body
-        from meshserve.server.rest.routes import build_api
-
-        self.api = build_api(dataplane)
-        settings = settings or dataplane.settings
+        self.api = api
+        settings = dataplane.settings
         self.auth = build_auth(settings)
         self.request_timeout = settings.request_timeout_seconds
         self.body_timeout = settings.body_timeout_seconds
-        self.obs = getattr(dataplane, "observe", None)
+        self.obs = dataplane.observe
         self.deadlines = Deadlines()
         from meshserve.server.rest.model_routes import ModelRoutes
 
         self.model_routes = ModelRoutes(self)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            if self.router is not None:
-                path = scope["path"]
-                m = MODEL_PATH.match(path)
-                if m is not None:
-                    name = m["name"]
-                    if scope["method"] == "POST":
-                        change = REPOSITORY_CHANGE.match(path)
-                        if change is not None:  # on the owner, then replayed on the others
-                            await self._forward(scope, receive, send, self.router.owner(name), change=change["action"])
-                            return
-                        infer = INFER_PATH.match(path)
-                        if infer is not None and self.router.serve_here(name, infer["version"]):
-                            await self._infer(scope, receive, send, name, infer["version"])
-                            return
-                    if not self.router.mine(name):
-                        await self._forward(scope, receive, send, self.router.owner(name))
-                        return
-                if path in (METRICS_PATH, "/v2/repository/index", "/v2/health/ready"):
-                    await self._gather(scope, receive, send)
-                    return
-            if scope["method"] == "POST":
-                m = INFER_PATH.match(scope["path"])
-                if m is not None:
-                    await self._infer(scope, receive, send, m["name"], m["version"])
-                    return
-                if self.model_routes.wants(scope):  # generate and OpenAI: to the owner or holder
-                    await self.model_routes(scope, receive, send)
-                    return
-            await self._other(scope, receive, send)
+        if scope["type"] != "http":
+            await self.api(scope, receive, send)
             return
-        await self.api(scope, receive, send)
+        headers = RequestHeaders(scope["headers"])
+        rid = clean_request_id(headers.request_id)
+        if self.router is not None:
+            path = scope["path"]
+            m = MODEL_PATH.match(path)
+            if m is not None:
+                name = m["name"]
+                if scope["method"] == "POST":
+                    change = REPOSITORY_CHANGE.match(path)
+                    if change is not None:  # on the owner, then replayed on the others
+                        owner = self.router.owner(name)
+                        await self._forward(scope, receive, send, headers, rid, owner, change=change["action"])
+                        return
+                    infer = INFER_PATH.match(path)
+                    if infer is not None and self.router.serve_here(name, infer["version"]):
+                        await self._infer(scope, receive, send, headers, rid, name, infer["version"])
+                        return
+                if not self.router.mine(name):
+                    await self._forward(scope, receive, send, headers, rid, self.router.owner(name))
+                    return
+            if path in (METRICS_PATH, "/v2/repository/index", "/v2/health/ready"):
+                await self._gather(scope, receive, send, headers, rid)
+                return
+        if scope["method"] == "POST":
+            m = INFER_PATH.match(scope["path"])
+            if m is not None:
+                await self._infer(scope, receive, send, headers, rid, m["name"], m["version"])
+                return
+            if self.model_routes.wants(scope):  # generate and OpenAI: to the owner or holder
+                await self.model_routes(scope, receive, send, headers, rid)
+                return
+        await self._other(scope, receive, send, headers, rid)
 
-    async def _other(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def _check(self, scope: Scope, headers: RequestHeaders) -> None:
+        """Credentials where the path needs them, then the declared body size."""
+        if self.auth is not None and self.auth.protects(scope["path"]):
+            if not self.auth.check(headers.authorization, headers.api_key):
+                raise Unauthenticated("missing or invalid credentials")
+        declared = headers.declared_length()
+        if declared is not None and declared > self.max_body:
+            raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {self.max_body}")
+
+    async def _other(self, scope: Scope, receive: Receive, send: Send, headers: RequestHeaders, rid: str) -> None:
         """Everything but infer: checks, then FastAPI, with the request id and an access line."""
         t0 = perf_counter_ns()
-        rid = authorization = api_key = None
-        for key, value in scope["headers"]:
-            if key == b"x-request-id":
-                rid = value
-            elif key == b"authorization":
-                authorization = value
-            elif key == b"x-api-key":
-                api_key = value
-        rid = clean_request_id(rid)
-        rid_header = (b"x-request-id", rid.encode())
+        rid_header = (REQUEST_ID, rid.encode())
         status = 500
         try:
-            if self.auth is not None and self.auth.protects(scope["path"]):
-                if not self.auth.check(authorization, api_key):
-                    raise Unauthenticated("missing or invalid credentials")
-            declared = _declared_length(scope)
-            if declared is not None and declared > self.max_body:
-                raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {self.max_body}")
+            self._check(scope, headers)
         except InferenceError as e:
-            status = e.http_status
-            extra = _ERROR_HEADER.get(status)
-            await _send_json(send, status, encode_error(redact(e.message)), rid_header, extra)
+            status = await send_exception(send, e, rid)
             _log_other(rid, scope, status, t0)
             return
 
@@ -141,8 +126,6 @@ class RestFront:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", ()), rid_header]
-                if status in (408, 413, 503):
-                    message["headers"].append(_ERROR_HEADER[status])
             await send(message)
 
         try:
@@ -150,44 +133,35 @@ class RestFront:
         finally:
             _log_other(rid, scope, status, t0)
 
-    async def _infer(self, scope: Scope, receive: Receive, send: Send, name: str, version: str | None) -> None:
+    async def _infer(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        headers: RequestHeaders,
+        rid: str,
+        name: str,
+        version: str | None,
+    ) -> None:
         t0 = perf_counter_ns()
-        rid = authorization = api_key = traceparent = None
         stats = self.obs.front(name, "rest") if self.obs is not None else None
         if stats is not None:
             stats.begin()
         status = 200
         try:
-            header_length = declared = content_encoding = accept_encoding = None
-            for key, value in scope["headers"]:
-                if key == b"content-length":
-                    declared = _int_header(value, "Content-Length")
-                elif key == _HEADER_LENGTH_B:
-                    header_length = _int_header(value, "Inference-Header-Content-Length")
-                elif key == b"content-encoding":
-                    content_encoding = value
-                elif key == b"accept-encoding":
-                    accept_encoding = value
-                elif key == b"x-request-id":
-                    rid = value
-                elif key == b"authorization":
-                    authorization = value
-                elif key == b"x-api-key":
-                    api_key = value
-                elif key == b"traceparent":
-                    traceparent = value
-            rid = clean_request_id(rid)
-            if self.auth is not None and not self.auth.check(authorization, api_key):
+            if self.auth is not None and not self.auth.check(headers.authorization, headers.api_key):
                 raise Unauthenticated("missing or invalid credentials")
+            declared = headers.declared_length()
             if declared is not None and declared > self.max_body:
                 raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {self.max_body}")
+            header_length = headers.json_header_length()
             body = await _read_body(BodyReceive(receive, self.max_body, self.body_timeout, self.deadlines))
-            if content_encoding is not None:
-                body = decode_body(body, content_encoding, self.max_body)
+            if headers.content_encoding is not None:
+                body = decode_body(body, headers.content_encoding, self.max_body)
             if tracing.TRACER is None:
                 work = run_infer(self.dataplane, body, name, version, header_length)
             else:
-                work = _traced_infer(self.dataplane, body, name, version, header_length, traceparent)
+                work = _traced_infer(self.dataplane, body, name, version, header_length, headers.traceparent)
             if self.request_timeout is None:
                 parts, json_length = await work
             else:
@@ -196,36 +170,30 @@ class RestFront:
                         parts, json_length = await work
                 except TimeoutError:
                     raise RequestTimeout(f"request not served within {self.request_timeout:g}s") from None
-        except InferenceError as e:
-            status = e.http_status
-            extra = _retry_after(e) or _ERROR_HEADER.get(status)
-            await _send_json(send, status, encode_error(redact(e.message)), (b"x-request-id", str(rid).encode()), extra)
-            self._done(stats, rid, name, status, t0)
-            return
-        except Exception:
-            log.exception("infer on %s failed", name)
-            status = 500
-            await _send_json(send, 500, encode_error("internal server error"), (b"x-request-id", str(rid).encode()))
+        except Exception as e:
+            if not isinstance(e, InferenceError):
+                log.exception("infer on %s failed", name)
+            status = await send_exception(send, e, rid)
             self._done(stats, rid, name, status, t0)
             return
         total = sum(len(p) for p in parts)
-        headers = [
+        out = [
             (b"content-type", b"application/json" if json_length is None else b"application/octet-stream"),
-            (b"x-request-id", rid.encode()),
+            (REQUEST_ID, rid.encode()),
         ]
         if self.dataplane.fleet is not None:  # local, forwarded or miss: where the fleet served it
-            headers.append((b"meshserve-route", ROUTE.get().encode()))
+            out.append((b"meshserve-route", ROUTE.get().encode()))
         if json_length is not None:
-            headers.append((_HEADER_LENGTH_B, str(json_length).encode()))
-        if accept_encoding is not None and total >= MIN_COMPRESSED_RESPONSE:
-            encoding = response_encoding(accept_encoding)
+            out.append((_HEADER_LENGTH_B, str(json_length).encode()))
+        if headers.accept_encoding is not None and total >= MIN_COMPRESSED_RESPONSE:
+            encoding = response_encoding(headers.accept_encoding)
             if encoding is not None:
                 parts = [encode_body(parts, encoding)]
                 total = len(parts[0])
-                headers.append((b"content-encoding", encoding))
-        headers.append((b"content-length", str(total).encode()))
+                out.append((b"content-encoding", encoding))
+        out.append((b"content-length", str(total).encode()))
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.start", "status": 200, "headers": out})
             if len(parts) > 1 and total <= _JOIN_BELOW:
                 parts = [b"".join(parts)]  # one write beats several for small bodies
             last = len(parts) - 1
@@ -235,38 +203,46 @@ class RestFront:
             self._done(stats, rid, name, status, t0)
 
     async def _forward(
-        self, scope: Scope, receive: Receive, send: Send, owner: int, body: bytes | None = None, *, change: str = ""
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        headers: RequestHeaders,
+        rid: str,
+        owner: int,
+        body: bytes | None = None,
+        *,
+        change: str = "",
     ) -> None:
-        """Pass the request to the worker that owns its model, bytes through; the answer
-        comes back as the owner writes it (a stream chunk by chunk), and a client that
-        goes away closes the connection to the owner, which stops the work.
-        ``body``: already read (and ``receive`` already wrapped) by the caller. ``change``: a
-        repository load/unload, replayed on the other workers once the owner took it."""
+        """Pass the request to the worker that owns its model, bytes through (with this
+        worker's request id, so both log the same one); the answer comes back as the owner
+        writes it (a stream chunk by chunk), and a client that goes away closes the
+        connection to the owner, which stops the work. ``body``: already read (and
+        ``receive`` already wrapped) by the caller. ``change``: a repository load/unload,
+        replayed on the other workers once the owner took it."""
         assert self.router is not None
-        headers = scope["headers"]
+        raw = scope["headers"]
+        if headers.request_id is None or headers.request_id != rid.encode():
+            raw = [*(h for h in raw if h[0] != REQUEST_ID), (REQUEST_ID, rid.encode())]
         try:
             if body is None:
-                self._check_auth(scope)
-                declared = _declared_length(scope)
-                if declared is not None and declared > self.max_body:
-                    raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {self.max_body}")
+                self._check(scope, headers)
                 receive = self._body(receive)
                 body = await _read_body(receive)
             target = scope["raw_path"] or scope["path"].encode()
             if scope["query_string"]:
                 target += b"?" + scope["query_string"]
             try:
-                response = await self.router.http(owner).open(scope["method"].encode(), target, headers, body)
+                response = await self.router.http(owner).open(scope["method"].encode(), target, raw, body)
             except OSError:
                 log.warning("worker %d unreachable", owner)
                 raise ServerNotReady(f"the worker serving this model ({owner}) is unavailable") from None
             if change and response.status == 200:
-                fwd = [(k, v) for k, v in headers if k in (b"authorization", b"x-api-key", b"content-type")]
+                fwd = [(k, v) for k, v in raw if k in (b"authorization", b"x-api-key", b"content-type")]
                 name = scope["path"].split("/")[4]
                 await self.router.sync(name, change, body, fwd)
         except InferenceError as e:
-            extra = _ERROR_HEADER.get(e.http_status)
-            await _send_json(send, e.http_status, encode_error(redact(e.message)), extra)
+            await send_exception(send, e, rid)
             return
         try:
             # Which worker took the connection and passed it on (diagnostics; tests tell the paths apart).
@@ -274,19 +250,21 @@ class RestFront:
         except (OSError, EOFError):
             log.warning("worker %d closed the connection before the answer ended", owner)
 
-    async def _gather(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """/metrics and the repository index over every worker."""
+    async def _gather(self, scope: Scope, receive: Receive, send: Send, headers: RequestHeaders, rid: str) -> None:
+        """/metrics, readiness and the repository index over every worker."""
         assert self.router is not None
+        status = 200
         try:
-            self._check_auth(scope)
+            self._check(scope, headers)
             body = await _read_body(self._body(receive))
-            fwd = [(k, v) for k, v in scope["headers"] if k in (b"authorization", b"x-api-key")]
+            creds = ((b"authorization", headers.authorization), (b"x-api-key", headers.api_key))
+            fwd = [(k, v) for k, v in creds if v is not None]
             if scope["path"] == "/v2/health/ready":
                 # The pod is ready when every worker is (each answers for its own models).
                 ok = self.dataplane.ready() and await self.router.all_ready(fwd)
-                await _send_json(send, 200 if ok else 503, b'{"ready":true}' if ok else b'{"ready":false}')
-                return
-            if scope["path"] == METRICS_PATH:
+                status, text = readiness(ok)
+                ctype = b"application/json"
+            elif scope["path"] == METRICS_PATH:
                 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
                 text = await self.router.metrics(generate_latest(self.dataplane.metrics), fwd)
@@ -302,28 +280,14 @@ class RestFront:
                 text = dumps(await self.router.repository_index(own, body, fwd))
                 ctype = b"application/json"
         except InferenceError as e:
-            await _send_json(
-                send, e.http_status, encode_error(redact(e.message)), _ERROR_HEADER.get(e.http_status)
-            )
+            await send_exception(send, e, rid)
             return
-        headers = [(b"content-type", ctype), (b"content-length", str(len(text)).encode())]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        out = [(b"content-type", ctype), (b"content-length", str(len(text)).encode()), (REQUEST_ID, rid.encode())]
+        await send({"type": "http.response.start", "status": status, "headers": out})
         await send({"type": "http.response.body", "body": text})
 
     def _body(self, receive: Receive) -> BodyReceive:
         return BodyReceive(receive, self.max_body, self.body_timeout, self.deadlines)
-
-    def _check_auth(self, scope: Scope) -> None:
-        if self.auth is None or not self.auth.protects(scope["path"]):
-            return
-        authorization = api_key = None
-        for key, value in scope["headers"]:
-            if key == b"authorization":
-                authorization = value
-            elif key == b"x-api-key":
-                api_key = value
-        if not self.auth.check(authorization, api_key):
-            raise Unauthenticated("missing or invalid credentials")
 
     @staticmethod
     def _done(stats: FrontStats | None, rid: str | None, name: str, status: int, t0: int) -> None:
@@ -333,17 +297,20 @@ class RestFront:
         log_access(rid or "-", "rest", "infer", name, status, elapsed)
 
 
-_CHALLENGE = (b"www-authenticate", WWW_AUTHENTICATE)
-_CLOSE = (b"connection", b"close")  # the rest of the body will not be read: end the connection
-_RETRY = (b"retry-after", b"1")  # 503: a full queue, a loading model, a draining pod are all brief
-_ERROR_HEADER = {401: _CHALLENGE, 408: _CLOSE, 413: _CLOSE, 503: _RETRY}
+NOT_READY = "not ready"
 
 
-def _retry_after(e: InferenceError) -> tuple[bytes, bytes] | None:
-    """A full cache says when room is likely (RFC 9110 Retry-After, whole seconds)."""
-    if isinstance(e, CapacityExhausted):
-        return (b"retry-after", str(max(1, math.ceil(e.retry_after))).encode())
-    return None
+def readiness(ok: bool, name: str | None = None) -> tuple[int, bytes]:
+    """A readiness answer as Triton gives it: 200 when ready, 400 when not (Kubernetes
+    probes count any 4xx as failure), with ``ready`` in the body either way."""
+    from meshserve.protocol.rest_codec import dumps
+
+    doc: dict[str, Any] = {} if name is None else {"name": name}
+    doc["ready"] = ok
+    if ok:
+        return 200, dumps(doc)
+    what = "server" if name is None else f"model {name!r}"
+    return 400, dumps({"error": f"{what} is {NOT_READY}", **doc})
 
 
 def _log_other(rid: str | None, scope: Scope, status: int, t0: int) -> None:
@@ -375,23 +342,6 @@ async def _traced_infer(
         response = await dp.infer(request, key)
         with tracer.start_as_current_span("encode"):
             return encode_infer_response(response, request)
-
-
-def _int_header(value: bytes, name: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise InvalidInput(f"{name} header must be an integer") from None
-    if n < 0:
-        raise InvalidInput(f"{name} header must not be negative")
-    return n
-
-
-def _declared_length(scope: Scope) -> int | None:
-    for key, value in scope["headers"]:
-        if key == b"content-length":
-            return _int_header(value, "Content-Length")
-    return None
 
 
 class BodyReceive:
@@ -453,16 +403,9 @@ async def _read_body(receive: BodyReceive) -> bytes:
     return b"".join(chunks)
 
 
-async def _send_json(send: Send, status: int, body: bytes, *extra: tuple[bytes, bytes] | None) -> None:
-    headers = [*_JSON, (b"content-length", str(len(body)).encode())]
-    headers.extend(h for h in extra if h is not None)
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-def build_rest_app(dataplane: DataPlane, max_body: int, router: Router | None = None) -> Any:
+def build_rest_app(dataplane: DataPlane, api: Any, max_body: int, router: Router | None = None) -> Any:
     """The front, wrapped in CORS when origins are configured (off by default)."""
-    front = RestFront(dataplane, max_body, router=router)
+    front = RestFront(dataplane, api, max_body, router=router)
     origins = dataplane.settings.cors_origins
     if not origins:
         return front

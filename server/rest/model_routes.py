@@ -22,12 +22,13 @@ from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from meshserve.protocol.errors import InferenceError, InvalidInput, PayloadTooLarge
-from meshserve.protocol.rest_codec import encode_error
+from meshserve.protocol.errors import InferenceError, InvalidInput
 from meshserve.server.fleet.wire import MARKER, ROUTE
 from meshserve.server.llm.request_stats import OIP, OPENAI, RequestStats
 from meshserve.server.llm.service import PARSED_BODY
-from meshserve.server.observe import clean_request_id, log_access
+from meshserve.server.observe import log_access
+from meshserve.server.rest.errors import REQUEST_ID, send_error, send_exception
+from meshserve.server.rest.headers import RequestHeaders
 from meshserve.server.security import redact
 from meshserve.server.upstream import HttpPool, relay, tcp_connect
 
@@ -65,21 +66,18 @@ class ModelRoutes:
             return self.front.router is not None or self.dp.fleet is not None
         return self.dp.fleet is not None and GENERATE_PATH.match(path) is not None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, headers: RequestHeaders, rid: str) -> None:
         front = self.front
         t0 = perf_counter_ns()
         path = scope["path"]
         openai = path in OPENAI_PATHS
-        rid = clean_request_id(next((v for k, v in scope["headers"] if k == b"x-request-id"), None))
-        if not any(k == b"x-request-id" for k, _ in scope["headers"]):
+        if headers.request_id != rid.encode():
             # One id for the whole way: this front's log, the worker or pod that serves it.
-            scope["headers"] = [*scope["headers"], (b"x-request-id", rid.encode())]
+            scope["headers"] = [*(h for h in scope["headers"] if h[0] != REQUEST_ID), (REQUEST_ID, rid.encode())]
+            headers = RequestHeaders(scope["headers"])
         name = ""
         try:
-            front._check_auth(scope)
-            declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-            if declared is not None and declared.isdigit() and int(declared) > front.max_body:
-                raise PayloadTooLarge(f"request body of {int(declared)} bytes exceeds the limit of {front.max_body}")
+            front._check(scope, headers)
             receive = front._body(receive)
             body = await _read(receive)
             if openai:
@@ -91,13 +89,13 @@ class ModelRoutes:
             if name:
                 router = front.router
                 if router is not None and not router.mine(name):
-                    await front._forward(scope, receive, send, router.owner(name), body)
+                    await front._forward(scope, receive, send, headers, rid, router.owner(name), body)
                     return
                 fleet = self.dp.fleet
                 if fleet is not None and not any(k == MARKER_B for k, _ in scope["headers"]):
                     key = self.dp.repository.resolve(name, version)
                     if not fleet.serves_here(self.dp.cache.get(key)):
-                        await self._fleet(scope, receive, send, key, name, body, rid, t0)
+                        await self._fleet(scope, receive, send, headers, key, name, body, rid, t0)
                         return
                     fleet.counts["local"] += 1
                     send = _routed(send, "local")
@@ -108,7 +106,7 @@ class ModelRoutes:
             stats.end()
             log_access(rid, "rest", path, name, e.http_status, perf_counter_ns() - t0)
             return
-        await front._other(scope, _replay(body, receive), send)
+        await front._other(scope, _replay(body, receive), send, headers, rid)
 
     def _model_in_body(self, scope: Scope, body: bytes) -> str:
         """The OpenAI body's ``model``; the decoded object goes on with the request (the
@@ -124,8 +122,8 @@ class ModelRoutes:
         model = doc.get("model")
         return model if isinstance(model, str) else ""
 
-    async def _fleet(self, scope: Scope, receive: Receive, send: Send, key: str, name: str, body: bytes,
-                     rid: str, t0: int) -> None:  # fmt: skip
+    async def _fleet(self, scope: Scope, receive: Receive, send: Send, headers: RequestHeaders, key: str, name: str,
+                     body: bytes, rid: str, t0: int) -> None:  # fmt: skip
         """Served here (the fleet places the model here) or relayed from a holder."""
         fleet = self.dp.fleet
         front = self.front
@@ -134,7 +132,7 @@ class ModelRoutes:
             target += b"?" + scope["query_string"]
 
         async def local() -> None:
-            await front._other(scope, _replay(body, receive), _routed(send, ROUTE.get()))
+            await front._other(scope, _replay(body, receive), _routed(send, ROUTE.get()), headers, rid)
 
         async def forward(pod: PodRecord, timeout: float, kind: str) -> None:
             headers = [(k, v) for k, v in scope["headers"] if k != MARKER_B]
@@ -203,20 +201,12 @@ def _routed(send: Send, kind: str) -> Send:
 
 
 async def _send_error(send: Send, e: InferenceError, openai: bool, rid: str) -> None:
-    if openai:
-        from meshserve.server.llm.openai_api import error_body
+    """Through the one error builder (server/rest/errors.py); OpenAI routes keep their shape."""
+    if not openai:
+        await send_exception(send, e, rid)
+        return
+    from meshserve.server.llm.openai_api import error_body
 
-        status, doc = error_body(e)
-        doc["error"]["message"] = redact(doc["error"]["message"])
-        payload = orjson.dumps(doc)
-    else:
-        status, payload = e.http_status, encode_error(redact(e.message))
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(payload)).encode()),
-        (b"x-request-id", rid.encode()),
-    ]
-    if status == 503:
-        headers.append((b"retry-after", b"1"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
+    status, doc = error_body(e)
+    doc["error"]["message"] = redact(doc["error"]["message"])
+    await send_error(send, status, doc["error"]["message"], rid, e, orjson.dumps(doc))

@@ -9,8 +9,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from meshserve.protocol.errors import InferenceError, InvalidInput
-from meshserve.protocol.rest_codec import dumps, encode_error, loads_object
+from meshserve.protocol.rest_codec import dumps, loads_object
 from meshserve.server.dataplane import DataPlane
+from meshserve.server.rest.errors import error_response, exception_response
 from meshserve.server.version import __version__
 from meshserve.server.workers import SYNC_HEADER
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -22,10 +23,11 @@ def json_response(doc: Any, status: int = 200) -> Response:
     return Response(dumps(doc), status_code=status, media_type="application/json")
 
 
-def error_response(status: int, message: str) -> Response:
-    from meshserve.server.security import redact
+def _readiness(ok: bool, name: str | None = None) -> Response:
+    from meshserve.server.rest.front import readiness
 
-    return Response(encode_error(redact(message)), status_code=status, media_type="application/json")
+    status, body = readiness(ok, name)
+    return Response(body, status_code=status, media_type="application/json")
 
 
 async def _optional_json(request: Request) -> dict[str, Any]:
@@ -41,9 +43,10 @@ def build_api(dp: DataPlane) -> FastAPI:
         description="Open Inference Protocol v2 (KServe V2 / Triton) over REST.",
     )
 
+    # The front adds the request id to every FastAPI response; errors/headers come from one builder.
     @app.exception_handler(InferenceError)
     async def _inference_error(_: Request, e: InferenceError) -> Response:
-        return error_response(e.http_status, e.message)
+        return exception_response(e)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, e: RequestValidationError) -> Response:
@@ -55,8 +58,7 @@ def build_api(dp: DataPlane) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception) -> Response:
-        log.exception("unhandled error")
-        return error_response(500, "internal server error")
+        return exception_response(e)
 
     if dp.settings.adapters_url:  # training, tuning, workflows, events: proxied to the adapters sidecar
         from meshserve.adapters.proxy import mount_proxy
@@ -69,13 +71,12 @@ def build_api(dp: DataPlane) -> FastAPI:
 
     @app.get("/v2/health/live", summary="Server liveness")
     async def live() -> Response:
-        ok = dp.live()
-        return json_response({"live": ok}, 200 if ok else 503)
+        ok = dp.live()  # 400 when not, as Triton
+        return json_response({"live": True}) if ok else error_response(400, "server is not live")
 
     @app.get("/v2/health/ready", summary="Server readiness")
     async def ready() -> Response:
-        ok = dp.ready()
-        return json_response({"ready": ok}, 200 if ok else 503)
+        return _readiness(dp.ready())
 
     @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
     async def metrics() -> Response:
@@ -91,8 +92,7 @@ def build_api(dp: DataPlane) -> FastAPI:
     @app.get("/v2/models/{name}/ready", summary="Model readiness")
     @app.get("/v2/models/{name}/versions/{version}/ready", summary="Model version readiness")
     async def model_ready(name: str, version: str | None = None) -> Response:
-        ok = dp.model_ready(name, version)
-        return json_response({"name": name, "ready": ok}, 200 if ok else 503)
+        return _readiness(dp.model_ready(name, version), name)
 
     @app.post("/v2/models/{name}/infer", summary="Inference (served by the raw ASGI front)")
     @app.post("/v2/models/{name}/versions/{version}/infer", summary="Inference of one version")
@@ -123,7 +123,7 @@ def build_api(dp: DataPlane) -> FastAPI:
     @app.get("/v2/fleet/pods", summary="The pods of the fleet (with --store)")
     async def fleet_pods() -> Response:
         if dp.fleet is None:
-            return json_response({"error": "this server is not part of a fleet (no --store)"}, 404)
+            return error_response(404, "this server is not part of a fleet (no --store)")
         return json_response(dp.fleet.pods_summary())
 
     @app.post("/v2/repository/models/{name}/load", summary="Load or reload a model")

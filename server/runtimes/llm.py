@@ -22,7 +22,6 @@ from typing import Any
 from meshserve.protocol.datatypes import bytes_array
 from meshserve.protocol.errors import InvalidInput, ModelLoadError
 from meshserve.protocol.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor, TensorMetadata
-from meshserve.server.llm import metrics
 from meshserve.server.llm.api_params import PROTOCOL_KEYS, Sampling, check_model_defaults, oip_sampling
 from meshserve.server.llm.types import GenerationChunk, LLMEngine, SamplingParams
 from meshserve.server.runtimes.base import Model
@@ -64,7 +63,6 @@ class LLMModel(Model):
         engine = create_engine(self.path, self.name, self.parameters)
         await engine.start()
         self.engine = engine
-        metrics.track(self.name, engine)
         try:
             Sampling().bind(engine.max_model_len, DEFAULT_MAX_TOKENS, self.defaults)
         except InvalidInput as e:
@@ -74,7 +72,6 @@ class LLMModel(Model):
     async def unload(self) -> None:
         engine, self.engine = self.engine, None
         if engine is not None:
-            metrics.untrack(self.name, engine)
             await engine.stop()
 
     def size_bytes(self) -> int | None:

@@ -61,7 +61,7 @@ def test_grpc_forwarding_keeps_the_message(pods):
 
 def test_unknown_model_is_404_everywhere(pods):
     for pod in pods:
-        assert httpx.get(f"{pod.http_url}/v2/models/m11/ready").status_code == 503  # held nowhere yet
+        assert httpx.get(f"{pod.http_url}/v2/models/m11/ready").status_code == 400  # held nowhere yet
         r = infer(pod, "nope")
         assert r.status_code == 404
         assert "nope" in r.json()["error"]

@@ -377,8 +377,7 @@ def test_metrics_observe_requests_and_steps(engine, loop):
     from prometheus_client import CollectorRegistry, generate_latest
 
     registry = CollectorRegistry()
-    metrics.register_llm_metrics(registry)
-    metrics.track("tiny", engine)
+    metrics.LLMMetrics(registry, lambda: [("tiny", engine)]).attach("tiny", engine)
     try:
 
         async def three():
@@ -387,7 +386,6 @@ def test_metrics_observe_requests_and_steps(engine, loop):
         loop.run(three())
         text = generate_latest(registry).decode()
     finally:
-        metrics.untrack("tiny", engine)
         engine.observer = None
     assert 'meshserve_llm_time_to_first_token_seconds_count{model="tiny"} 3.0' in text
     assert 'meshserve_llm_request_generation_tokens_sum{model="tiny"} 30.0' in text

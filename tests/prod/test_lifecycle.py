@@ -50,7 +50,7 @@ def test_sigterm_during_a_burst_loses_nothing(prod_models, tmp_path, workers):
             time.sleep(0.1)
             # Draining: not ready, still answering on a new connection for --drain-seconds.
             with httpx.Client(timeout=5) as fresh:
-                assert fresh.get(f"{srv.http_url}/v2/health/ready").status_code == 503
+                assert fresh.get(f"{srv.http_url}/v2/health/ready").status_code == 400
                 assert fresh.get(f"{srv.http_url}/v2/health/live").status_code == 200
             time.sleep(0.9)
             # Listeners closed: new connections are refused, while the burst is still running.

@@ -137,6 +137,24 @@ def test_errors_and_logs_never_carry_credentials(srv, http):
     assert not any(line.startswith(TOKEN) for line in srv.log().splitlines())
 
 
+def test_grpc_token_stream_errors_are_redacted(srv, http):
+    """An LLM's token stream answers a failed load with the same redaction as every other path."""
+    from meshserve.protocol.grpc import grpc_service_pb2 as pb
+
+    leaky = "https://user:hunter3-pw@127.0.0.1:1/llm.tar.gz"
+    doc = {"parameters": {"config": {"name": "leaky-llm", "uri": leaky, "runtime": "llm"}}}
+    assert http.post("/v2/repository/models/leaky-llm/load", json=doc, headers=AUTH).status_code >= 400
+    req = pb.ModelInferRequest(model_name="leaky-llm")
+    t = req.inputs.add(name="text_input", datatype="BYTES", shape=[1])
+    t.contents.bytes_contents.append(b"hello")
+    req.parameters["stream"].bool_param = True
+    with grpc.insecure_channel(srv.grpc_address) as channel:
+        md = (("authorization", f"Bearer {TOKEN}"),)
+        answers = list(grpc_stub(channel).ModelStreamInfer(iter([req]), metadata=md, timeout=10))
+    assert len(answers) == 1 and answers[0].error_message, answers
+    assert "hunter3-pw" not in answers[0].error_message and "***@127.0.0.1" in answers[0].error_message
+
+
 def test_request_timeout_and_grpc_deadline(srv, http):
     t = time.monotonic()
     r = http.post("/v2/models/slow/infer", json=infer_doc([1], sleep=3), headers=AUTH)

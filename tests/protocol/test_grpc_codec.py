@@ -3,7 +3,12 @@ import pytest
 from meshserve.protocol.datatypes import DTYPES
 from meshserve.protocol.errors import InvalidInput
 from meshserve.protocol.grpc import grpc_service_pb2 as pb
-from meshserve.protocol.grpc.codec import decode_infer_request, encode_infer_request, encode_infer_response
+from meshserve.protocol.grpc.codec import (
+    decode_infer_request,
+    decode_infer_response,
+    encode_infer_request,
+    encode_infer_response,
+)
 from meshserve.protocol.types import InferenceRequest, InferenceResponse, Tensor, Uint64
 
 
@@ -36,6 +41,11 @@ def test_round_trip_every_datatype(datatype, raw):
     assert out.tolist() == arr.tolist()
     resp = encode_infer_response(InferenceResponse("m", req.inputs, id="i"), raw=raw)
     assert bool(resp.raw_output_contents) == (raw or datatype == "FP16")
+    # The way back (a pod's forwarded answer): the same tensors, and the same bytes once re-encoded.
+    back = decode_infer_response(pb.ModelInferResponse.FromString(resp.SerializeToString()))
+    assert back.id == "i" and back.outputs[0].data.tolist() == arr.tolist() and back.outputs[0].data.shape == (3, 1)
+    again = encode_infer_response(back, raw=bool(resp.raw_output_contents))
+    assert again.SerializeToString() == resp.SerializeToString()
 
 
 def test_parameters_every_type_both_ways():

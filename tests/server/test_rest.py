@@ -175,7 +175,7 @@ def test_models_stay_loaded_after_errors(http):
 
 def test_repository_load_unload(http, model_dir):
     assert http.post("/v2/repository/models/iris/unload").status_code == 200
-    assert http.get("/v2/models/iris/ready").status_code == 503
+    assert http.get("/v2/models/iris/ready").status_code == 400
     r = _infer(
         http, "iris", {"inputs": [{"name": "input0", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
     )
