@@ -209,6 +209,20 @@ class Router:
         rows.sort(key=lambda r: (r["name"], r.get("version") or ""))
         return rows
 
+    async def dashboard_states(self, query: str, headers: list[tuple[bytes, bytes]]) -> list[dict[str, Any]]:
+        """Each peer's dashboard feed for its own models (a restarting worker is left out)."""
+        import orjson
+
+        states = []
+        for _, peer in self.peers():
+            try:
+                status, _, data = await peer.request(b"GET", b"/v2/dashboard/state?" + query.encode(), headers, b"")
+            except OSError:
+                continue
+            if status == 200:
+                states.append(orjson.loads(data))
+        return states
+
 
 # Gauges every worker reports whole (each registers every model): the pod's value is
 # any one worker's, so the merge takes the largest instead of the sum.

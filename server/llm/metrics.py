@@ -118,3 +118,10 @@ def untrack(model: str, engine: Any | None = None) -> None:
     with _lock:
         if engine is None or _engines.get(model) is engine:
             _engines.pop(model, None)
+
+
+def engine_stats() -> list[tuple[str, dict[str, float]]]:
+    """Each tracked engine's figures now (the dashboard's feed reads them per refresh)."""
+    with _lock:
+        engines = list(_engines.items())
+    return [(model, engine.stats()) for model, engine in engines]

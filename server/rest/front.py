@@ -41,6 +41,8 @@ from meshserve.server.security import (
 from meshserve.server.settings import Settings
 from meshserve.server.workers import MODEL_PATH, Router
 
+DASHBOARD_STATE = "/v2/dashboard/state"
+
 log = logging.getLogger(__name__)
 
 Scope = dict[str, Any]
@@ -78,7 +80,7 @@ class RestFront:
                 if m is not None and not self.router.mine(m["name"]):
                     await self._forward(scope, receive, send, self.router.owner(m["name"]))
                     return
-                if path in (METRICS_PATH, "/v2/repository/index", "/v2/health/ready"):
+                if path in (METRICS_PATH, "/v2/repository/index", "/v2/health/ready", DASHBOARD_STATE):
                     await self._gather(scope, receive, send)
                     return
             if scope["method"] == "POST":
@@ -256,7 +258,10 @@ class RestFront:
                 ok = self.dataplane.ready() and await self.router.all_ready(fwd)
                 await _send_json(send, 200 if ok else 503, b'{"ready":true}' if ok else b'{"ready":false}')
                 return
-            if scope["path"] == METRICS_PATH:
+            if scope["path"] == DASHBOARD_STATE:
+                text = await self._dashboard_state(scope, fwd)
+                ctype = b"application/json"
+            elif scope["path"] == METRICS_PATH:
                 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
                 text = await self.router.metrics(generate_latest(self.dataplane.metrics), fwd)
@@ -272,13 +277,24 @@ class RestFront:
                 text = dumps(await self.router.repository_index(own, body, fwd))
                 ctype = b"application/json"
         except InferenceError as e:
-            await _send_json(
-                send, e.http_status, encode_error(redact(e.message)), _ERROR_HEADER.get(e.http_status)
-            )
+            await _send_json(send, e.http_status, encode_error(redact(e.message)), _ERROR_HEADER.get(e.http_status))
             return
         headers = [(b"content-type", ctype), (b"content-length", str(len(text)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": text})
+
+    async def _dashboard_state(self, scope: Scope, fwd: list[tuple[bytes, bytes]]) -> bytes:
+        """The dashboard's feed over every worker (server/dashboard.py)."""
+        from urllib.parse import parse_qsl
+
+        from meshserve.protocol.rest_codec import dumps
+        from meshserve.server.dashboard import Query, dashboard_state, merge_states
+
+        assert self.router is not None
+        query = Query.parse(dict(parse_qsl(scope["query_string"].decode("latin-1"))))
+        own = dashboard_state(self.dataplane, query, own=True)
+        peers = await self.router.dashboard_states(query.params(own=True), fwd)
+        return dumps(merge_states(own, peers, query))
 
     def _body(self, receive: Receive) -> BodyReceive:
         return BodyReceive(receive, self.max_body, self.body_timeout, self.deadlines)
