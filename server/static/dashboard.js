@@ -67,13 +67,15 @@ function plot(canvas, lines, bars, label, fixedTop) {
   g.clearRect(0, 0, w, h);
   const all = [...lines, ...bars].flatMap((s) => s.values);
   const top = fixedTop || Math.max(1, ...all);
-  const x = (i) => (i / (HISTORY - 1)) * (w - 2) + 1;
+  // The plot fills its width from the first points on (at least 30 slots), then scrolls.
+  const slots = Math.max(30, ...[...lines, ...bars].map((s) => s.values.length));
+  const x = (i) => (i / (slots - 1)) * (w - 2) + 1;
   const y = (v) => h - 2 - (v / top) * (h - 12);
   g.strokeStyle = "#e3e6ec"; g.lineWidth = 1;
   g.beginPath(); g.moveTo(0, h - 1.5); g.lineTo(w, h - 1.5); g.stroke();
   bars.forEach((s, k) => {
     g.fillStyle = s.color;
-    const bw = Math.max(1, (w / HISTORY) / bars.length - 0.5);
+    const bw = Math.max(1, (w / slots) / bars.length - 0.5);
     s.values.forEach((v, i) => { if (v > 0) g.fillRect(x(i) + k * bw, y(v), bw, h - 2 - y(v)); });
   });
   for (const s of lines) {
@@ -171,11 +173,14 @@ function drawModels(doc) {
       el("td", r[at.name]), r[at.version], el("td", r[at.state], "state-" + r[at.state]),
       el("td", bytes(r[at.size_bytes]), "num"), ago(r[at.last_used], doc.time), el("td", requests, "num"),
       el("td", ratio, "num"), el("td", r[at.failed_requests], "num"), r[at.copies].join(", "),
-      el("td", r[at.reason], "reason"),
+      el("td", r[at.reason], r[at.state] === "FAILED" ? "reason bad" : "reason muted"),
     ]);
   }));
   for (const th of document.querySelectorAll("th[data-sort]")) {
-    th.className = th.dataset.sort === view.sort ? "sorted " + view.order : "";
+    const sorted = th.dataset.sort === view.sort;
+    th.classList.toggle("sorted", sorted);
+    th.classList.toggle("asc", sorted && view.order === "asc");
+    th.classList.toggle("desc", sorted && view.order === "desc");
   }
 }
 
