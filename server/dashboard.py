@@ -69,13 +69,14 @@ class Query:
             raise InvalidInput("'state' is not a model state")
         return cls(q.lower(), state, sort, order == "desc", number("offset", 0, 10**9), number("limit", 100, MAX_LIMIT))
 
-    def params(self, own: bool = False) -> str:
-        """The query string for a peer worker: the rows it must send to cover this page."""
+    def peer_params(self) -> str:
+        """The query string for a peer worker: the same query, answered with its first
+        ``offset + limit`` rows (``own=1``), so the merged page is exact."""
         from urllib.parse import urlencode
 
-        doc = {"q": self.q, "state": self.state, "sort": self.sort, "order": "desc" if self.desc else "asc"}
-        doc |= {"offset": 0, "limit": min(self.offset + self.limit, 10**9)} if own else {}
-        return urlencode({**doc, "own": "1"} if own else doc)
+        order = "desc" if self.desc else "asc"
+        doc = {"q": self.q, "state": self.state, "sort": self.sort, "order": order}
+        return urlencode({**doc, "offset": self.offset, "limit": self.limit, "own": "1"})
 
 
 def _hit_ratio(row: list[Any]) -> float:

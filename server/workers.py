@@ -213,15 +213,15 @@ class Router:
         """Each peer's dashboard feed for its own models (a restarting worker is left out)."""
         import orjson
 
-        states = []
-        for _, peer in self.peers():
+        async def one(peer: LocalHttp) -> dict[str, Any] | None:
             try:
                 status, _, data = await peer.request(b"GET", b"/v2/dashboard/state?" + query.encode(), headers, b"")
             except OSError:
-                continue
-            if status == 200:
-                states.append(orjson.loads(data))
-        return states
+                return None
+            return orjson.loads(data) if status == 200 else None
+
+        states = await asyncio.gather(*(one(peer) for _, peer in self.peers()))
+        return [s for s in states if s is not None]
 
 
 # Gauges every worker reports whole (each registers every model): the pod's value is

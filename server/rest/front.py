@@ -292,9 +292,11 @@ class RestFront:
 
         assert self.router is not None
         query = Query.parse(dict(parse_qsl(scope["query_string"].decode("latin-1"))))
+        # The peers work on their share while this worker does its own.
+        peers = asyncio.ensure_future(self.router.dashboard_states(query.peer_params(), fwd))
+        await asyncio.sleep(0)
         own = dashboard_state(self.dataplane, query, own=True)
-        peers = await self.router.dashboard_states(query.params(own=True), fwd)
-        return dumps(merge_states(own, peers, query))
+        return dumps(merge_states(own, await peers, query))
 
     def _body(self, receive: Receive) -> BodyReceive:
         return BodyReceive(receive, self.max_body, self.body_timeout, self.deadlines)

@@ -167,6 +167,8 @@ def test_workers_feed_gathers_every_worker(models, tmp_path):
         page = feed(srv, limit=7, offset=7)
         assert [r["name"] for r in rows(page)] == sorted(NAMES)[7:14]
         assert feed(srv, q="needle")["models"]["matched"] == 1
+        deep = feed(srv, limit=500, offset=20)  # each peer sends its first 520 rows: past one page's limit
+        assert [r["name"] for r in rows(deep)] == sorted(NAMES)[20:]
     finally:
         srv.stop()
 
