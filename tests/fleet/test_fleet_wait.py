@@ -36,8 +36,8 @@ def test_a_miss_every_pod_refuses_waits_for_the_first_to_age(etcd, fleet_models,
     env = {
         **SIZED,
         "MESHSERVE_CAPACITY_BYTES": TWO_MODELS,
-        "MESHSERVE_MIN_CHURN_AGE_SECONDS": "3",
-        "MESHSERVE_CAPACITY_WAIT_SECONDS": "8",
+        "MESHSERVE_MIN_CHURN_AGE_SECONDS": "4",
+        "MESHSERVE_CAPACITY_WAIT_SECONDS": "10",
     }
     pods = start_pods(etcd, fleet_models, tmp_path / "logs", n=2, prefix="waitok", env=env)
     try:
@@ -47,12 +47,18 @@ def test_a_miss_every_pod_refuses_waits_for_the_first_to_age(etcd, fleet_models,
         time.sleep(1.0)
         for m in by_pod["pod-1"]:
             assert infer(pods[1], m).status_code == 200
+
+        def published() -> bool:  # placement reads the pods' records: wait for pod-1's to say so
+            records = {p["id"]: p for p in httpx.get(f"{pods[1].http_url}/v2/fleet/pods", timeout=5).json()}
+            return records["pod-1"]["oldest_lru"] > records["pod-0"]["oldest_lru"] + 0.5
+
+        wait_for(published, 3, "pod-1's record with its younger LRU")
         t0 = time.monotonic()
         r = infer(pods[1], "m4")
         took = time.monotonic() - t0
         assert r.status_code == 200, r.text
         assert r.json()["outputs"][0]["data"] == [8.0]
-        assert 0.8 < took < 6.0, took  # waited for pod-0's oldest to pass the 3 s guard
+        assert 0.5 < took < 6.0, took  # waited for pod-0's oldest to pass the 4 s guard
         assert wait_for(lambda: holders(pods[0], "m4"), what="m4 placed") == ["pod-0"]
         # The dashboard's feed shows the fleet: both pods, and which copies live where.
         doc = httpx.get(f"{pods[1].http_url}/v2/dashboard/state", params={"q": "m4"}, timeout=10).json()
