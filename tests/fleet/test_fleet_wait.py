@@ -66,6 +66,7 @@ def test_a_miss_every_pod_refuses_waits_for_the_first_to_age(etcd, fleet_models,
         assert all(p["alive"] and not p["shutting_down"] for p in doc["fleet"]["pods"])
         (row,) = [dict(zip(doc["models"]["columns"], r, strict=True)) for r in doc["models"]["rows"]]
         assert row["copies"] == ["pod-0"] and row["state"] == "READY_ELSEWHERE"
+        _fleet_in_the_page(pods[1], tmp_path)
     finally:
         for p in pods:
             p.stop()
@@ -120,3 +121,20 @@ def test_room_past_the_bound_is_503_at_once_with_its_retry_after():
     assert took < 0.1 and 11 <= error.retry_after <= 12
     assert "no pod has room for model 'm' now (2 refused)" in error.message
     assert _no_room_anywhere("m", {"p": time.monotonic() - 5}, None).retry_after == 1.0  # never below 1 s
+
+
+def _fleet_in_the_page(pod, out) -> None:
+    """The page's fleet table in headless Chromium: both pods, and no console error."""
+    from tests.server.test_dashboard import _chromium, _console_errors, _wait
+
+    browser = _chromium()
+    try:
+        browser.get(pod.http_url + "/dashboard")
+        script = "return [...document.querySelectorAll('#pods tr')].map(tr => tr.cells[0].textContent)"
+        shown = _wait(lambda: browser.execute_script(script), what="the fleet table")
+        assert shown == ["pod-0", "pod-1 (this pod)"]
+        assert browser.execute_script("return document.getElementById('fleet').hidden") is False
+        browser.save_screenshot(str(out / "dashboard-fleet.png"))
+        assert _console_errors(browser) == []
+    finally:
+        browser.quit()
