@@ -154,7 +154,7 @@ class Routing:
         gone: set[str] = set()  # pods whose copy went away: still fine to load it again
         last_error: Exception | None = None
         for _ in range(MAX_ATTEMPTS):
-            if room and time.monotonic() >= give_up:
+            if room and time.monotonic() >= give_up and not self._copy_now(key, exclude | gone):
                 raise _no_room_anywhere(key, room, last_error)
             try:
                 pod, kind = await self._route(key, exclude, gone)
@@ -229,6 +229,10 @@ class Routing:
         if isinstance(last_error, InferenceError):
             raise last_error
         raise ModelNotReady(f"model {key!r}: no pod could serve it ({last_error})")
+
+    def _copy_now(self, key: str, skip: set[str]) -> bool:
+        """A copy appeared meanwhile, here or on a pod this request has not given up on: use it."""
+        return self.serves_here(self.cache.get(key)) or any(p not in skip for p in self._other_holders(key))
 
     def _other_candidates(self, key: str, exclude: set[str]) -> bool:
         return any(p not in exclude and self._alive(p) for p in self.view.pods)
