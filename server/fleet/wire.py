@@ -58,7 +58,9 @@ def _remote_error(e: grpc.aio.AioRpcError) -> Exception:
         if isinstance(error, errors.CapacityExhausted):  # when that pod expects room
             after = next((v for k, v in (e.trailing_metadata() or ()) if k == RETRY_AFTER_KEY), "")
             with contextlib.suppress(ValueError):
-                error.retry_after = min(max(float(after), 0.0), 3600.0)
+                seconds = float(after)
+                if 0.0 <= seconds <= 3600.0:  # not NaN, not absurd
+                    error.retry_after = seconds
         return _RemoteError(kind, error)
     if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
         return ServerNotReady("the pod holding the model did not answer within the deadline")
