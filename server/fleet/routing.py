@@ -154,7 +154,7 @@ class Routing:
         gone: set[str] = set()  # pods whose copy went away: still fine to load it again
         last_error: Exception | None = None
         for _ in range(MAX_ATTEMPTS):
-            if room and time.monotonic() >= give_up and not self._copy_now(key, exclude | gone):
+            if room and time.monotonic() >= give_up and not self._copy_or_room(key, exclude, gone):
                 raise _no_room_anywhere(key, room, last_error)
             try:
                 pod, kind = await self._route(key, exclude, gone)
@@ -230,9 +230,16 @@ class Routing:
             raise last_error
         raise ModelNotReady(f"model {key!r}: no pod could serve it ({last_error})")
 
-    def _copy_now(self, key: str, skip: set[str]) -> bool:
-        """A copy appeared meanwhile, here or on a pod this request has not given up on: use it."""
-        return self.serves_here(self.cache.get(key)) or any(p not in skip for p in self._other_holders(key))
+    def _copy_or_room(self, key: str, exclude: set[str], gone: set[str]) -> bool:
+        """Past the wait, still worth a try: a copy that appeared meanwhile (here, or on a pod
+        this request has not given up on), or a pod not tried yet whose record says the model
+        fits (records lag: the first choice may have filled up since its last one)."""
+        entry = self.cache.get(key)
+        if self.serves_here(entry) or any(p not in exclude and p not in gone for p in self._other_holders(key)):
+            return True
+        need = self.cache._predict(entry, entry.spec) if entry is not None else 0
+        pods = [p for p in self.view.pods.values() if p.id not in exclude and self._alive(p.id)]
+        return any(not p.shutting_down and (p.capacity <= 0 or p.used + need <= p.capacity) for p in pods)
 
     def _other_candidates(self, key: str, exclude: set[str]) -> bool:
         return any(p not in exclude and self._alive(p) for p in self.view.pods)

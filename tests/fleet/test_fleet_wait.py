@@ -29,6 +29,12 @@ def _fill(pods) -> dict[str, list[str]]:
     for m, pod in placed.items():
         by_pod.setdefault(pod, []).append(m)
     assert sorted(len(v) for v in by_pod.values()) == [2, 2], placed
+
+    def full() -> bool:  # placement reads the pods' records: wait until both say they are full
+        records = httpx.get(f"{pods[0].http_url}/v2/fleet/pods", timeout=5).json()
+        return all(p["used"] >= 2 * 4096 for p in records)
+
+    wait_for(full, 5, "both pods' records full")
     return by_pod
 
 
@@ -36,8 +42,8 @@ def test_a_miss_every_pod_refuses_waits_for_the_first_to_age(etcd, fleet_models,
     env = {
         **SIZED,
         "MESHSERVE_CAPACITY_BYTES": TWO_MODELS,
-        "MESHSERVE_MIN_CHURN_AGE_SECONDS": "4",
-        "MESHSERVE_CAPACITY_WAIT_SECONDS": "10",
+        "MESHSERVE_MIN_CHURN_AGE_SECONDS": "7",
+        "MESHSERVE_CAPACITY_WAIT_SECONDS": "12",
     }
     pods = start_pods(etcd, fleet_models, tmp_path / "logs", n=2, prefix="waitok", env=env)
     try:
@@ -58,7 +64,7 @@ def test_a_miss_every_pod_refuses_waits_for_the_first_to_age(etcd, fleet_models,
         took = time.monotonic() - t0
         assert r.status_code == 200, r.text
         assert r.json()["outputs"][0]["data"] == [8.0]
-        assert 0.5 < took < 6.0, took  # waited for pod-0's oldest to pass the 4 s guard
+        assert 0.5 < took < 7.5, took  # waited for pod-0's oldest to pass the 7 s guard
         assert wait_for(lambda: holders(pods[0], "m4"), what="m4 placed") == ["pod-0"]
         # The dashboard's feed shows the fleet: both pods, and which copies live where.
         doc = httpx.get(f"{pods[1].http_url}/v2/dashboard/state", params={"q": "m4"}, timeout=10).json()
@@ -106,7 +112,7 @@ def test_every_pod_refused_waits_for_the_first_room():
         return first, time.monotonic() - now, room
 
     first, took, left = asyncio.run(go())
-    assert first == "pod-b" and 0.15 < took < 0.4
+    assert first == "pod-b" and 0.15 < took < 1.0
     assert list(left) == ["pod-a"]  # pod-b is tried again; pod-a still refused
 
 
@@ -118,7 +124,7 @@ def test_room_past_the_bound_is_503_at_once_with_its_retry_after():
         return e.value, time.monotonic() - now
 
     error, took = asyncio.run(go())
-    assert took < 0.1 and 11 <= error.retry_after <= 12
+    assert took < 0.5 and 11 <= error.retry_after <= 12
     assert "no pod has room for model 'm' now (2 refused)" in error.message
     assert _no_room_anywhere("m", {"p": time.monotonic() - 5}, None).retry_after == 1.0  # never below 1 s
 
