@@ -65,6 +65,7 @@ class CacheEntry(Generic[H]):
     failures: int = 0
     retry_at: float = 0.0  # monotonic; FAILED models load again on a request after this
     requests: int = 0
+    hits: int = 0  # requests that found it resident (the dashboard's hit ratio)
     failed_requests: int = 0
     extra: bool = False  # another pod holds the first copy: evicted before single copies
     transition: asyncio.Future | None = field(default=None, repr=False)
@@ -123,6 +124,7 @@ class _Lease(Generic[H]):
             raise ModelNotFound(f"model {self._key!r} is not registered")
         if entry.state is ModelState.READY:
             cache.stats.hits += 1
+            entry.hits += 1
         else:
             await cache._ensure_ready(entry)
         entry.inflight += 1

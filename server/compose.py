@@ -8,14 +8,13 @@ alone with stand-ins, and every front of a process shares one FastAPI app, one r
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from meshserve.protocol.errors import InferenceError
 from meshserve.server.dataplane import DataPlane
-from meshserve.server.llm.metrics import LLMMetrics
+from meshserve.server.llm.metrics import LLMMetrics, loaded_engines
 from meshserve.server.load_executor import LoadExecutor
 from meshserve.server.metrics import MeshCollector, load_time_histogram
 from meshserve.server.observe import PhaseTimers, RequestMetrics
@@ -60,7 +59,7 @@ def build_dataplane(settings: Settings, registry: CollectorRegistry | None = Non
 
     # Per-request figures (server/observe.py): counts, latency phases, in-flight, batch sizes.
     observe = RequestMetrics(registry, known)
-    llm = LLMMetrics(registry, lambda: _engines(repository))
+    llm = LLMMetrics(registry, lambda: loaded_engines(repository.cache.entries()))
 
     def instrument(model: Model) -> PhaseTimers:
         engine = getattr(model, "engine", None)  # an LLM runtime's, once loaded
@@ -78,16 +77,6 @@ def build_dataplane(settings: Settings, registry: CollectorRegistry | None = Non
 
         dp.join(Fleet(dp, settings, open_store(settings.store, settings.fleet_lease_seconds)))
     return dp
-
-
-def _engines(repository: ModelRepository) -> Iterator[tuple[str, Any]]:
-    """The LLM engines of the models loaded now, by model name (read at scrape time)."""
-    seen: set[str] = set()
-    for entry in repository.cache.entries():
-        engine = getattr(entry.handle.model, "engine", None) if entry.handle is not None else None
-        if engine is not None and entry.spec.name not in seen:  # one label per model name
-            seen.add(entry.spec.name)
-            yield entry.spec.name, engine
 
 
 def build_process(settings: Settings, router: Router | None = None) -> Process:

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
 METRICS_PATH = "/metrics"
+# The dashboard's page and files hold no data (its feed, /v2/dashboard/state, is protected):
+# open, since a browser cannot send a token with a navigation (server/rest/dashboard.py).
+DASHBOARD_FILES = frozenset({"/dashboard", "/dashboard/", "/dashboard/dashboard.js", "/dashboard/dashboard.css"})
 GRPC_HEALTH_METHODS = ("/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady")
 WWW_AUTHENTICATE = b'Bearer realm="meshserve"'
 
@@ -117,6 +120,8 @@ class Auth:
             return self.health
         if path == METRICS_PATH:
             return self.metrics
+        if path in DASHBOARD_FILES:
+            return False
         # Webhooks (GitHub cannot send a bearer token) carry their own HMAC signature,
         # which the route checks: no signature, no trigger.
         return not path.startswith(WEBHOOK_PREFIX)

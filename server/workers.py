@@ -19,6 +19,7 @@ have drained.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import multiprocessing
@@ -169,6 +170,20 @@ class Router:
                 rows += [r for r in orjson.loads(data) if self.owner(r["name"]) == i]
         rows.sort(key=lambda r: (r["name"], r.get("version") or ""))
         return rows
+
+    async def dashboard_states(self, query: str, headers: list[tuple[bytes, bytes]]) -> list[dict[str, Any]]:
+        """Each peer's dashboard feed for its own models (a restarting worker is left out)."""
+        import orjson
+
+        async def one(peer: LocalHttp) -> dict[str, Any] | None:
+            try:
+                status, _, data = await peer.request(b"GET", b"/v2/dashboard/state?" + query.encode(), headers, b"")
+            except OSError:
+                return None
+            return orjson.loads(data) if status == 200 else None
+
+        states = await asyncio.gather(*(one(peer) for _, peer in self.peers()))
+        return [s for s in states if s is not None]
 
 
 # Gauges every worker reports whole (each registers every model): the pod's value is

@@ -129,3 +129,5 @@ def test_the_wheel_installs_only_meshserve(tmp_path) -> None:
     for sub in ("server", "protocol", "modelmesh", "loaders", "adapters"):
         assert f"meshserve/{sub}/__init__.py" in names
     assert "meshserve/protocol/grpc/grpc_service.proto" in names
+    for static in ("dashboard.html", "dashboard.js", "dashboard.css"):  # the dashboard, served from the package
+        assert f"meshserve/server/static/{static}" in names

@@ -43,6 +43,24 @@ T = TypeVar("T")
 MAX_ATTEMPTS = 5
 
 
+def _no_room_anywhere(key: str, room: dict[str, float], last: Exception | None) -> CapacityExhausted:
+    """503 past the fleet's wait, with the soonest time any pod expects room."""
+    after = max(1.0, min(room.values()) - time.monotonic())
+    why = f": {_message(last)}" if last is not None else ""
+    return CapacityExhausted(f"no pod has room for model {key!r} now ({len(room)} refused){why}", retry_after=after)
+
+
+async def _wait_for_room(key: str, room: dict[str, float], give_up: float, last: Exception | None) -> str:
+    """Every pod refused for room: sleep until the first expects some (within the bound), and
+    name it; past the bound, 503."""
+    first, at = min(room.items(), key=lambda kv: kv[1])
+    if at > give_up:
+        raise _no_room_anywhere(key, room, last)
+    await asyncio.sleep(max(0.0, at - time.monotonic()))
+    del room[first]
+    return first
+
+
 class Routing:
     """Part of :class:`meshserve.server.fleet.Fleet` (its state is set in ``Fleet.__init__``)."""
 
@@ -132,17 +150,31 @@ class Routing:
     ) -> T:
         """``serve`` with any transport: ``forward(pod, timeout, kind)`` reaches the pod
         itself (REST streams go to its HTTP address). An ``OSError`` from it (refused,
-        reset before an answer began) counts as the pod being unreachable."""
-        deadline = time.monotonic() + min(
-            timeout or self.settings.forward_timeout_seconds, self.settings.forward_timeout_seconds
-        )
+        reset before an answer began) counts as the pod being unreachable.
+
+        A pod with no room (all its models young or busy) waits for room itself, up to
+        ``capacity_wait_seconds``; that bound holds for the whole fleet, not per pod: once it
+        has passed the request gets 503 with the soonest Retry-After any pod gave. When every
+        pod refused sooner, the request waits for the pod whose room comes first and loads there.
+        """
+        started = time.monotonic()
+        forward_timeout = self.settings.forward_timeout_seconds
+        deadline = started + min(timeout or forward_timeout, forward_timeout)
+        give_up = min(deadline, started + self.settings.capacity_wait_seconds)
+        room: dict[str, float] = {}  # pods that refused for room -> when room is likely there (monotonic)
         exclude: set[str] = set()  # pods that failed this request
         gone: set[str] = set()  # pods whose copy went away: still fine to load it again
         last_error: Exception | None = None
         for _ in range(MAX_ATTEMPTS):
+            if room and time.monotonic() >= give_up and not self._copy_or_room(key, exclude, gone):
+                raise _no_room_anywhere(key, room, last_error)
             try:
                 pod, kind = await self._route(key, exclude, gone)
             except ModelNotReady as e:
+                if room and self.store.connected:  # every pod left refused for room: wait for the first
+                    first = await _wait_for_room(key, room, give_up, last_error)
+                    exclude.discard(first)
+                    continue
                 if last_error is None:
                     raise
                 raise type(e)(f"{e.message}; last attempt: {_message(last_error)}") from None
@@ -157,6 +189,8 @@ class Routing:
                     await self._failed_here(key, e)
                     exclude.add(self.id)
                     last_error = e
+                    if isinstance(e, CapacityExhausted):
+                        room[self.id] = time.monotonic() + e.retry_after
                     if (
                         isinstance(e, ModelNotReady)
                         and not isinstance(e, CapacityExhausted)
@@ -192,6 +226,8 @@ class Routing:
                 if err.kind not in ("ModelLoadError", "CapacityExhausted", "ServerNotReady", "ModelNotReady"):
                     raise err.error
                 err = err.error
+                if isinstance(err, CapacityExhausted):
+                    room[pod.id] = time.monotonic() + err.retry_after
             else:
                 raise err
             self.counts["retried"] += 1
@@ -201,9 +237,22 @@ class Routing:
                     await self.store.release_claim(key)
             exclude.add(pod.id)
             last_error = err
+        if room:
+            raise _no_room_anywhere(key, room, last_error)
         if isinstance(last_error, InferenceError):
             raise last_error
         raise ModelNotReady(f"model {key!r}: no pod could serve it ({last_error})")
+
+    def _copy_or_room(self, key: str, exclude: set[str], gone: set[str]) -> bool:
+        """Past the wait, still worth a try: a copy that appeared meanwhile (here, or on a pod
+        this request has not given up on), or a pod not tried yet whose record says the model
+        fits (records lag: the first choice may have filled up since its last one)."""
+        entry = self.cache.get(key)
+        if self.serves_here(entry) or any(p not in exclude and p not in gone for p in self._other_holders(key)):
+            return True
+        need = self.cache._predict(entry, entry.spec) if entry is not None else 0
+        pods = [p for p in self.view.pods.values() if p.id not in exclude and self._alive(p.id)]
+        return any(not p.shutting_down and (p.capacity <= 0 or p.used + need <= p.capacity) for p in pods)
 
     def _other_candidates(self, key: str, exclude: set[str]) -> bool:
         return any(p not in exclude and self._alive(p) for p in self.view.pods)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import socket
 from typing import TYPE_CHECKING
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 # elsewhere) or "miss" (this pod was chosen to load the model).
 MARKER = "meshserve-forwarded"
 ERROR_KEY = "meshserve-error"  # trailing metadata: the InferenceError class a pod answered with
+RETRY_AFTER_KEY = "meshserve-retry-after"  # and, for CapacityExhausted, seconds until it expects room
 # How the last request of this task was served: local, forwarded (to a holder) or miss (a load).
 ROUTE: contextvars.ContextVar[str] = contextvars.ContextVar("meshserve_route", default="local")
 
@@ -50,7 +52,14 @@ def _remote_error(e: grpc.aio.AioRpcError) -> Exception:
         cls = CopyGone if kind == "CopyGone" else getattr(errors, kind, None)
         if not (isinstance(cls, type) and issubclass(cls, InferenceError)):
             cls = InferenceError
-        return _RemoteError(kind, cls(e.details() or kind))
+        error = cls(e.details() or kind)
+        if isinstance(error, errors.CapacityExhausted):  # when that pod expects room
+            after = next((v for k, v in (e.trailing_metadata() or ()) if k == RETRY_AFTER_KEY), "")
+            with contextlib.suppress(ValueError):
+                seconds = float(after)
+                if 0.0 <= seconds <= 3600.0:  # not NaN, not absurd
+                    error.retry_after = seconds
+        return _RemoteError(kind, error)
     if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
         return ServerNotReady("the pod holding the model did not answer within the deadline")
     return _Unreachable(f"{e.code().name}: {e.details()}")

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from time import perf_counter_ns
 
 import grpc
-from meshserve.protocol.errors import InferenceError, InvalidInput, RequestTimeout
+from meshserve.protocol.errors import CapacityExhausted, InferenceError, InvalidInput, RequestTimeout
 from meshserve.protocol.grpc import grpc_service_pb2 as pb
 from meshserve.protocol.grpc import grpc_service_pb2_grpc as pb_grpc
 from meshserve.protocol.grpc.codec import decode_infer_request, encode_infer_response
@@ -31,11 +31,10 @@ async def _abort(context: grpc.aio.ServicerContext, e: Exception) -> None:
     if isinstance(e, InferenceError):
         # The error's class rides in a trailer: a pod that forwarded the call tells a
         # load failure or a full pod (try another) from the model's own answer.
-        await context.abort(
-            getattr(grpc.StatusCode, e.grpc_code),
-            redact(e.message),
-            trailing_metadata=(("meshserve-error", type(e).__name__),),
-        )
+        trailer: tuple[tuple[str, str], ...] = (("meshserve-error", type(e).__name__),)
+        if isinstance(e, CapacityExhausted):  # when room is likely, for the pod that forwarded it
+            trailer += (("meshserve-retry-after", f"{e.retry_after:.3f}"),)
+        await context.abort(getattr(grpc.StatusCode, e.grpc_code), redact(e.message), trailing_metadata=trailer)
     log.exception("unexpected error in gRPC handler")
     await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
 

@@ -104,3 +104,13 @@ class LLMMetrics:
     def attach(self, model: str, engine: Any) -> None:
         """Observe ``engine``'s requests and steps under the label ``model``."""
         engine.observer = Observer(model, self._histograms)
+
+
+def loaded_engines(entries: Iterable[Any]) -> Iterator[tuple[str, Any]]:
+    """The LLM engines of the loaded models among cache ``entries``, one per model name."""
+    seen: set[str] = set()
+    for entry in entries:
+        engine = getattr(entry.handle.model, "engine", None) if entry.handle is not None else None
+        if engine is not None and entry.spec.name not in seen:
+            seen.add(entry.spec.name)
+            yield entry.spec.name, engine

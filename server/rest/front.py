@@ -34,6 +34,8 @@ from meshserve.server.security import HEALTH_PATHS, METRICS_PATH, Deadlines, bui
 from meshserve.server.upstream import relay
 from meshserve.server.workers import MODEL_PATH, REPOSITORY_CHANGE, Router
 
+DASHBOARD_STATE = "/v2/dashboard/state"
+
 log = logging.getLogger(__name__)
 
 Scope = dict[str, Any]
@@ -87,7 +89,7 @@ class RestFront:
                 if not self.router.mine(name):
                     await self._forward(scope, receive, send, headers, rid, self.router.owner(name))
                     return
-            if path in (METRICS_PATH, "/v2/repository/index", "/v2/health/ready"):
+            if path in (METRICS_PATH, "/v2/repository/index", "/v2/health/ready", DASHBOARD_STATE):
                 await self._gather(scope, receive, send, headers, rid)
                 return
         if scope["method"] == "POST":
@@ -264,6 +266,9 @@ class RestFront:
                 ok = self.dataplane.ready() and await self.router.all_ready(fwd)
                 status, text = readiness(ok)
                 ctype = b"application/json"
+            elif scope["path"] == DASHBOARD_STATE:
+                text = await self._dashboard_state(scope, fwd)
+                ctype = b"application/json"
             elif scope["path"] == METRICS_PATH:
                 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -285,6 +290,21 @@ class RestFront:
         out = [(b"content-type", ctype), (b"content-length", str(len(text)).encode()), (REQUEST_ID, rid.encode())]
         await send({"type": "http.response.start", "status": status, "headers": out})
         await send({"type": "http.response.body", "body": text})
+
+    async def _dashboard_state(self, scope: Scope, fwd: list[tuple[bytes, bytes]]) -> bytes:
+        """The dashboard's feed over every worker (server/dashboard.py)."""
+        from urllib.parse import parse_qsl
+
+        from meshserve.protocol.rest_codec import dumps
+        from meshserve.server.dashboard import Query, dashboard_state, merge_states
+
+        assert self.router is not None
+        query = Query.parse(dict(parse_qsl(scope["query_string"].decode("latin-1"))))
+        # The peers work on their share while this worker does its own.
+        peers = asyncio.ensure_future(self.router.dashboard_states(query.peer_params(), fwd))
+        await asyncio.sleep(0)
+        own = dashboard_state(self.dataplane, query, own=True)
+        return dumps(merge_states(own, await peers, query))
 
     def _body(self, receive: Receive) -> BodyReceive:
         return BodyReceive(receive, self.max_body, self.body_timeout, self.deadlines)

@@ -152,6 +152,9 @@ def build_api(dp: DataPlane) -> FastAPI:
             await dp.unload_model(name)
         return json_response({})
 
+    from meshserve.server.rest.dashboard import add_dashboard
+
+    add_dashboard(app, dp)
     from meshserve.server.llm.routes import build_llm_router
 
     app.include_router(build_llm_router(dp))
