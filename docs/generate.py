@@ -121,11 +121,10 @@ def cli_page() -> str:
 
 # -- API ------------------------------------------------------------------------------
 def api_page(out: Path) -> str:
-    from meshserve.server.dataplane import DataPlane
-    from meshserve.server.rest import build_rest_app
+    from meshserve.server.compose import build_process
     from meshserve.server.settings import Settings
 
-    app = build_rest_app(DataPlane(Settings(model_dir=None)), 1 << 20)
+    app = build_process(Settings(model_dir=None)).rest_app
     doc = app.openapi() if hasattr(app, "openapi") else _fastapi_of(app).openapi()
     (out / "openapi.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
     rows = ["| method | path | summary |", "| --- | --- | --- |"]
@@ -191,6 +190,7 @@ def feature_pages(out: Path) -> list[str]:
             return f"](../{target})"
 
         body = re.sub(r"\]\(#([\w-]+)\)", relink, body)
+        body = re.sub(r"\]\(docs/", "](../", body)  # README links into docs/ (pictures), from a page one level down
         # One level up: the section's ### become the page's ##.
         body = re.sub(r"^###", "##", body, flags=re.M)
         page.write_text(f"# {heading}\n\n<!-- generated from README.md by docs/generate.py -->\n{body}")
