@@ -157,7 +157,7 @@ class RestFront:
             if declared is not None and declared > self.max_body:
                 raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {self.max_body}")
             header_length = headers.json_header_length()
-            body = await _read_body(BodyReceive(receive, self.max_body, self.body_timeout, self.deadlines))
+            body = await read_body(BodyReceive(receive, self.max_body, self.body_timeout, self.deadlines))
             if headers.content_encoding is not None:
                 body = decode_body(body, headers.content_encoding, self.max_body)
             if tracing.TRACER is None:
@@ -230,7 +230,7 @@ class RestFront:
             if body is None:
                 self._check(scope, headers)
                 receive = self._body(receive)
-                body = await _read_body(receive)
+                body = await read_body(receive)
             target = scope["raw_path"] or scope["path"].encode()
             if scope["query_string"]:
                 target += b"?" + scope["query_string"]
@@ -258,7 +258,7 @@ class RestFront:
         status = 200
         try:
             self._check(scope, headers)
-            body = await _read_body(self._body(receive))
+            body = await read_body(self._body(receive))
             creds = ((b"authorization", headers.authorization), (b"x-api-key", headers.api_key))
             fwd = [(k, v) for k, v in creds if v is not None]
             if scope["path"] == "/v2/health/ready":
@@ -409,7 +409,7 @@ class BodyReceive:
         return message
 
 
-async def _read_body(receive: BodyReceive) -> bytes:
+async def read_body(receive: BodyReceive) -> bytes:
     message = await receive()
     body = message.get("body", b"")
     if not message.get("more_body", False):

@@ -22,12 +22,13 @@ from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from meshserve.protocol.errors import InferenceError, InvalidInput
+from meshserve.protocol.errors import InferenceError
 from meshserve.server.fleet.wire import MARKER, ROUTE
 from meshserve.server.llm.request_stats import OIP, OPENAI, RequestStats
 from meshserve.server.llm.service import PARSED_BODY
 from meshserve.server.observe import log_access
 from meshserve.server.rest.errors import REQUEST_ID, send_error, send_exception
+from meshserve.server.rest.front import read_body
 from meshserve.server.rest.headers import RequestHeaders
 from meshserve.server.security import redact
 from meshserve.server.upstream import HttpPool, relay, tcp_connect
@@ -79,7 +80,7 @@ class ModelRoutes:
         try:
             front._check(scope, headers)
             receive = front._body(receive)
-            body = await _read(receive)
+            body = await read_body(receive)
             if openai:
                 name = self._model_in_body(scope, body)
                 version = None
@@ -161,17 +162,6 @@ class ModelRoutes:
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
-
-
-async def _read(receive: Receive) -> bytes:
-    message = await receive()
-    chunks = [message.get("body", b"")]
-    while message.get("more_body", False):
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise InvalidInput("client disconnected before sending the whole body")
-        chunks.append(message.get("body", b""))
-    return b"".join(chunks)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
