@@ -93,7 +93,9 @@ async def pressure(session, models: Path, root: Path, n: int, capacity: int, dur
         # Every model once first: what the server keeps per model whether loaded or not
         # (its metrics series, its entry) is part of the base, not of the capacity.
         await drive(session, srv.url, in_order_from(0, n), 600, 4, n)
-        base = rss(srv.proc.pid) - (await metrics(session, srv.url))["meshserve_cache_bytes_used"]
+        # RSS after the scrape: a /metrics answer over every model's series is part of the base.
+        used = (await metrics(session, srv.url))["meshserve_cache_bytes_used"]
+        base = rss(srv.proc.pid) - used
         p = np.arange(1, n + 1) ** -1.1
         p /= p.sum()
         order = np.random.default_rng(7).permutation(n)
