@@ -15,8 +15,10 @@ Collections are batched and rate-limited (a full one holds the GIL for a few ms)
 ``batch_bytes`` of unloads (1/16 of the capacity), and at most 1/``duty`` of the time (the
 next one waits ``duty`` times as long as the last took: on a faster machine both loads
 and collections are faster, so what may pile up in between is about the same number of
-models); then free heap pages go back to the OS (``malloc_trim``, which lets go of the GIL).
-A big model (``big_bytes``) is collected at once: it may hide in a cycle.
+models). Free heap pages go back to the OS (``malloc_trim``, which lets go of the GIL) after
+each collection and after every ``trim_bytes`` of unloads between them: arrays under the
+mmap threshold (server/memory.py) live on the heap and return only that way. A big model
+(``big_bytes``) is collected at once: it may hide in a cycle.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 
 BIG_MODEL_BYTES = 32 * 1024 * 1024
 UNBOUNDED_BATCH_BYTES = 8 * 1024 * 1024
+TRIM_BYTES = 8 * 1024 * 1024
 
 
 class MemoryReclaimer:
@@ -47,13 +50,16 @@ class MemoryReclaimer:
         min_interval: float = 0.01,
         duty: float = 20.0,
         big_bytes: int = BIG_MODEL_BYTES,
+        trim_bytes: int = TRIM_BYTES,
     ) -> None:
         self.executor = executor
         self.batch_bytes = capacity_bytes // 16 if capacity_bytes else UNBOUNDED_BATCH_BYTES
         self.min_interval = min_interval
         self.duty = duty
         self.big_bytes = big_bytes
+        self.trim_bytes = trim_bytes
         self.freed = 0  # bytes unloaded since the last collection
+        self.untrimmed = 0  # bytes unloaded since the last trim
         self.collections = 0
         self.last_seconds = 0.0  # how long the last collection took
         self._next_at = 0.0  # monotonic: no collection before this
@@ -69,17 +75,20 @@ class MemoryReclaimer:
     async def unloaded(self, size: int) -> None:
         """A model of ``size`` bytes was unloaded (its last reference dropped by the caller)."""
         self.freed += size
-        now = time.monotonic()
-        if size < self.big_bytes and (self.freed < self.batch_bytes or now < self._next_at):
-            return
-        self.freed = 0
-        await asyncio.get_running_loop().run_in_executor(self.executor, self._collect)
+        self.untrimmed += size
+        collect = size >= self.big_bytes or (self.freed >= self.batch_bytes and time.monotonic() >= self._next_at)
+        if collect or self.untrimmed >= self.trim_bytes:
+            self.untrimmed = 0
+            if collect:
+                self.freed = 0
+            await asyncio.get_running_loop().run_in_executor(self.executor, self._release, collect)
 
-    def _collect(self) -> None:
-        started = time.monotonic()
-        gc.collect()
-        self.last_seconds = time.monotonic() - started
-        self._next_at = time.monotonic() + max(self.min_interval, self.duty * self.last_seconds)
-        self.collections += 1
+    def _release(self, collect: bool) -> None:
+        if collect:
+            started = time.monotonic()
+            gc.collect()
+            self.last_seconds = time.monotonic() - started
+            self._next_at = time.monotonic() + max(self.min_interval, self.duty * self.last_seconds)
+            self.collections += 1
+            log.debug("collected after unloads in %.1f ms", self.last_seconds * 1000)
         release_free_memory()  # ctypes lets go of the GIL: requests run meanwhile
-        log.debug("collected after unloads in %.1f ms", self.last_seconds * 1000)

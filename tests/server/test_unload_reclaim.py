@@ -5,6 +5,7 @@ collection, and resident memory climbs past the cache's capacity (issue #16)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -84,3 +85,22 @@ def test_evicted_models_code_and_memory_come_back(churning):
     # The second pass holds no more than the first left: no garbage piles up.
     assert rss - rss_first < 2 * 1024 * 1024, (rss_first, rss)
     assert time.monotonic() - started < 20
+
+
+def test_collections_come_in_batches_rate_limited_big_models_at_once():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from meshserve.server.reclaim import MemoryReclaimer
+
+    mib = 1024 * 1024
+
+    async def scenario() -> list[int]:
+        reclaimer = MemoryReclaimer(ThreadPoolExecutor(1), 16 * mib, min_interval=60)  # a batch: 1 MiB
+        seen = []
+        for size in (512 * 1024, 600 * 1024, 2 * mib, 64 * mib):
+            await reclaimer.unloaded(size)
+            seen.append(reclaimer.collections)
+        return seen
+
+    # Under a batch: none; a batch: one; another right after: not yet (rate limit); a big model: at once.
+    assert asyncio.run(scenario()) == [0, 1, 1, 2]
