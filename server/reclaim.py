@@ -4,9 +4,9 @@ Every load of a user's ``model.py`` imports it afresh: a module, its classes and
 functions, which refer to each other. A class is always in a reference cycle, so once the
 model is unloaded refcounting frees its arrays but not its code: that waits for a full
 (generation 2) collection, which CPython runs only once the objects created since the last
-one reach a quarter of the long-lived ones (each model used once leaves ~100: its metric
-series), i.e. every several hundred evictions; the garbage in between (~10 KiB per evicted
-model) kept resident memory 11-14% past the cache's capacity under churn. Collecting more
+one reach a quarter of the long-lived ones (the resident models' objects and what every
+model used keeps), i.e. every several hundred evictions; the garbage in between (~10 KiB
+per evicted model) kept resident memory 10-14% past the cache's capacity under churn. Collecting more
 often is cheap only if a collection does not walk the server's own objects each time, hence
 ``settle`` (``gc.freeze`` once registration is done: what the process holds at start-up is
 not garbage and is never scanned again).
