@@ -176,15 +176,16 @@ async def main(args: argparse.Namespace) -> None:
                 hit_m.append(a)
                 hit_o.append(b)
             hit_mesh, hit_one = np.concatenate(hit_m), np.concatenate(hit_o)
-            # The process's base: what it holds after serving traffic, less the models it holds.
-            base = rss(mesh.proc.pid) - (await metrics(session, mesh.url))["meshserve_cache_bytes_used"]
+            # The process's base: what it holds after serving traffic (and answering a /metrics
+            # scrape, which over thousands of models' series holds megabytes), less the models.
+            before = await metrics(session, mesh.url)
+            base = rss(mesh.proc.pid) - before["meshserve_cache_bytes_used"]
 
             # Zipf traffic.
             ranks = np.arange(1, args.models + 1)
             p = ranks**-args.zipf
             p /= p.sum()
             order = np.random.default_rng(42).permutation(args.models)
-            before = await metrics(session, mesh.url)
             peak = [base]
             stop = asyncio.Event()
 

@@ -72,6 +72,8 @@ class DataPlane:
         without evicting; the rest load on their first request. Failures are recorded."""
         started = time.monotonic()
         keys = await self.repository.discover()
+        # Before any load (no await in between): start-up objects leave the collections unloads trigger.
+        self.repository.reclaimer.settle()
         self._startup_keys = keys
         log.info("registered %d models in %.2fs", len(keys), time.monotonic() - started)
         if self._joining is not None:

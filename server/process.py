@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import signal
@@ -134,11 +133,8 @@ async def run(settings: Settings, started: asyncio.Event | None = None, router: 
         http_server.should_exit = True
         await asyncio.gather(grpc_server.stop(None), *tasks, return_exceptions=True)
         raise
-    # Everything imported and loaded so far lives as long as the process: keep it out of the
-    # cyclic GC's scans, which otherwise grow with every library a model pulls in and are
-    # paid by requests.
-    gc.collect()
-    gc.freeze()
+    # Start-up objects were frozen before any load (MemoryReclaimer.settle). Preloaded models
+    # are not: frozen, an evicted one's code and cycles could never be collected.
     log.info("ready: %s", dataplane.ready())
     if started is not None:
         started.set()

@@ -4,7 +4,6 @@ the cache its load function (URI -> loader -> runtime)."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import inspect
 import logging
 import threading
@@ -21,8 +20,9 @@ from meshserve.protocol.errors import Forbidden, InvalidInput, ModelLoadError, M
 from meshserve.server.capacity import default_capacity, files_size
 from meshserve.server.load_policy import check_load_config
 from meshserve.server.loaded_model import LoadedModel
-from meshserve.server.memory import reachable_bytes, release_free_memory, rss_bytes
+from meshserve.server.memory import reachable_bytes, rss_bytes
 from meshserve.server.model_settings import SETTINGS_FILES, ModelSettings, parse_model_settings, read_settings_file
+from meshserve.server.reclaim import MemoryReclaimer
 from meshserve.server.runtimes.base import Model
 from meshserve.server.runtimes.files import runtimes_for_dir
 from meshserve.server.runtimes.registry import resolve_runtime
@@ -35,8 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 # A repository index looks at this many folders of --model-dir for models not registered.
 MAX_INDEXED_FOLDERS = 10_000
-GC_AFTER_UNLOAD_BYTES = 32 * 1024 * 1024
-TRIM_AFTER_FREED_BYTES = 8 * 1024 * 1024
 
 
 def _load_error(e: Exception) -> ModelLoadError:
@@ -101,10 +99,11 @@ class ModelRepository:
         )
         self.registry = ModelRegistry()
         self.fetcher = settings.fetcher()
-        self._freed_since_trim = 0
         # Metrics for each model that loads: returns its phase timers (and may hook its
         # engine's); set by the composition root.
         self.instrument: Callable[[Model], PhaseTimers | None] | None = None
+        # What unloads free goes back in batches (cycles collected, heap trimmed).
+        self.reclaimer = MemoryReclaimer(executor, capacity)
 
     def predicted_size(self, ms: ModelSettings) -> int:
         """What a model will take once loaded, before it loads (ModelMesh's predictModelSize):
@@ -394,11 +393,4 @@ class ModelRepository:
             await asyncio.get_running_loop().run_in_executor(self.executor, model.unload)
         size = handle.size_bytes
         del model, handle
-        if size >= GC_AFTER_UNLOAD_BYTES:  # big models may hide in reference cycles; small ones free by refcount
-            gc.collect()
-        # Freed heap pages go back to the OS in batches: small models live on the heap
-        # (below the mmap threshold) and a trim per eviction would cost more than it returns.
-        self._freed_since_trim += size
-        if self._freed_since_trim >= TRIM_AFTER_FREED_BYTES:
-            self._freed_since_trim = 0
-            await asyncio.get_running_loop().run_in_executor(self.executor, release_free_memory)
+        await self.reclaimer.unloaded(size)

@@ -270,9 +270,10 @@ class RestFront:
                 text = await self._dashboard_state(scope, fwd)
                 ctype = b"application/json"
             elif scope["path"] == METRICS_PATH:
-                from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+                from meshserve.server.metrics import scrape
+                from prometheus_client import CONTENT_TYPE_LATEST
 
-                text = await self.router.metrics(generate_latest(self.dataplane.metrics), fwd)
+                text = await self.router.metrics(await scrape(self.dataplane.metrics), fwd)
                 ctype = CONTENT_TYPE_LATEST.encode()
             else:
                 from meshserve.protocol.rest_codec import dumps, loads_object

@@ -80,9 +80,10 @@ def build_api(dp: DataPlane) -> FastAPI:
 
     @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
     async def metrics() -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from meshserve.server.metrics import scrape
+        from prometheus_client import CONTENT_TYPE_LATEST
 
-        return Response(generate_latest(dp.metrics), media_type=CONTENT_TYPE_LATEST)
+        return Response(await scrape(dp.metrics), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v2/models/{name}", summary="Model metadata")
     @app.get("/v2/models/{name}/versions/{version}", summary="Model version metadata")
