@@ -121,11 +121,13 @@ def cli_page() -> str:
 
 # -- API ------------------------------------------------------------------------------
 def api_page(out: Path) -> str:
-    from meshserve.server.dataplane import DataPlane
+    from meshserve.server.compose import build_dataplane
     from meshserve.server.rest import build_rest_app
+    from meshserve.server.rest.routes import build_api
     from meshserve.server.settings import Settings
 
-    app = build_rest_app(DataPlane(Settings(model_dir=None)), 1 << 20)
+    dp = build_dataplane(Settings(model_dir=None))  # built as a process builds it (server/compose.py)
+    app = build_rest_app(dp, build_api(dp), 1 << 20)
     doc = app.openapi() if hasattr(app, "openapi") else _fastapi_of(app).openapi()
     (out / "openapi.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
     rows = ["| method | path | summary |", "| --- | --- | --- |"]
@@ -191,6 +193,7 @@ def feature_pages(out: Path) -> list[str]:
             return f"](../{target})"
 
         body = re.sub(r"\]\(#([\w-]+)\)", relink, body)
+        body = body.replace("](docs/", "](../")  # README images (docs/dashboard.png) from a page one level down
         # One level up: the section's ### become the page's ##.
         body = re.sub(r"^###", "##", body, flags=re.M)
         page.write_text(f"# {heading}\n\n<!-- generated from README.md by docs/generate.py -->\n{body}")
