@@ -24,7 +24,7 @@ from typing import Any
 DOCS = Path(__file__).resolve().parent
 REPO = DOCS.parent
 # README sections with a page of their own elsewhere (getting-started.md, concepts.md).
-NOT_FEATURES = {"Two commands", "Try it", "Layout"}
+NOT_FEATURES = {"Two commands", "Try it", "Architecture"}
 OPERATIONS = {"Security", "Production", "Docker", "Kubernetes and KServe", "Performance"}
 
 

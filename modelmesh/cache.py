@@ -204,6 +204,21 @@ class ModelCache(Generic[H]):
     def resident(self) -> int:
         return len(self._lru)
 
+    def resident_entries(self) -> list[CacheEntry[H]]:
+        """The models held now, least recently used first."""
+        return list(self._lru.values())
+
+    @property
+    def loading(self) -> int:
+        """Loads in progress."""
+        return sum(1 for e in self._entries.values() if e.state is ModelState.LOADING)
+
+    def set_extra(self, key: str, extra: bool) -> None:
+        """Another pod holds the first copy of ``key``: evict this one before single copies."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            entry.extra = extra
+
     def _entry(self, key: str) -> CacheEntry[H]:
         entry = self._entries.get(key)
         if entry is None:

@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 if TYPE_CHECKING:
     import grpc
+    from meshserve.server.fleet import Fleet
     from meshserve.server.workers import Router
 
 
@@ -72,11 +73,40 @@ def build_dataplane(settings: Settings, registry: CollectorRegistry | None = Non
     dp = DataPlane(settings, repository, executor, load_executor, registry, observe)
     registry.register(MeshCollector(dp))
     if settings.store:
-        from meshserve.modelmesh.store import open_store
-        from meshserve.server.fleet import Fleet
-
-        dp.join(Fleet(dp, settings, open_store(settings.store, settings.fleet_lease_seconds)))
+        dp.join(build_fleet(dp, settings))
     return dp
+
+
+def build_fleet(dp: DataPlane, settings: Settings) -> Fleet:
+    """The mesh across pods: the store, this pod's membership, the transport (gRPC and HTTP), and the
+    router, copies and lifecycle that decide with them (meshserve.modelmesh.fleet)."""
+    from meshserve.modelmesh.fleet import Copies, FleetConfig, Lifecycle, Membership, Router
+    from meshserve.modelmesh.store import open_store
+    from meshserve.server.fleet import Fleet
+    from meshserve.server.fleet.core import describe, registrar
+    from meshserve.server.fleet.transport import PodTransport
+    from meshserve.server.fleet.wire import auth_metadata, pod_record, store_lease
+
+    store = open_store(settings.store, settings.fleet_lease_seconds)
+    config = FleetConfig(
+        lease_seconds=store_lease(store, settings),
+        forward_timeout_seconds=settings.forward_timeout_seconds,
+        capacity_wait_seconds=settings.capacity_wait_seconds,
+        load_retry_max_seconds=settings.load_retry_max_seconds,
+        load_timeout_seconds=settings.load_timeout_seconds,
+        shutdown_grace_seconds=settings.shutdown_grace_seconds,
+        second_copy_after_seconds=settings.second_copy_after_seconds,
+        copy_rate_per_minute=settings.copy_rate_per_minute,
+        max_copies=settings.max_copies,
+    )
+    cache = dp.cache
+    transport = PodTransport(settings.max_request_bytes, settings.forward_timeout_seconds, auth_metadata(settings))
+    members = Membership(store.view, pod_record(settings, cache.capacity_bytes), config.suspect_seconds,
+                         transport.forget)  # fmt: skip
+    router = Router(cache, store, members, config)
+    copies = Copies(cache, store, members, transport, config)
+    lifecycle = Lifecycle(cache, store, members, copies, config, describe, registrar(dp.repository))
+    return Fleet(dp, store, members, router, lifecycle, transport)
 
 
 def build_process(settings: Settings, router: Router | None = None) -> Process:

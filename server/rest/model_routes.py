@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from meshserve.protocol.errors import InferenceError
-from meshserve.server.fleet.wire import MARKER, ROUTE
+from meshserve.server.fleet.transport import MARKER_B, RestRequest
+from meshserve.server.fleet.wire import ROUTE
 from meshserve.server.llm.request_stats import OIP, OPENAI, RequestStats
 from meshserve.server.llm.service import PARSED_BODY
 from meshserve.server.observe import log_access
@@ -31,7 +32,7 @@ from meshserve.server.rest.errors import REQUEST_ID, send_error, send_exception
 from meshserve.server.rest.front import read_body
 from meshserve.server.rest.headers import RequestHeaders
 from meshserve.server.security import redact
-from meshserve.server.upstream import HttpPool, relay, tcp_connect
+from meshserve.server.upstream import relay
 
 if TYPE_CHECKING:
     from meshserve.modelmesh.store import PodRecord
@@ -47,8 +48,6 @@ OPENAI_PATHS = frozenset(
     f"{prefix}/{route}" for prefix in ("/v1", "/openai/v1") for route in ("completions", "chat/completions")
 )
 GENERATE_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/generate(?:_stream)?$")
-MARKER_B = MARKER.encode()
-CONNECT_TIMEOUT = 5.0
 
 
 class ModelRoutes:
@@ -58,7 +57,6 @@ class ModelRoutes:
     def __init__(self, front: RestFront) -> None:
         self.front = front
         self.dp = front.dataplane
-        self._pools: dict[str, HttpPool] = {}
 
     def wants(self, scope: Scope) -> bool:
         """Cheap: only where there is somewhere else to send a request."""
@@ -131,14 +129,14 @@ class ModelRoutes:
         target = scope["raw_path"] or scope["path"].encode()
         if scope["query_string"]:
             target += b"?" + scope["query_string"]
+        request = RestRequest(target, scope["headers"], body)
 
         async def local() -> None:
             await front._other(scope, _replay(body, receive), _routed(send, ROUTE.get()), headers, rid)
 
         async def forward(pod: PodRecord, timeout: float, kind: str) -> None:
-            headers = [(k, v) for k, v in scope["headers"] if k != MARKER_B]
-            headers.append((MARKER_B, kind.encode()))
-            response = await self._pool(pod).open(b"POST", target, headers, body)  # OSError: try another pod
+            # Unreachable (refused, reset before an answer began): the fleet tries another pod.
+            response = await fleet.transport.relay(pod, request, timeout, kind)
             # The answer has begun: from here on it is this request's answer, never retried.
             stats = RequestStats(self.dp, OPENAI if scope["path"] in OPENAI_PATHS else OIP, name)
             stats.status = response.status
@@ -151,17 +149,6 @@ class ModelRoutes:
                 log_access(rid, "rest", scope["path"], name, response.status, perf_counter_ns() - t0)
 
         await fleet.serve_on(key, local, forward, None)
-
-    def _pool(self, pod: PodRecord) -> HttpPool:
-        pool = self._pools.get(pod.http)
-        if pool is None:
-            pool = self._pools[pod.http] = HttpPool(tcp_connect(pod.http, CONNECT_TIMEOUT), pod.http.encode())
-        return pool
-
-    def close(self) -> None:
-        for pool in self._pools.values():
-            pool.close()
-        self._pools.clear()
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -9,8 +9,8 @@ import time
 
 import httpx
 import pytest
+from meshserve.modelmesh.fleet.routing import no_room_anywhere, wait_for_room
 from meshserve.protocol.errors import CapacityExhausted
-from meshserve.server.fleet.routing import _no_room_anywhere, _wait_for_room
 
 from tests.fleet.conftest import holders, infer, start_pods, wait_for, wait_pods
 
@@ -108,7 +108,7 @@ def test_every_pod_refused_waits_for_the_first_room():
     async def go():
         now = time.monotonic()
         room = {"pod-a": now + 0.4, "pod-b": now + 0.2}
-        first = await _wait_for_room("m", room, now + 5, None)
+        first = await wait_for_room("m", room, now + 5, None)
         return first, time.monotonic() - now, room
 
     first, took, left = asyncio.run(go())
@@ -120,13 +120,13 @@ def test_room_past_the_bound_is_503_at_once_with_its_retry_after():
     async def go():
         now = time.monotonic()
         with pytest.raises(CapacityExhausted) as e:
-            await _wait_for_room("m", {"pod-a": now + 20, "pod-b": now + 12}, now + 1, None)
+            await wait_for_room("m", {"pod-a": now + 20, "pod-b": now + 12}, now + 1, None)
         return e.value, time.monotonic() - now
 
     error, took = asyncio.run(go())
     assert took < 0.5 and 11 <= error.retry_after <= 12
     assert "no pod has room for model 'm' now (2 refused)" in error.message
-    assert _no_room_anywhere("m", {"p": time.monotonic() - 5}, None).retry_after == 1.0  # never below 1 s
+    assert no_room_anywhere("m", {"p": time.monotonic() - 5}, None).retry_after == 1.0  # never below 1 s
 
 
 def _fleet_in_the_page(pod, out) -> None:
