@@ -77,7 +77,7 @@ $(VLLM_VENV)/.installed:
 	touch $@
 
 test-vllm: install $(VLLM_VENV)/.installed
-	MESHSERVE_TEST_VLLM=$(abspath $(VLLM_VENV))/bin/python $(BIN)/pytest tests/llm/test_vllm.py -q
+	MESHSERVE_TEST_VLLM=$(abspath $(VLLM_VENV))/bin/python $(BIN)/pytest tests/server/llm/test_vllm.py -q
 
 # GPU lane (not in CI, which has no GPU): on a machine with a CUDA GPU, a venv of its own
 # (.venv-gpu: vllm with its CUDA torch, onnxruntime-gpu), tests/gpu, then the GPU benchmark

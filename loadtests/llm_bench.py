@@ -15,7 +15,7 @@ requests back to back (at least one); each asks for exactly ``--max-tokens`` tok
 the same number of tokens. Reports output tokens/s and TTFT p50/p99 per system and level, then the ratios at the highest
 level. Systems run one after another, each with the machine to itself; the load
 generator shares the cores: compare ratios from one run, not absolute numbers.
-The model is tests/llm/tiny_llama.py's "small" variant (random weights, ~4 M params).
+The model is tests/server/llm/tiny_llama.py's "small" variant (random weights, ~4 M params).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import aiohttp
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from tests.llm.tiny_llama import build  # noqa: E402
+from tests.server.llm.tiny_llama import build  # noqa: E402
 from tests.support.server import free_port, start_server  # noqa: E402
 
 MODEL = "llm"

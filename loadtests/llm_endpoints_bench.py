@@ -134,7 +134,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--tokens", type=int, default=64)
     args = ap.parse_args()
-    from tests.llm.tiny_llama import build
+    from tests.server.llm.tiny_llama import build
     from tests.support.server import start_server
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -36,7 +36,7 @@ def torch_dirs(tmp_path_factory: pytest.TempPathFactory):
     """One tiny MLP saved four ways: TorchScript, torch.export, state dict, ONNX."""
     pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
-    from tests.runtimes import tiny_models as tm
+    from tests.server.runtimes import tiny_models as tm
 
     base = tmp_path_factory.mktemp("torch")
     module = tm.tiny_mlp()

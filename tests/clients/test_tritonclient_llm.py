@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tests.llm.api_support import engine_gauge, llm_models, wait_for_gauge
+from tests.server.llm.api_support import engine_gauge, llm_models, wait_for_gauge
 from tests.support.server import start_server
 
 WAIT = 60
@@ -21,7 +21,7 @@ GREEDY = {"max_tokens": 8, "temperature": 0, "ignore_eos": True}
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     pytest.importorskip("transformers")
-    from tests.llm.tiny_llama import build
+    from tests.server.llm.tiny_llama import build
 
     base = tmp_path_factory.mktemp("llm-grpc")
     tiny = build(base / "build" / "tiny-llama")

@@ -18,7 +18,7 @@ from tests.support.server import RunningServer, start_server
 @pytest.fixture(scope="module")
 def llm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     pytest.importorskip("transformers")
-    from tests.llm.tiny_llama import build
+    from tests.server.llm.tiny_llama import build
 
     models = tmp_path_factory.mktemp("llm-models")
     build(models / "llama2")

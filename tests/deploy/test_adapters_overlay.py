@@ -6,11 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from meshserve.adapters.kube import PLURALS
 from meshserve.adapters.settings import AdaptersSettings
 from meshserve.server.settings import Settings
 
 from tests.deploy import k8s
+
+pytestmark = pytest.mark.system  # kubectl kustomize runs as a process
 
 OVERLAY = k8s.DEPLOY / "overlays" / "adapters"
 SA_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"

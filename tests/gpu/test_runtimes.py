@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from tests.gpu.conftest import GREEDY_TOKENS, PROMPTS
-from tests.runtimes.conftest import infer, load, outputs, request
+from tests.server.runtimes.conftest import infer, load, outputs, request
 
-STATE_DICT = {"model_class": "tests.runtimes.torch_classes:TinyMLP"}
+STATE_DICT = {"model_class": "tests.server.runtimes.torch_classes:TinyMLP"}
 FORMS = [("script", {}), ("export", {}), ("state_dict", STATE_DICT)]
 X = np.random.default_rng(7).random((64, 4), dtype=np.float32)
 

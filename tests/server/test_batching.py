@@ -142,7 +142,7 @@ def test_batch_failures_reach_every_caller(param, message):
 
 
 def test_torch_and_onnx_batched_equal_unbatched(torch_dirs):
-    from tests.runtimes.conftest import load
+    from tests.server.runtimes.conftest import load
 
     rng = np.random.default_rng(3)
     xs = [rng.random((int(rng.integers(1, 4)), 4), dtype=np.float32) for _ in range(12)]

@@ -16,7 +16,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from tests.llm.api_support import llm_models
+from tests.server.llm.api_support import llm_models
 from tests.support.server import RunningServer, start_server
 
 EXAMPLES_PER_OPERATION = 25
@@ -35,7 +35,7 @@ def _rss(pid: int) -> int:
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory) -> RunningServer:
-    from tests.llm.tiny_llama import build
+    from tests.server.llm.tiny_llama import build
 
     base = tmp_path_factory.mktemp("fuzz")
     s = start_server(llm_models(base, build(base / "tiny-llama-src")), base / "server.log")

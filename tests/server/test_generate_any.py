@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.prod.conftest import write_model
+from tests.server.prod.conftest import write_model
 from tests.support.server import EXAMPLES, RunningServer, start_server
 
 CALC = """

@@ -1,5 +1,5 @@
 """The one REST error builder and the one header scan, in-process (their paths over real
-sockets: tests/prod/test_error_responses.py)."""
+sockets: tests/server/prod/test_error_responses.py)."""
 
 from __future__ import annotations
 
