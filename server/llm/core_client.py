@@ -6,7 +6,7 @@ Both take messages (``("add", CoreRequest)``, ``("abort", key)``) and hand the c
 messages (one per step: ``("step", outputs, decode seconds, counters)``; ``("failed", keys,
 message)``; ``("died", why)``) to a callback on the event loop.
 
-The child process (multiprocessing spawn, torch threads = every core it may use) is fed
+The child process (multiprocessing spawn; torch threads: the cores less one) is fed
 over two pipes: requests in through a sender thread (a long prompt never blocks the event
 loop, and the two sides never wait on each other), one pickled message per step out, read
 by the event loop when the pipe is readable. The child ends when it is told to, and also
@@ -69,7 +69,7 @@ class ThreadCore:
     def _load(self) -> dict[str, Any]:
         import torch
 
-        threads = core_threads(self._threads, own_process=False)
+        threads = core_threads(self._threads)
         return self.core.load(threads if self._threads or threads < torch.get_num_threads() else None)
 
     def _receive(self, block: bool) -> list[tuple[Any, ...]]:
@@ -223,7 +223,7 @@ def child_main(rx: Any, tx: Any, path: str, parameters: dict[str, Any], extra_eo
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server stops us
     core = EngineCore(path, parameters, extra_eos)
     try:
-        info = core.load(core_threads(parameters.get("torch_threads"), own_process=True))
+        info = core.load(core_threads(parameters.get("torch_threads")))
     except Exception as e:
         tx.send(("load_error", e.message if isinstance(e, ModelLoadError) else f"{type(e).__name__}: {e}"))
         return

@@ -6,12 +6,12 @@ in the serving process: tokenization, chat templates, request checks and the que
 incremental detokenization and stop strings, each request's stream of chunks, metrics.
 
 By default the core runs in a child process of its own (``engine_process: true``): the
-model's steps get every core and never share the interpreter lock with the HTTP and gRPC
-servers, the front sends each request and abort as one message and gets one message per
-step carrying every sequence's new token (:mod:`meshserve.server.llm.core_client`). A
-child that dies fails its requests with 503 (``ModelNotReady``) and is restarted; unload
-and server shutdown stop it; its resident memory is the model's size. With
-``engine_process: false`` the core runs on a thread of the serving process instead.
+model's steps never share the interpreter lock with the HTTP and gRPC servers; the front
+sends each request and abort as one message and gets one message per step carrying every
+sequence's new token (:mod:`meshserve.server.llm.core_client`). A child that dies fails
+its requests with 503 (``ModelNotReady``) and is restarted; unload and server shutdown
+stop it; its resident memory is the model's size. With ``engine_process: false`` the core
+runs on a thread of the serving process instead.
 
 Settings (model ``parameters``): ``engine_process`` (default true), ``max_num_seqs``
 (running batch, default 32), ``max_waiting`` (queued requests beyond the batch, default
@@ -21,8 +21,7 @@ prompts, default 2048), ``max_prefill_tokens`` (padded prompt tokens per prefill
 default 4096), ``max_prefill_chunk`` (a longer prompt is prefilled this many tokens per
 step, one such prompt at a time, while the running batch keeps decoding; default 512, 0:
 off), ``device`` (auto|cpu|cuda[:n]|mps), ``dtype`` (float32|float16|bfloat16),
-``torch_threads`` (intra-op threads; default: every core in the engine process, the cores
-less one on a thread of the server).
+``torch_threads`` (intra-op threads; default: the cores less one, leaving one to the server).
 """
 
 from __future__ import annotations
