@@ -178,7 +178,11 @@ class ProcessCore:
         log.error("model %s: the engine process %s died (%s)", self.name, self._proc.pid, why)
         assert self._ready is not None and self._on_message is not None
         if not self._ready.done():
-            self._ready.set_exception(ModelLoadError(f"the engine process died while loading ({why})"))
+            self._ready.set_exception(ModelLoadError(
+                f"the engine process died while loading ({why}; its error is in the server's log). A script"
+                " that starts the engine itself needs `if __name__ == '__main__':` around it (the process is"
+                " spawned and imports the main module), or set engine_process: false"
+            ))  # fmt: skip
         elif not self._ready.cancelled() and self._ready.exception() is None:  # a failed load already said why
             self._on_message(("died", why))
 
