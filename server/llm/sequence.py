@@ -5,47 +5,35 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from meshserve.server.llm.text import Detokenizer, StopMatcher
-from meshserve.server.llm.types import GenerationChunk, SamplingParams, TokenLogprob
+from meshserve.server.llm.types import GenerationChunk, SamplingParams
 
 if TYPE_CHECKING:
     from meshserve.server.llm.engine import TransformersEngine
 
 
 class Sequence:
-    """One request's state; the worker thread owns everything but ``aborted``."""
+    """One request's state on the serving side: its stream, detokenizer and stop strings
+    (the engine core holds the rest)."""
 
-    __slots__ = (
-        "id", "prompt_ids", "params", "queue", "tokens", "last", "pos", "generator", "detok", "stops",
-        "finished", "aborted", "budget", "seen", "arrival", "first_token_at", "last_token_at", "error",
-        "counts", "stop_ids", "min_mask", "prompt_lps",
-    )  # fmt: skip
+    __slots__ = ("id", "key", "prompt_ids", "params", "queue", "generated", "detok", "stops", "finished",
+                 "aborted", "arrival", "first_token_at")  # fmt: skip
 
-    def __init__(self, rid: str, prompt_ids: list[int], params: SamplingParams, budget: int) -> None:
+    def __init__(self, rid: str, key: int, prompt_ids: list[int], params: SamplingParams) -> None:
         self.id = rid
+        self.key = key  # the core's name for it
         self.prompt_ids = prompt_ids
         self.params = params
         self.queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
-        self.tokens: list[int] = []
-        self.last = prompt_ids[-1]
-        self.pos = len(prompt_ids) - 1  # position id of ``last``, the next token fed
-        self.generator: Any = None
+        self.generated = 0
         self.detok: Detokenizer | None = None
         self.stops = StopMatcher(params.stop)
         self.finished = False
         self.aborted = False
-        self.budget = budget  # tokens it may still generate (max_tokens, bounded by the context)
-        self.seen: Any = None  # token ids for the repetition penalty
-        self.counts: dict[int, int] | None = None  # generated token -> count (presence/frequency penalties)
-        self.stop_ids: frozenset[int] = frozenset()  # stop_token_ids inside the vocabulary
-        self.min_mask: Any = None  # ids masked while fewer than min_tokens were generated (EOS, stop ids)
-        self.prompt_lps: list[TokenLogprob | None] | None = None  # sent with the first chunk
         self.arrival = time.perf_counter()
         self.first_token_at = 0.0
-        self.last_token_at = 0.0
-        self.error: BaseException | None = None
 
 
 class EngineStats:

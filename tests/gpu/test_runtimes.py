@@ -105,7 +105,8 @@ def _run_engine(folder, parameters: dict, prompts: list[str], max_tokens: int) -
 
 
 def test_transformers_engine_on_cuda_greedy_equals_cpu_generate_and_frees(smollm2, hf_greedy):
-    settings = {"device": "cuda", "dtype": "float32", "max_model_len": 512}
+    # The core on a thread of this process, so this process's CUDA allocator shows what it frees.
+    settings = {"device": "cuda", "dtype": "float32", "max_model_len": 512, "engine_process": False}
     _run_engine(smollm2, settings, PROMPTS[:1], 2)  # warms what CUDA keeps per process (see above)
     before = allocated()
     tokens, texts = _run_engine(smollm2, settings, PROMPTS, GREEDY_TOKENS)
@@ -113,6 +114,15 @@ def test_transformers_engine_on_cuda_greedy_equals_cpu_generate_and_frees(smollm
         assert got == hf_greedy[prompt]["tokens"], (prompt, got, hf_greedy[prompt]["tokens"])
         assert text == hf_greedy[prompt]["text"]
     assert allocated() == before, "the engine's weights and KV cache must leave the GPU on stop"
+
+
+def test_transformers_engine_core_process_on_cuda_equals_cpu_generate(smollm2, hf_greedy):
+    """The default: the core in a child process of its own, CUDA initialised there."""
+    settings = {"device": "cuda", "dtype": "float32", "max_model_len": 512}
+    tokens, texts = _run_engine(smollm2, settings, PROMPTS, GREEDY_TOKENS)
+    for prompt, got, text in zip(PROMPTS, tokens, texts, strict=True):
+        assert got == hf_greedy[prompt]["tokens"], (prompt, got, hf_greedy[prompt]["tokens"])
+        assert text == hf_greedy[prompt]["text"]
 
 
 def test_transformers_engine_bfloat16_on_auto_device(smollm2):

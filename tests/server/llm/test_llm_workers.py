@@ -70,8 +70,10 @@ def test_stream_chunks_arrive_as_made_through_either_worker(server):
         print(f"{'forwarded' if forwarded else 'owner'}: first event {first * 1000:.0f} ms of {total * 1000:.0f} ms")
         # Buffered, the first event would come with the last (a generous bound: a busy CI box slows prefill).
         assert first < 0.7 * total, (forwarded, first, total)
-    same = [e["text_output"] for e in seen[True][1]] == [e["text_output"] for e in seen[False][1]]
-    assert same  # greedy: the same tokens, however the request came
+    # Greedy: the same text, however the request came (how it splits into events is timing: a
+    # reader that falls behind gets the chunks that piled up as one).
+    same = "".join(e["text_output"] for e in seen[True][1]) == "".join(e["text_output"] for e in seen[False][1])
+    assert same
     assert _loads(server) == loads  # no second copy of the model in the other worker
 
 
