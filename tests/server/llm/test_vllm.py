@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 VLLM_PYTHON = os.environ.get("MESHSERVE_TEST_VLLM")
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 pytestmark = pytest.mark.skipif(not VLLM_PYTHON, reason="opt-in: set MESHSERVE_TEST_VLLM to a python with vllm")
 
