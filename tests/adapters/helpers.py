@@ -11,6 +11,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tests.support.server import REPO, free_port, meshserve_command
 
@@ -78,3 +79,15 @@ def start_sidecar(log_path: Path, env: dict[str, str], *args: str, timeout: floa
             time.sleep(0.05)
     side.stop()
     raise RuntimeError(f"meshserve adapters not up after {timeout}s:\n{side.log()}")
+
+
+def wait_job(client: Any, job_id: str, timeout: float = 120) -> dict:
+    """Poll an adapters job (through an httpx client with base_url and token) until it ends."""
+    deadline = time.monotonic() + timeout
+    job: dict = {}
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/adapters/jobs/{job_id}").json()
+        if job["state"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} still {job.get('state')} after {timeout}s")

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from meshserve.adapters.events import sign
 
-from tests.adapters.helpers import SCRIPTS
+from tests.adapters.helpers import SCRIPTS, wait_job
 from tests.support.server import RunningServer, start_server
 
 SECRET = "s3cret-for-tests"
@@ -102,16 +102,6 @@ def client(srv: RunningServer) -> Iterator[httpx.Client]:
         yield c
 
 
-def wait_job(client: httpx.Client, job_id: str, timeout: float = 90) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/adapters/jobs/{job_id}").json()
-        if job["state"] in ("succeeded", "failed"):
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} still {job['state']} after {timeout}s")
-
-
 def push(client: httpx.Client, branch: str = "main", repo: str = REPO_NAME, secret: str | None = SECRET,
          event: str = "push", delivery: str | None = None) -> httpx.Response:  # fmt: skip
     body = json.dumps({"ref": f"refs/heads/{branch}", "after": "abc123", "repository": {"full_name": repo}}).encode()
@@ -125,8 +115,10 @@ def push(client: httpx.Client, branch: str = "main", repo: str = REPO_NAME, secr
 def pipeline(base: Path, server_url: str) -> dict:
     """The seed's loop: check freshness, ingest unless fresh, train, evaluate."""
     data = base / "data"
-    ingest = ("from tests.adapters.helpers import write_partitions; import sys; "
-              f"write_partitions(__import__('pathlib').Path({str(data)!r}), parts=2, rows=32); print('ingested')")
+    ingest = (
+        "from tests.adapters.helpers import write_partitions; import sys; "
+        f"write_partitions(__import__('pathlib').Path({str(data)!r}), parts=2, rows=32); print('ingested')"
+    )
     evaluate = ("import json, urllib.request as u, os; "
                 "r = u.Request(os.environ['SERVER'] + '/v2/models/linear-from-push/infer', method='POST', "
                 "data=json.dumps({'inputs': [{'name': 'input', 'datatype': 'FP32', 'shape': [1, 2], "
@@ -290,10 +282,14 @@ def test_fresh_data_skips_ingestion(client, base):
 
 def test_crashing_worker_fails_its_job_fast_and_others_carry_on(client, base):
     index_before = client.post("/v2/repository/index", json={}).json()
-    crash = client.post("/v1/adapters/training/jobs", json={
-        "name": "crash", "entrypoint": str(SCRIPTS / "crash.py"), "workers": 2, "model": {"name": "never"}})
-    empty = client.post("/v1/adapters/training/jobs", json={
-        "name": "empty", "entrypoint": str(SCRIPTS / "no_model.py"), "workers": 1, "model": {"name": "nothing"}})
+    crash = client.post(
+        "/v1/adapters/training/jobs",
+        json={"name": "crash", "entrypoint": str(SCRIPTS / "crash.py"), "workers": 2, "model": {"name": "never"}},
+    )
+    empty = client.post(
+        "/v1/adapters/training/jobs",
+        json={"name": "empty", "entrypoint": str(SCRIPTS / "no_model.py"), "workers": 1, "model": {"name": "nothing"}},
+    )
     good = client.post("/v1/adapters/training/jobs", json={
         "name": "good", "entrypoint": str(SCRIPTS / "scale.py"), "workers": 2, "hyperparameters": {"scale": 2},
         "model": {"name": "scaled-by-two"}})  # fmt: skip

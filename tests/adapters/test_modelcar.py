@@ -20,7 +20,7 @@ from meshserve.adapters.events import sign
 from meshserve.adapters.settings import AdaptersSettings
 from meshserve.adapters.specs import WorkflowSpec
 
-from tests.adapters.helpers import SCRIPTS, RunningSidecar, start_sidecar
+from tests.adapters.helpers import SCRIPTS, RunningSidecar, start_sidecar, wait_job
 from tests.deploy import k8s
 from tests.loaders.conftest import Registry, start_registry
 from tests.support.server import RunningServer, start_server
@@ -76,16 +76,6 @@ def sidecar(base: Path, server: RunningServer, registry: Registry) -> Iterator[R
 def client(sidecar: RunningSidecar) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=sidecar.url, timeout=30, headers={"authorization": f"Bearer {SIDECAR_TOKEN}"}) as c:
         yield c
-
-
-def wait_job(client: httpx.Client, job_id: str, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/adapters/jobs/{job_id}").json()
-        if job["state"] in ("succeeded", "failed"):
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} still {job['state']} after {timeout}s")
 
 
 def pipeline(registry: Registry) -> dict:

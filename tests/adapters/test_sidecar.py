@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.adapters.helpers import SCRIPTS, RunningSidecar, start_sidecar
+from tests.adapters.helpers import SCRIPTS, RunningSidecar, start_sidecar, wait_job
 from tests.support.server import RunningServer, start_server
 
 SERVER_TOKEN = "model-server-token"
@@ -34,16 +34,6 @@ def sidecar_env(base: Path, server: RunningServer | None, **extra: str) -> dict[
     if server is not None:
         env["MESHSERVE_ADAPTERS_MODEL_SERVER_URL"] = server.http_url
     return env
-
-
-def wait_job(client: httpx.Client, job_id: str, timeout: float = 90) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/adapters/jobs/{job_id}").json()
-        if job["state"] in ("succeeded", "failed"):
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} still {job['state']} after {timeout}s")
 
 
 @pytest.fixture(scope="module")
