@@ -18,7 +18,7 @@ import pytest
 # What starts a process or a service in this test suite.
 STARTS_PROCESS = (
     "start_server", "spawn_server", "start_registry", "start_etcd", "start_pods", "Popen", "subprocess",
-    "create_subprocess", "multiprocessing", "os.fork",
+    "create_subprocess", "multiprocessing", "os.fork", "make_engine",
 )  # fmt: skip
 UNIT_LANE_ENV = "MESHSERVE_TEST_LANE"
 

@@ -16,7 +16,7 @@ from meshserve.protocol.errors import ModelNotReady
 from meshserve.server.llm.types import SamplingParams
 
 from tests.server.llm.api_support import llm_server
-from tests.server.llm.test_engine import Loop, collect, make_engine
+from tests.server.llm.engine_support import Loop, collect, make_engine
 
 PROMPT = "The capital of France is"
 
