@@ -21,7 +21,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from meshserve.modelmesh import ModelState
-from meshserve.protocol.errors import InferenceError
+from meshserve.protocol.errors import InferenceError, ModelNotFound
 from meshserve.server.load_policy import check_load_config
 
 if TYPE_CHECKING:
@@ -113,19 +113,23 @@ class WorkerCopies:
     async def sync(self, name: str, action: str, config: dict[str, Any] | None) -> None:
         """Replay a repository change made on the owner: drop this worker's copy; after a
         load, register the new settings (loaded here only once hot again); after an
-        unload, stay unloaded as the owner is."""
-        if action == "unload":
-            await self.dp.repository.unload(name)
+        unload, stay unloaded as the owner is. A model never registered here (a folder the
+        owner loaded by name) has no copy to drop."""
+        repo = self.dp.repository
+        try:
+            if action == "unload":
+                await repo.unload(name)
+                return
+            if config is not None:
+                ms = repo.parse_config(name, config)
+                old_uri = repo.registered_uri(name, ms.version)
+                check_load_config(config, self.dp.settings, old_uri)  # as the owner did
+                repo.register(ms if ms.uri else ms.model_copy(update={"uri": old_uri}))
+            for key in repo.keys_of(name):
+                await self.dp.cache.drop(key)
+                self._failed.pop(key, None)
+        except ModelNotFound:
             return
-        if config is not None:
-            repo = self.dp.repository
-            ms = repo.parse_config(name, config)
-            old_uri = repo.registered_uri(name, ms.version)
-            check_load_config(config, self.dp.settings, old_uri)  # as the owner did
-            repo.register(ms if ms.uri else ms.model_copy(update={"uri": old_uri}))
-        for key in self.dp.repository.keys_of(name):
-            await self.dp.cache.drop(key)
-            self._failed.pop(key, None)
 
     async def close(self) -> None:
         for task in list(self._tasks):

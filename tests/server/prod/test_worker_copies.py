@@ -96,10 +96,18 @@ def test_a_hot_model_is_served_by_both_workers_a_cold_one_by_its_owner(tmp_path)
         with httpx.Client(timeout=10) as c:
             assert c.post(f"{srv.http_url}/v2/repository/models/{hot}/unload").status_code == 200
         assert all(_rest_pid(srv, hot) is None for _ in range(10))
-        # Loaded again, with a new setting through gRPC: served again, copies come back when hot.
+        # Loaded again: served again, copies come back when hot.
         with httpx.Client(timeout=10) as c:
             assert c.post(f"{srv.http_url}/v2/repository/models/{hot}/load").status_code == 200
         assert len(_pids_seen(srv, hot, 20, 2)) == 2
+        # A folder added after start and loaded by name (Triton's explicit mode) is replayed
+        # on the other worker too, which never registered it: nothing to drop, no complaint.
+        (fresh,) = _owned_by(1, 1, "fresh")
+        _write(tmp_path / "models", [fresh], MB)
+        with httpx.Client(timeout=10) as c:
+            assert c.post(f"{srv.http_url}/v2/repository/models/{fresh}/load").status_code == 200
+        assert _rest_pid(srv, fresh) is not None
+        assert "did not take" not in srv.log()
     finally:
         srv.stop()
 
