@@ -7,12 +7,14 @@ import contextlib
 import json
 import re
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 
 from tests.support.server import EXAMPLES, RunningServer, start_server
 
@@ -71,3 +73,22 @@ def wait_for_gauge(http: httpx.Client, name: str, value: float, timeout: float =
         time.sleep(0.02)
         seen = engine_gauge(http, name)
     return seen
+
+
+def stream_first_event(port: int, body: dict[str, Any]) -> tuple[socket.socket, bytes]:
+    """Open generate_stream on a raw socket (so a test can drop it mid-stream) and read
+    until the first event arrived; the socket and the bytes read so far."""
+    s = socket.create_connection(("127.0.0.1", port))
+    payload = orjson.dumps(body)
+    s.sendall(
+        b"POST /v2/models/tiny-llama/generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    s.settimeout(30)
+    got = b""
+    while b"data: " not in got:
+        chunk = s.recv(4096)
+        assert chunk, got
+        got += chunk
+    return s, got

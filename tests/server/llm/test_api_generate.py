@@ -12,7 +12,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.server.llm.api_support import engine_gauge, llm_server, sse_events, wait_for_gauge
+from tests.server.llm.api_support import engine_gauge, llm_server, sse_events, stream_first_event, wait_for_gauge
 from tests.server.prod.conftest import scrape
 
 # A running batch of 2 and one waiting slot: the capacity test fills it with 3 streams.
@@ -132,19 +132,7 @@ def test_bad_bodies_and_models(http):
 
 def _raw_stream_first_event(server, body: dict) -> socket.socket:
     """Open generate_stream on a raw socket and read until the first event arrived."""
-    s = socket.create_connection(("127.0.0.1", server.http_port))
-    payload = orjson.dumps(body)
-    s.sendall(
-        b"POST /v2/models/tiny-llama/generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        + f"Content-Length: {len(payload)}\r\n\r\n".encode()
-        + payload
-    )
-    s.settimeout(30)
-    got = b""
-    while b"data: " not in got:
-        chunk = s.recv(4096)
-        assert chunk, got
-        got += chunk
+    s, got = stream_first_event(server.http_port, body)
     assert b" 200 " in got.split(b"\r\n", 1)[0]
     return s
 

@@ -5,7 +5,6 @@ holder gives them, a client that leaves cancels the holder's sequence)."""
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 
@@ -14,7 +13,7 @@ import orjson
 import pytest
 
 from tests.server.fleet.conftest import holders, pod_index, start_pods, wait_for, wait_pods
-from tests.server.llm.api_support import engine_gauge, llm_models, sse_events, wait_for_gauge
+from tests.server.llm.api_support import engine_gauge, llm_models, sse_events, stream_first_event, wait_for_gauge
 from tests.support.etcd import start_etcd
 from tests.support.server import RunningServer
 
@@ -104,19 +103,8 @@ def test_client_leaving_the_other_pod_cancels_on_the_holder(pods):
     holder, other = _holder_and_other(pods)
     with httpx.Client(base_url=holder.http_url, timeout=30) as http:
         before = engine_gauge(http, "aborted")
-        payload = orjson.dumps({"text_input": "Tell me a long story", "parameters": {**LONG, "max_tokens": 240}})
-        s = socket.create_connection(("127.0.0.1", other.http_port))
-        s.sendall(
-            b"POST /v2/models/tiny-llama/generate_stream HTTP/1.1\r\nHost: x\r\n"
-            + f"Content-Length: {len(payload)}\r\n\r\n".encode()
-            + payload
-        )
-        s.settimeout(30)
-        got = b""
-        while b"data: " not in got:
-            chunk = s.recv(4096)
-            assert chunk, got
-            got += chunk
+        body = {"text_input": "Tell me a long story", "parameters": {**LONG, "max_tokens": 240}}
+        s, got = stream_first_event(other.http_port, body)
         assert b"meshserve-route: forwarded" in got
         s.close()
         assert wait_for_gauge(http, "running", 0, timeout=5) == 0

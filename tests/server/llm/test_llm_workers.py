@@ -5,7 +5,6 @@ owner's sequence. The model is loaded once in the pod."""
 
 from __future__ import annotations
 
-import socket
 import time
 
 import grpc
@@ -13,7 +12,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.server.llm.api_support import engine_gauge, llm_server, sse_events, wait_for_gauge
+from tests.server.llm.api_support import engine_gauge, llm_server, sse_events, stream_first_event, wait_for_gauge
 from tests.server.prod.conftest import grpc_stub, scrape
 
 PARAMS = {"max_num_seqs": 4}
@@ -115,20 +114,9 @@ def test_openai_and_generate_reach_the_owner(server):
 def test_disconnect_through_the_other_worker_cancels_on_the_owner(server):
     with httpx.Client(base_url=server.http_url, timeout=30) as http:
         before = engine_gauge(http, "aborted")
-        payload = orjson.dumps({"text_input": "Tell me a long story", "parameters": {**LONG, "max_tokens": 240}})
+        body = {"text_input": "Tell me a long story", "parameters": {**LONG, "max_tokens": 240}}
         for _ in range(ATTEMPTS):
-            s = socket.create_connection(("127.0.0.1", server.http_port))
-            s.sendall(
-                b"POST /v2/models/tiny-llama/generate_stream HTTP/1.1\r\nHost: x\r\n"
-                + f"Content-Length: {len(payload)}\r\n\r\n".encode()
-                + payload
-            )
-            s.settimeout(30)
-            got = b""
-            while b"data: " not in got:
-                chunk = s.recv(4096)
-                assert chunk, got
-                got += chunk
+            s, got = stream_first_event(server.http_port, body)
             s.close()  # the first event is in: leave
             forwarded = b"meshserve-worker" in got.split(b"\r\n\r\n", 1)[0]
             assert wait_for_gauge(http, "running", 0, timeout=5) == 0
