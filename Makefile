@@ -86,7 +86,7 @@ test-vllm: install $(VLLM_VENV)/.installed
 test-gpu:
 	bash loadtests/gpu_lane.sh
 
-# The documentation site in build/site: pages generated from the code and the README, then
+# The documentation site in build/site: reference pages generated from the code, then
 # mkdocs with every warning (a broken link or anchor) an error.
 DOCS_STAMP := $(VENV)/.docs-installed
 $(DOCS_STAMP): pyproject.toml | $(STAMP)

@@ -20,7 +20,7 @@ def site(tmp_path_factory) -> Path:
     pytest.importorskip("mkdocs")
     pytest.importorskip("material")
     root = tmp_path_factory.mktemp("site")
-    shutil.copytree(REPO / "docs", root / "docs", ignore=shutil.ignore_patterns("reference", "features", "operations"))
+    shutil.copytree(REPO / "docs", root / "docs", ignore=shutil.ignore_patterns("reference"))
     shutil.copy(REPO / "mkdocs.yml", root / "mkdocs.yml")
     gen = subprocess.run([sys.executable, str(REPO / "docs" / "generate.py"), "--docs", str(root / "docs")],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
