@@ -24,6 +24,8 @@ from typing import Any
 
 DOCS = Path(__file__).resolve().parent
 REPO = DOCS.parent
+
+
 # -- settings -------------------------------------------------------------------------
 def _comments(source: str) -> dict[str, str]:
     """The comment above or beside each ``name: type = ...`` line of the Settings class."""

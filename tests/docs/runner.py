@@ -3,7 +3,7 @@
 A page's ```sh / ```bash blocks run in order, in one bash process (``set -euo pipefail``),
 in a temporary folder that sees the repository's ``examples/`` and ``.venv`` (read-only use)
 and has the venv's ``bin`` first on PATH (what ``. .venv/bin/activate`` does). Rewritten on
-the way: the documented ports (8080-8099 REST/gRPC, 5000 registry, 2379 etcd) become free
+the way: the documented ports (8080-8099 REST/gRPC, 9080-9099 adapters, 5000 registry, 2379 etcd) become free
 ones, and ``meshserve serve`` binds 127.0.0.1. ``curl`` fails on an HTTP error and gives up
 after two minutes, so a documented request that drifts fails the page.
 
@@ -37,8 +37,8 @@ SKIP = re.compile(r"<!--\s*docs-test:\s*skip\b(.*?)-->")
 HIDDEN = re.compile(r"^<!--\s*docs-test:\s*run\s*$")
 EXPECT = re.compile(r"^\s*# => (.+?)\s*$")
 HEREDOC = re.compile(r"<<-?\s*['\"]?(\w+)['\"]?")
-# The ports the docs use (REST/gRPC 8080-8099, a registry on 5000, etcd on 2379/2380).
-DOC_PORTS = re.compile(r"(?<=[:\s])(80[89]\d|5000|2379|2380)\b")
+# The ports the docs use (REST/gRPC 8080-8099, adapters 9080-9099, a registry on 5000, etcd on 2379/2380).
+DOC_PORTS = re.compile(r"(?<=[:\s])(80[89]\d|90[89]\d|5000|2379|2380)\b")
 
 
 @dataclass

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.docs.pages import pages, page_id
+from tests.docs.pages import page_id, pages
 from tests.docs.runner import blocks, run_page, script
 from tests.support.server import REPO, ensure_iris
 

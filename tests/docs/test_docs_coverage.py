@@ -46,4 +46,3 @@ def test_no_shell_block_hides_in_an_untagged_fence():
                 inside = False
             elif inside:
                 body.append(line)
-
