@@ -163,7 +163,7 @@ class PageRun:
 def run_page(page: Path, workdir: Path, timeout: float = 110) -> PageRun:
     """Run the page in ``workdir``; every process it started is gone when this returns."""
     workdir.mkdir(parents=True, exist_ok=True)
-    for name in ("examples", "protocol", "deploy", "Dockerfile"):
+    for name in ("examples", "protocol", "deploy", "Dockerfile", "Makefile", "pyproject.toml"):
         (workdir / name).symlink_to(REPO / name)
     venv = Path(sys.prefix)
     (workdir / ".venv").symlink_to(venv)
