@@ -140,6 +140,7 @@ def script(page: Path, ports: dict[str, int]) -> str:
             continue
         parts.append(f'echo; echo "--- page line {block.line} (at $SECONDS s)"')
         parts.append(_checked(block))
+    parts.append('echo; echo "--- page end (at $SECONDS s)"')
     text = "\n".join(parts) + "\n"
     text = re.sub(r"\bmeshserve serve\b((?:[^\n]*\\\n)*[^\n]*)", _serve_on_loopback, text)
     return DOC_PORTS.sub(lambda m: str(ports.setdefault(m.group(1), free_port())), text)
