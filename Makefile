@@ -10,14 +10,15 @@ STAMP := $(VENV)/.installed
 # Real services the tests start on 127.0.0.1: an OCI registry, skopeo/umoci to check the
 # images meshserve builds, busybox for KServe-compatible modelcars, etcd for the fleet tests
 # and the adapters' freshness store, promtool (Debian's prometheus) for deploy/monitoring's
-# alert rules, chromium and its driver for the dashboard's browser test. Installed once (needs root).
+# alert rules, chromium and its driver for the dashboard's browser test, openssl for the docs'
+# signed-webhook example (tests/docs). Installed once (needs root).
 SYSTEM_BINS := /usr/bin/docker-registry /usr/bin/skopeo /usr/bin/umoci /bin/busybox /usr/bin/etcd /usr/bin/promtool \
-	/usr/bin/chromium /usr/bin/chromedriver
+	/usr/bin/chromium /usr/bin/chromedriver /usr/bin/openssl
 system-deps:
 	@missing=0; for b in $(SYSTEM_BINS); do [ -x $$b ] || missing=1; done; \
 	if [ $$missing = 1 ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    docker-registry skopeo umoci busybox-static etcd-server prometheus chromium chromium-driver >/dev/null; \
+	    docker-registry skopeo umoci busybox-static etcd-server prometheus chromium chromium-driver openssl >/dev/null; \
 	fi
 .PHONY: docs serve test test-unit test-vllm test-gpu install examples lint bench bench-batching clean system-deps
 
@@ -86,7 +87,7 @@ test-vllm: install $(VLLM_VENV)/.installed
 test-gpu:
 	bash loadtests/gpu_lane.sh
 
-# The documentation site in build/site: pages generated from the code and the README, then
+# The documentation site in build/site: reference pages generated from the code, then
 # mkdocs with every warning (a broken link or anchor) an error.
 DOCS_STAMP := $(VENV)/.docs-installed
 $(DOCS_STAMP): pyproject.toml | $(STAMP)

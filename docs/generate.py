@@ -5,10 +5,11 @@
   variable, config key and ``serve`` flag (read from ``serve_overrides``, the one place flags
   become settings), described by the comments beside the field in server/settings.py;
 - ``reference/cli.md``: every ``meshserve`` command's ``--help``, from the argparse parser;
-- ``reference/api.md`` with ``openapi.json``: the REST routes of the OpenAPI document, and the proto;
-- ``features/*.md``: the README's sections, one page each (the README stays their one source).
+- ``reference/api.md`` with ``openapi.json``: the REST routes of the OpenAPI document, and the proto.
 
-    python docs/generate.py   # writes under docs/reference and docs/features (git-ignored)
+The other pages are written by hand (their commands run in CI: tests/docs).
+
+    python docs/generate.py   # writes under docs/reference (git-ignored)
 """
 
 from __future__ import annotations
@@ -23,13 +24,6 @@ from typing import Any
 
 DOCS = Path(__file__).resolve().parent
 REPO = DOCS.parent
-# README sections with a page of their own elsewhere (getting-started.md, concepts.md).
-NOT_FEATURES = {"Two commands", "Try it", "Architecture"}
-OPERATIONS = {"Security", "Production", "Docker", "Kubernetes and KServe", "Performance"}
-
-
-def slug(heading: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", heading.lower()).strip("-")
 
 
 # -- settings -------------------------------------------------------------------------
@@ -151,68 +145,19 @@ def _fastapi_of(app: Any) -> Any:
     raise RuntimeError(f"no FastAPI app found behind {type(app).__name__}")
 
 
-# -- README sections ------------------------------------------------------------------
-def readme_sections() -> list[tuple[str, str]]:
-    text = (REPO / "README.md").read_text()
-    sections = re.split(r"^## ", text, flags=re.M)[1:]
-    out = []
-    for section in sections:
-        heading, _, body = section.partition("\n")
-        out.append((heading.strip(), body))
-    return out
-
-
-def _page_of(heading: str) -> str:
-    if heading in NOT_FEATURES:
-        return "getting-started.md"
-    return f"{'operations' if heading in OPERATIONS else 'features'}/{slug(heading)}.md"
-
-
-def feature_pages(out: Path) -> list[str]:
-    sections = readme_sections()
-    # README anchors (#security, #dynamic-batching) -> the page that now holds that heading.
-    anchors: dict[str, str] = {}
-    for heading, body in sections:
-        anchors[slug(heading)] = _page_of(heading)
-        for sub in re.findall(r"^###+ (.+)$", body, flags=re.M):
-            anchors.setdefault(slug(sub), f"{_page_of(heading)}#{slug(sub)}")
-    written = []
-    for heading, body in sections:
-        if heading in NOT_FEATURES:
-            continue
-        page = out / _page_of(heading)
-        here = _page_of(heading)
-
-        def relink(m: re.Match, here: str = here) -> str:
-            target = anchors.get(m.group(1))
-            if target is None or target.startswith(f"{here}#"):
-                return m.group(0)
-            return f"](../{target})"
-
-        body = re.sub(r"\]\(#([\w-]+)\)", relink, body)
-        body = re.sub(r"\]\(docs/", "](../", body)  # README links into docs/ (pictures), from a page one level down
-        # One level up: the section's ### become the page's ##.
-        body = re.sub(r"^###", "##", body, flags=re.M)
-        page.write_text(f"# {heading}\n\n<!-- generated from README.md by docs/generate.py -->\n{body}")
-        written.append(str(page.relative_to(out)))
-    return written
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="write the generated documentation pages")
     parser.add_argument("--docs", type=Path, default=DOCS, help="the docs folder to write into (default: docs/)")
     out = parser.parse_args(argv).docs
     sys.path.insert(0, str(REPO))
     reference = out / "reference"
-    for folder in (reference, out / "features", out / "operations"):
-        folder.mkdir(parents=True, exist_ok=True)
-        for old in folder.glob("*.md"):
-            old.unlink()
+    reference.mkdir(parents=True, exist_ok=True)
+    for old in reference.glob("*.md"):
+        old.unlink()
     (reference / "settings.md").write_text(settings_page())
     (reference / "cli.md").write_text(cli_page())
     (reference / "api.md").write_text(api_page(reference))
-    pages = feature_pages(out)
-    print(f"docs/generate.py: reference/settings.md, reference/cli.md, reference/api.md, {len(pages)} README pages")
+    print("docs/generate.py: reference/settings.md, reference/cli.md, reference/api.md")
     return 0
 
 

@@ -2,7 +2,7 @@
 ``POST /v2/repository/models/{m}/load`` (or gRPC ``RepositoryModelLoad``) and anything
 that resolves a path or imports code.
 
-The threat model (README "Security"): the operator trusts what they put in
+The threat model (docs/operations/security.md): the operator trusts what they put in
 ``--model-dir``; a client trusts nothing and is trusted with nothing. So by default
 (``--repository-uris model-dir``) a load may only point at folders inside the model
 directory, every path-like field is checked on its resolved real path, and fields that

@@ -1,7 +1,7 @@
 """Request metrics, request ids and access logs for both fronts.
 
-Names follow Triton's and KServe's figures with a ``meshserve_`` prefix (README
-"Production" maps them). The request path pays a few microseconds: label children
+Names follow Triton's and KServe's figures with a ``meshserve_`` prefix (docs/operations/production.md
+maps them). The request path pays a few microseconds: label children
 are resolved once per (model, protocol) and kept, times come from
 ``time.perf_counter_ns`` and nothing is built per request but the log record.
 Model labels only ever hold registered model names; anything else is counted under

@@ -1,4 +1,4 @@
-"""The ``meshserve serve`` flags for production settings (README "Production")."""
+"""The ``meshserve serve`` flags for production settings (docs/operations/production.md)."""
 
 from __future__ import annotations
 

@@ -173,7 +173,7 @@ def check_model_name(name: str, what: str = "model name") -> None:
 
 def check_startup(settings: Settings) -> None:
     """Settings that let clients run code or commands need an authenticated operator:
-    refuse to start with them and no token (README "Security")."""
+    refuse to start with them and no token (docs/operations/security.md)."""
     if build_auth(settings) is not None:
         return
     needs = []

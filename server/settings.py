@@ -100,7 +100,7 @@ class Settings(BaseSettings):
     # starts one as a child and sets this.
     adapters_url: str | None = None
     server_name: str = "meshserve"
-    # Production (README "Production"): logs, auth, TLS, timeouts, CORS, workers, tracing.
+    # Production (docs/operations/production.md): logs, auth, TLS, timeouts, CORS, workers, tracing.
     log_format: Literal["text", "json"] = "text"
     # Per-request access lines: every request ("all"), only those that failed ("errors": 4xx/5xx,
     # gRPC codes but OK; the default, as Triton writes none per request), or none ("off").
@@ -130,7 +130,7 @@ class Settings(BaseSettings):
     worker_copy_rate: float = Field(default=5.0, ge=0)
     worker_copy_max_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     # Where a repository load's config may point its uri: inside model_dir (default), anywhere
-    # (remote uris: needs an auth token), or nowhere. README "Security".
+    # (remote uris: needs an auth token), or nowhere. docs/operations/security.md.
     repository_uris: Literal["any", "model-dir", "none"] = "model-dir"
     # Repository loads may name code (module import paths, files outside the model's folder,
     # trust_remote_code): off by default; needs an auth token.

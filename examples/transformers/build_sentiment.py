@@ -1,5 +1,5 @@
 """A tiny sentiment classifier, trained here in seconds, saved as a transformers folder
-(``save_pretrained``: model and tokenizer) for the README's transformers example.
+(``save_pretrained``: model and tokenizer) for the transformers example of docs/features/models-and-runtimes.md.
 
     .venv/bin/python examples/transformers/build_sentiment.py models/sentiment
 

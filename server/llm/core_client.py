@@ -224,7 +224,11 @@ class ProcessCore:
 
 def child_main(rx: Any, tx: Any, path: str, parameters: dict[str, Any], extra_eos: tuple[int, ...]) -> None:
     """The engine core process: load, say ready, serve until told to stop or the parent is gone."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server stops us
+    # Out of the server's process group: Ctrl-C or a SIGTERM to the group (`kill -- -PGID`) reaches
+    # the server, which stops us over the pipe, not us first (a core dead of it was restarted, then
+    # stopped: seconds more to shut down, and an error logged).
+    os.setpgrp()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     core = EngineCore(path, parameters, extra_eos)
     try:
         info = core.load(core_threads(parameters.get("torch_threads")))

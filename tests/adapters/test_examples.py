@@ -1,4 +1,4 @@
-"""The README's adapter examples (examples/adapters/) work: each spec parses, renders
+"""The adapters page's examples (examples/adapters/) work: each spec parses, renders
 through the CLI into resources the engines' schemas accept, and train.yaml trains a
 servable model through ``meshserve train run``."""
 
@@ -80,7 +80,7 @@ def test_a_broken_copy_of_an_example_is_refused(tmp_path):
 
 
 def test_train_yaml_trains_a_model_through_train_run(tmp_path):
-    # The specs read /tmp/meshserve-examples/data, which make_data.py writes (the README's first step).
+    # The specs read /tmp/meshserve-examples/data, which make_data.py writes (the adapters page's first step).
     proc = subprocess.run([sys.executable, str(EXAMPLES / "make_data.py")], capture_output=True, text=True,
                           timeout=60, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stderr

@@ -3,7 +3,7 @@
 A page's ```sh / ```bash blocks run in order, in one bash process (``set -euo pipefail``),
 in a temporary folder that sees the repository's ``examples/`` and ``.venv`` (read-only use)
 and has the venv's ``bin`` first on PATH (what ``. .venv/bin/activate`` does). Rewritten on
-the way: the documented ports (8080-8099 REST/gRPC, 5000 registry, 2379 etcd) become free
+the way: the documented ports (8080-8099 REST/gRPC, 9080-9099 adapters, 5000 registry, 2379 etcd) become free
 ones, and ``meshserve serve`` binds 127.0.0.1. ``curl`` fails on an HTTP error and gives up
 after two minutes, so a documented request that drifts fails the page.
 
@@ -12,6 +12,8 @@ Markers (HTML comments, invisible on the rendered page):
 - ``<!-- docs-test: skip REASON -->`` before a block: not run (needs Docker, a cluster, a GPU,
   or is the installation the test already stands in).
 - a comment line ``# => TEXT`` after a command in a block: that command's output must hold TEXT.
+- ``<!-- docs-test: run`` on a line of its own, commands, then ``-->``: a block the page does not
+  show but the test runs there, standing in for a skipped one (the README's ``make serve``).
 
 Everything the page starts in the background is in the script's process group, killed when
 the page ends, pass or fail."""
@@ -32,16 +34,18 @@ from tests.support.server import REPO, free_port
 
 FENCE = re.compile(r"^```(\w*)\s*$")
 SKIP = re.compile(r"<!--\s*docs-test:\s*skip\b(.*?)-->")
+HIDDEN = re.compile(r"^<!--\s*docs-test:\s*run\s*$")
 EXPECT = re.compile(r"^\s*# => (.+?)\s*$")
-# The ports the docs use (REST/gRPC 8080-8099, a registry on 5000, etcd on 2379/2380).
-DOC_PORTS = re.compile(r"(?<=[:\s])(80[89]\d|5000|2379|2380)\b")
+HEREDOC = re.compile(r"<<-?\s*['\"]?(\w+)['\"]?")
+# The ports the docs use (REST/gRPC 8080-8099, adapters 9080-9099, a registry on 5000, etcd on 2379/2380).
+DOC_PORTS = re.compile(r"(?<=[:\s])(80[89]\d|90[89]\d|5000|2379|2380)\b")
 
 
 @dataclass
 class Block:
     line: int  # where it starts in the page (1-based)
     text: str
-    skipped: str | None  # the reason, when marked
+    skipped: str | None  # the reason, when marked ("" when the marker gives none)
 
 
 def blocks(page: Path) -> list[Block]:
@@ -51,9 +55,18 @@ def blocks(page: Path) -> list[Block]:
     i = 0
     pending_skip: str | None = None
     while i < len(lines):
+        if HIDDEN.match(lines[i]):
+            start, body = i + 1, []
+            i += 1
+            while i < len(lines) and lines[i].strip() != "-->":
+                body.append(lines[i])
+                i += 1
+            out.append(Block(start + 1, "\n".join(body), None))
+            i += 1
+            continue
         m = SKIP.search(lines[i])
         if m:
-            pending_skip = m.group(1).strip() or "marked skip"
+            pending_skip = m.group(1).strip()  # "" (no reason given) fails the page's coverage test
         fence = FENCE.match(lines[i])
         if fence:
             start, body = i + 1, []
@@ -71,7 +84,8 @@ def blocks(page: Path) -> list[Block]:
 
 
 def _checked(block: Block) -> str:
-    """``# => TEXT`` lines as checks on the command before them (one line, or ``\\``-continued)."""
+    """``# => TEXT`` lines as checks on the command before them (one line, ``\\``-continued, or
+    a here-document)."""
     out: list[str] = []
     command: list[str] = []
     for raw in block.text.splitlines():
@@ -96,7 +110,11 @@ def _checked(block: Block) -> str:
 
 
 def _complete(command: str) -> bool:
-    """A whole shell command: no trailing ``\\`` and every quote closed."""
+    """A whole shell command: no trailing ``\\``, every quote closed, a here-document ended."""
+    lines = command.splitlines()
+    heredoc = HEREDOC.search(lines[0])
+    if heredoc:
+        return len(lines) > 1 and lines[-1].strip() == heredoc.group(1)
     if command.endswith("\\"):
         return False
     try:
@@ -111,15 +129,18 @@ def script(page: Path, ports: dict[str, int]) -> str:
         "set -euo pipefail",
         'DOCS_OUT="$(mktemp)"',
         # curl as the docs use it, but failing on an HTTP error and never hanging.
-        'curl() { case " $* " in *" -f "* | *" -sf "* | *" -fs "* | *" --fail "*) command curl --max-time 120 "$@" ;;'
+        # A command that prints the status itself (-w '%{http_code}') shows an error on purpose.
+        'curl() { case " $* " in *" -f "* | *" -sf "* | *" -fs "* | *" --fail "* | *" -w "* | *" --write-out "*)'
+        ' command curl --max-time 120 "$@" ;;'
         ' *) command curl --fail-with-body --max-time 120 "$@" ;; esac; }',
     ]
     for block in blocks(page):
-        if block.skipped:
+        if block.skipped is not None:
             parts.append(f"# page line {block.line}: skipped ({block.skipped})")
             continue
         parts.append(f'echo; echo "--- page line {block.line} (at $SECONDS s)"')
         parts.append(_checked(block))
+    parts.append('echo; echo "--- page end (at $SECONDS s)"')
     text = "\n".join(parts) + "\n"
     text = re.sub(r"\bmeshserve serve\b((?:[^\n]*\\\n)*[^\n]*)", _serve_on_loopback, text)
     return DOC_PORTS.sub(lambda m: str(ports.setdefault(m.group(1), free_port())), text)
@@ -143,7 +164,7 @@ class PageRun:
 def run_page(page: Path, workdir: Path, timeout: float = 110) -> PageRun:
     """Run the page in ``workdir``; every process it started is gone when this returns."""
     workdir.mkdir(parents=True, exist_ok=True)
-    for name in ("examples", "protocol"):
+    for name in ("examples", "protocol", "deploy", "Dockerfile", "Makefile", "pyproject.toml"):
         (workdir / name).symlink_to(REPO / name)
     venv = Path(sys.prefix)
     (workdir / ".venv").symlink_to(venv)

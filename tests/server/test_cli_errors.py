@@ -1,7 +1,7 @@
 """Errors where a person types: ``meshserve serve/pull/modelcar/generate`` fail in one line
 with what to do and exit code 2 (a traceback only with ``--debug``); a URI no loader takes
 is a 400 naming the forms that work; ``--model-dir`` at one model's folder says what to pass;
-the README's ``--insecure`` and ``--s3-endpoint`` reach the fetcher of serve and pull."""
+the documented ``--insecure`` and ``--s3-endpoint`` reach the fetcher of serve and pull."""
 
 from __future__ import annotations
 

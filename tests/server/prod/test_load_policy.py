@@ -1,5 +1,5 @@
 """Secure by default: a client of a server started with default flags cannot make it run
-code or read files outside --model-dir through the repository API (README "Security").
+code or read files outside --model-dir through the repository API (docs/operations/security.md).
 
 Each exploit here worked on the server before the load policy: the attacker's file
 writes a marker when imported, so "refused" also means "never ran".
