@@ -1,0 +1,126 @@
+"""The bounded uvicorn protocol (server/rest/connections.py): a response's head goes out
+with its body in one write, a head whose body is late is not held back, and one sweeper
+enforces the head deadline for every connection."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import uvicorn
+from meshserve.server.rest.connections import HeadCork, bounded_http_protocol
+
+
+async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    await receive()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
+    if scope["path"] == "/late":
+        await asyncio.sleep(0.5)
+    await send({"type": "http.response.body", "body": b"hello"})
+
+
+async def _serve(header_timeout: float = 10.0) -> tuple[uvicorn.Server, asyncio.Task, int]:
+    http = bounded_http_protocol(65536, header_timeout)
+    config = uvicorn.Config(_app, host="127.0.0.1", port=0, http=http, lifespan="off", log_config=None)
+    server = uvicorn.Server(config)
+    task = asyncio.ensure_future(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return server, task, port
+
+
+async def _stop(server: uvicorn.Server, task: asyncio.Task) -> None:
+    server.should_exit = True
+    await asyncio.wait_for(task, 10)
+
+
+class _Writes(asyncio.Transport):
+    """Which writes reach the transport, and grouped how (a socket shows no seams)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[bytes, ...]] = []
+
+    def write(self, data: Any) -> None:
+        self.calls.append((bytes(data),))
+
+    def writelines(self, parts: Any) -> None:
+        self.calls.append(tuple(bytes(p) for p in parts))
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.calls.append(("closed",))  # type: ignore[arg-type]
+
+
+def test_the_cork_sends_a_head_with_its_body_and_never_holds_a_body():
+    async def go() -> list[tuple[bytes, ...]]:
+        t = _Writes()
+        cork = HeadCork(t, asyncio.get_running_loop())
+        cork.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        cork.write(b"body")  # one call for both
+        cork.write(b"more")  # a body alone is not held
+        cork.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        await asyncio.sleep(0)  # no body this turn: the head goes alone
+        await asyncio.sleep(0)
+        cork.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        cork.close()  # a held head is written before the close
+        return t.calls
+
+    assert asyncio.run(go()) == [
+        (b"HTTP/1.1 200 OK\r\n\r\n", b"body"), (b"more",), (b"HTTP/1.1 200 OK\r\n\r\n",),
+        (b"HTTP/1.1 204 No Content\r\n\r\n",), ("closed",),
+    ]  # fmt: skip
+
+
+def test_head_and_body_leave_together_and_a_late_body_does_not_hold_the_head():
+    async def go() -> tuple[bytes, bytes, float, bytes]:
+        server, task, port = await _serve()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /now HTTP/1.1\r\nhost: x\r\n\r\n")
+            first = await asyncio.wait_for(reader.read(65536), 5)
+            t = time.monotonic()
+            writer.write(b"GET /late HTTP/1.1\r\nhost: x\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            head_after = time.monotonic() - t
+            body = await asyncio.wait_for(reader.readexactly(5), 5)
+            writer.close()
+            return first, head, head_after, body
+        finally:
+            await _stop(server, task)
+
+    first, head, head_after, body = asyncio.run(go())
+    assert first.startswith(b"HTTP/1.1 200") and first.endswith(b"\r\n\r\nhello"), first
+    assert head.startswith(b"HTTP/1.1 200") and head_after < 0.4, head_after  # before the body's 0.5 s
+    assert body == b"hello"
+
+
+def test_one_sweeper_cuts_every_overdue_head_and_spares_finished_requests():
+    async def go() -> tuple[list[bytes], bytes, float]:
+        server, task, port = await _serve(header_timeout=0.5)
+        try:
+            t = time.monotonic()
+            stalled = []
+            for _ in range(5):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"GET /now HTTP/1.1\r\nhost: x\r\nx-slow: ")
+                stalled.append((reader, writer))
+            outs = [await asyncio.wait_for(r.read(), 5) for r, _ in stalled]
+            took = time.monotonic() - t
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)  # a quick client is served
+            writer.write(b"GET /now HTTP/1.1\r\nhost: x\r\n\r\n")
+            ok = await asyncio.wait_for(reader.read(65536), 5)
+            for _, w in [*stalled, (reader, writer)]:
+                w.close()
+            return outs, ok, took
+        finally:
+            await _stop(server, task)
+
+    outs, ok, took = asyncio.run(go())
+    assert all(o.startswith(b"HTTP/1.1 408") and b"within 0.5s" in o for o in outs), outs
+    assert 0.45 < took < 2, took
+    assert ok.startswith(b"HTTP/1.1 200")
