@@ -1,6 +1,7 @@
 """The bounded uvicorn protocol (server/rest/connections.py): a response's head goes out
 with its body in one write, a head whose body is late is not held back, and one sweeper
-enforces the head deadline for every connection."""
+enforces the head deadline for every connection. And the front's body deadline
+(server/rest/front.py BodyReceive), timed only when a receive has to wait."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import time
 from typing import Any
 
 import uvicorn
+from meshserve.protocol.errors import BodyTimeout
 from meshserve.server.rest.connections import HeadCork, bounded_http_protocol
+from meshserve.server.rest.front import BodyReceive
+from meshserve.server.security import Deadlines
 
 
 async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -124,3 +128,56 @@ def test_one_sweeper_cuts_every_overdue_head_and_spares_finished_requests():
     assert all(o.startswith(b"HTTP/1.1 408") and b"within 0.5s" in o for o in outs), outs
     assert 0.45 < took < 2, took
     assert ok.startswith(b"HTTP/1.1 200")
+
+
+def _body_receive(queue: asyncio.Queue, deadlines: Deadlines, timeout: float = 0.3) -> BodyReceive:
+    async def receive() -> dict[str, Any]:
+        try:
+            return await queue.get()
+        finally:
+            receive.finished += 1  # type: ignore[attr-defined]
+
+    receive.finished = 0  # type: ignore[attr-defined]
+    return BodyReceive(receive, 1000, timeout, deadlines)
+
+
+def test_a_body_receive_that_is_answered_at_once_arms_no_deadline():
+    async def go() -> tuple[dict[str, Any], bool]:
+        deadlines = Deadlines(period=0.05)
+        queue: asyncio.Queue = asyncio.Queue()
+        queue.put_nowait({"type": "http.request", "body": b"{}", "more_body": False})
+        message = await _body_receive(queue, deadlines)()
+        return message, deadlines._runner is None
+
+    message, no_timer = asyncio.run(go())
+    assert message["body"] == b"{}" and no_timer
+
+
+def test_a_body_receive_that_waits_is_timed_and_cancels_cleanly():
+    async def go() -> tuple[bytes, str, bool, int]:
+        deadlines = Deadlines(period=0.05)
+        queue: asyncio.Queue = asyncio.Queue()
+        late = _body_receive(queue, deadlines)
+        asyncio.get_running_loop().call_later(0.1, queue.put_nowait, {"type": "http.request", "body": b"late"})
+        got = (await late())["body"]  # waited 0.1 s of its 0.3: served
+        never = _body_receive(asyncio.Queue(), deadlines)
+        try:
+            await never()
+            timed_out = "no"
+        except BodyTimeout as e:
+            timed_out = str(e)
+        cancelled = _body_receive(asyncio.Queue(), deadlines)
+        task = asyncio.ensure_future(cancelled())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        try:
+            await task
+            was_cancelled = False
+        except asyncio.CancelledError:
+            was_cancelled = True
+        return got, timed_out, was_cancelled, cancelled._receive.finished  # type: ignore[attr-defined]
+
+    got, timed_out, was_cancelled, finished = asyncio.run(go())
+    assert got == b"late"
+    assert "not received within 0.3s" in timed_out
+    assert was_cancelled and finished == 1  # the cancel reached the waiting receive
