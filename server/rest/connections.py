@@ -32,26 +32,29 @@ def _response(status: bytes, message: str) -> bytes:
 
 
 class HeadCork:
-    """The transport as a response cycle sees it: a response head is held back and goes
-    out with the next write of that response (one ``writev``: one system call and one
-    TCP segment instead of two, the biggest per-request cost left on a small response).
-    A head whose body does not follow in the same loop turn (a stream that waits for
-    its first chunk) goes out alone at the end of that turn. Bodies are never held."""
+    """The transport as one response cycle sees it: the response's head (its first write)
+    is held back and goes out with the next write (one ``writev``: one system call and
+    one TCP segment instead of two, the biggest per-request cost left on a small
+    response). A head whose body does not follow in the same loop turn (a stream that
+    waits for its first chunk) goes out alone at the end of that turn. Nothing after the
+    head is ever held."""
 
-    __slots__ = ("transport", "loop", "held")
+    __slots__ = ("transport", "loop", "held", "started")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self.transport = transport
         self.loop = loop
         self.held: bytes | None = None
+        self.started = False
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         held = self.held
         if held is not None:
             self.held = None
             self.transport.writelines((held, data))
-        elif data.startswith(b"HTTP/1.1 "):
-            self.held = data
+        elif not self.started:
+            self.started = True
+            self.held = data  # type: ignore[assignment]  # the head: bytes uvicorn joined
             self.loop.call_soon(self.flush)
         else:
             self.transport.write(data)
@@ -115,7 +118,6 @@ def bounded_http_protocol(max_header_bytes: int, header_timeout: float) -> type[
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._head_since = self.loop.time()
-            self._cork = HeadCork(transport, self.loop)
             sweeper.add(self)
 
         def connection_lost(self, exc: Exception | None) -> None:
@@ -139,9 +141,10 @@ def bounded_http_protocol(max_header_bytes: int, header_timeout: float) -> type[
         def on_headers_complete(self) -> None:
             self._in_head = False
             self._head_since = None
+            cycle = self.cycle
             super().on_headers_complete()
-            if self.cycle is not None:
-                self.cycle.transport = self._cork  # type: ignore[assignment]
+            if self.cycle is not cycle:  # a new request (not an upgrade): its own cork
+                self.cycle.transport = HeadCork(self.transport, self.loop)  # type: ignore[assignment]
 
         def on_message_complete(self) -> None:
             super().on_message_complete()

@@ -63,20 +63,24 @@ class _Writes(asyncio.Transport):
 def test_the_cork_sends_a_head_with_its_body_and_never_holds_a_body():
     async def go() -> list[tuple[bytes, ...]]:
         t = _Writes()
-        cork = HeadCork(t, asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        cork = HeadCork(t, loop)
         cork.write(b"HTTP/1.1 200 OK\r\n\r\n")
         cork.write(b"body")  # one call for both
-        cork.write(b"more")  # a body alone is not held
-        cork.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        cork.write(memoryview(b"more"))  # after the head nothing is held
+        cork.write(b"HTTP/1.1 looks like a head")  # a body, whatever it holds
+        late = HeadCork(t, loop)  # the next response, whose body is late
+        late.write(b"HTTP/1.1 200 OK\r\n\r\n")
         await asyncio.sleep(0)  # no body this turn: the head goes alone
         await asyncio.sleep(0)
-        cork.write(b"HTTP/1.1 204 No Content\r\n\r\n")
-        cork.close()  # a held head is written before the close
+        closing = HeadCork(t, loop)
+        closing.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        closing.close()  # a held head is written before the close
         return t.calls
 
     assert asyncio.run(go()) == [
-        (b"HTTP/1.1 200 OK\r\n\r\n", b"body"), (b"more",), (b"HTTP/1.1 200 OK\r\n\r\n",),
-        (b"HTTP/1.1 204 No Content\r\n\r\n",), ("closed",),
+        (b"HTTP/1.1 200 OK\r\n\r\n", b"body"), (b"more",), (b"HTTP/1.1 looks like a head",),
+        (b"HTTP/1.1 200 OK\r\n\r\n",), (b"HTTP/1.1 204 No Content\r\n\r\n",), ("closed",),
     ]  # fmt: skip
 
 
