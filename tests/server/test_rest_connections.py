@@ -15,9 +15,17 @@ from meshserve.server.rest.connections import HeadCork, bounded_http_protocol
 from meshserve.server.rest.front import BodyReceive
 from meshserve.server.security import Deadlines
 
+BIG = bytes(range(256)) * 1024  # a 256 KiB tensor, sent as a memoryview as the front does
+
 
 async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await receive()
+    if scope["path"] == "/parts":
+        length = str(5 + len(BIG)).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", length)]})
+        await send({"type": "http.response.body", "body": b"hello", "more_body": True})
+        await send({"type": "http.response.body", "body": memoryview(BIG)})
+        return
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
     if scope["path"] == "/late":
         await asyncio.sleep(0.5)
@@ -96,7 +104,11 @@ def test_head_and_body_leave_together_and_a_late_body_does_not_hold_the_head():
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             head_after = time.monotonic() - t
             body = await asyncio.wait_for(reader.readexactly(5), 5)
+            writer.write(b"GET /parts HTTP/1.1\r\nhost: x\r\n\r\n")  # a body in parts, the last a big view
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            parts = await asyncio.wait_for(reader.readexactly(5 + len(BIG)), 5)
             writer.close()
+            assert parts == b"hello" + BIG
             return first, head, head_after, body
         finally:
             await _stop(server, task)
