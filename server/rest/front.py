@@ -178,7 +178,7 @@ class RestFront:
             status = await send_exception(send, e, rid)
             self._done(stats, rid, name, status, t0)
             return
-        total = sum(len(p) for p in parts)
+        total = len(parts[0]) if len(parts) == 1 else sum(map(len, parts))
         out = [
             (b"content-type", b"application/json" if json_length is None else b"application/octet-stream"),
             (REQUEST_ID, rid.encode()),
