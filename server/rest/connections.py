@@ -111,6 +111,7 @@ def bounded_http_protocol(max_header_bytes: int, header_timeout: float) -> type[
     sweeper = HeadSweeper(header_timeout)
 
     class BoundedHttpToolsProtocol(HttpToolsProtocol):
+        head_sweeper = sweeper
         _in_head = True  # between requests or inside a head: bytes now belong to a head
         _head_bytes = 0
         _head_since: float | None = None  # loop time the head began (or the connection opened)
@@ -137,6 +138,10 @@ def bounded_http_protocol(max_header_bytes: int, header_timeout: float) -> type[
                         return
                 self._head_bytes = seen
             super().data_received(data)
+
+        def handle_websocket_upgrade(self) -> None:
+            sweeper.discard(self)  # the connection is the WebSocket protocol's from here on
+            super().handle_websocket_upgrade()
 
         def on_headers_complete(self) -> None:
             self._in_head = False

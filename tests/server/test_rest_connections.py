@@ -32,8 +32,8 @@ async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"hello"})
 
 
-async def _serve(header_timeout: float = 10.0) -> tuple[uvicorn.Server, asyncio.Task, int]:
-    http = bounded_http_protocol(65536, header_timeout)
+async def _serve(header_timeout: float = 10.0, http: Any = None) -> tuple[uvicorn.Server, asyncio.Task, int]:
+    http = http or bounded_http_protocol(65536, header_timeout)
     config = uvicorn.Config(_app, host="127.0.0.1", port=0, http=http, lifespan="off", log_config=None)
     server = uvicorn.Server(config)
     task = asyncio.ensure_future(server.serve())
@@ -197,3 +197,32 @@ def test_a_body_receive_that_waits_is_timed_and_cancels_cleanly():
     assert got == b"late"
     assert "not received within 0.3s" in timed_out
     assert was_cancelled and finished == 1  # the cancel reached the waiting receive
+
+
+def test_the_sweeper_lets_go_of_closed_and_upgraded_connections():
+    http = bounded_http_protocol(65536, 10.0)
+
+    async def go() -> tuple[int, int, bytes]:
+        server, task, port = await _serve(http=http)
+        try:
+            conns = []
+            for _ in range(3):
+                conns.append(await asyncio.open_connection("127.0.0.1", port))
+            await asyncio.sleep(0.1)
+            open_now = len(http.head_sweeper.connections)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)  # a WebSocket upgrade
+            writer.write(
+                b"GET /ws HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n"
+                b"sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            )
+            answer = await asyncio.wait_for(reader.read(65536), 5)
+            for _, w in [*conns, (reader, writer)]:
+                w.close()
+            await asyncio.sleep(0.3)
+            return open_now, len(http.head_sweeper.connections), answer
+        finally:
+            await _stop(server, task)
+
+    open_now, left, answer = asyncio.run(go())
+    assert open_now == 3 and left == 0, (open_now, left)
+    assert answer.startswith(b"HTTP/1.1"), answer
