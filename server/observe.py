@@ -275,8 +275,10 @@ ACCESS: AccessLog | None = None
 
 
 def log_access(request_id: str, protocol: str, method: str, model: str, status: int | str, elapsed_ns: int) -> None:
-    if ACCESS is not None:
-        ACCESS.write(request_id, protocol, method, model, status, elapsed_ns)
+    access = ACCESS
+    # The default keeps errors only: a success is dropped here, before a call per request.
+    if access is not None and not (access.errors_only and (status == "OK" or (type(status) is int and status < 400))):
+        access.write(request_id, protocol, method, model, status, elapsed_ns)
 
 
 def flush_access_log() -> None:

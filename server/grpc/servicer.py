@@ -16,7 +16,7 @@ from meshserve.server import tracing
 from meshserve.server.dataplane import DataPlane
 from meshserve.server.llm.grpc_stream import stream_llm
 from meshserve.server.llm.service import is_llm_model
-from meshserve.server.observe import clean_request_id, log_access
+from meshserve.server.observe import FrontStats, clean_request_id, log_access, new_request_id
 from meshserve.server.security import build_auth, grpc_auth_interceptor, redact
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,9 @@ def _repository_config(params: dict) -> dict | None:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, dataplane: DataPlane) -> None:
         self.dp = dataplane
-        self.obs = getattr(dataplane, "observe", None)
+        self.obs = dataplane.observe
         self.timeout = dataplane.settings.request_timeout_seconds
+        self._stats: dict[str, FrontStats] = {}
 
     async def ServerLive(self, request, context):  # noqa: N802 - names fixed by the proto
         return pb.ServerLiveResponse(live=self.dp.live())
@@ -95,7 +96,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         decoded = decode_infer_request(request, self.dp.settings.max_bytes_elements)
         response = await self.dp.infer(decoded)
         # Answer in the form the client used: raw contents for raw requests.
-        return encode_infer_response(response, raw=bool(request.raw_input_contents))
+        return encode_infer_response(response, raw=len(request.raw_input_contents) > 0)
 
     async def _traced_infer(
         self, request: pb.ModelInferRequest, traceparent: str | None, context
@@ -108,12 +109,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 decoded = decode_infer_request(request, self.dp.settings.max_bytes_elements)
             response = await self.dp.infer(decoded)
             with tracer.start_as_current_span("encode"):
-                return encode_infer_response(response, raw=bool(request.raw_input_contents))
+                return encode_infer_response(response, raw=len(request.raw_input_contents) > 0)
+
+    def _front_stats(self, name: str) -> FrontStats | None:
+        """The model's gRPC figures, kept per name once the name is a registered model's."""
+        stats = None
+        if self.obs is not None:
+            stats = self.obs.front(name, "grpc")
+            if stats.model == name:  # unknown names share the "" figures and are not kept
+                self._stats[name] = stats
+        return stats
 
     async def ModelInfer(self, request, context):  # noqa: N802
         t0 = perf_counter_ns()
         name = request.model_name
-        stats = self.obs.front(name, "grpc") if self.obs is not None else None
+        stats = self._stats.get(name) or self._front_stats(name)
         if stats is not None:
             stats.begin()
         rid = traceparent = None
@@ -122,7 +132,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 rid = value
             elif key == "traceparent":
                 traceparent = value
-        rid = clean_request_id(rid)
+        rid = new_request_id() if rid is None else clean_request_id(rid)
         context.set_trailing_metadata((("x-request-id", rid),))
         code = "OK"
         try:

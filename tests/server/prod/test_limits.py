@@ -135,6 +135,24 @@ def test_connections_that_do_not_finish_their_headers_are_closed(srv, http):
             time.sleep(0.6)
 
 
+def test_a_keep_alive_connection_that_stalls_inside_its_next_head_is_closed(srv):
+    ready = b"GET /v2/health/ready HTTP/1.1\r\nhost: x\r\n\r\n"
+    with _connect(srv) as s:
+        for _ in range(2):  # served, and kept open, past the header timeout
+            s.sendall(ready)
+            got = s.recv(65536)
+            while not got.endswith(b"}"):  # head and body may come in two reads
+                got += s.recv(65536)
+            assert got.startswith(b"HTTP/1.1 200"), got
+            time.sleep(0.7)
+        s.sendall(b"GET /v2/health/ready HTTP/1.1\r\nhost: x\r\nx-stalled: ")  # the third head never ends
+        t = time.monotonic()
+        out = read_all(s)
+        took = time.monotonic() - t
+    assert out.startswith(b"HTTP/1.1 408") and b'"error"' in out, out[:200]
+    assert 0.9 < took < 3, took
+
+
 def test_connections_past_the_cap_get_503_then_the_server_recovers(srv):
     held = [_connect(srv) for _ in range(CAP + 5)]
     try:
