@@ -362,15 +362,31 @@ class EngineCore:
                 seq.min_mask = torch.tensor(masked, device=self.device)
 
     def _sample(self, seqs: list[CoreSeq], logits: Any) -> tuple[list[int], list[RawLogprob | None]]:
-        """Each row's next token and, where asked, its logprob entry (of the raw distribution, as vLLM's)."""
-        chosen = logits.argmax(dim=-1).tolist()
-        lps: list[RawLogprob | None] = [None] * len(seqs)
+        """Each row's next token and, where asked, its logprob entry (of the raw distribution, as vLLM's).
+        Greedy rows held by ``min_tokens`` are masked together, in one op (a benchmark's every row is)."""
+        torch = self._torch
+        held: list[int] = []
+        picked: list[tuple[int, bool]] = []
         for i, seq in enumerate(seqs):
             p = seq.params
             masking = seq.min_mask is not None and seq.generated < p.min_tokens
-            plain = p.temperature == 0 and p.repetition_penalty == 1.0 and not seq.counts and not masking
-            if not plain:
-                chosen[i] = self._pick(seq, logits[i].float(), masking)
+            if p.temperature != 0 or p.repetition_penalty != 1.0 or seq.counts:
+                picked.append((i, masking))
+            elif masking:
+                held.append(i)
+        greedy = logits
+        if held:
+            masks = [seqs[i].min_mask for i in held]
+            counts = torch.tensor([len(m) for m in masks], device=logits.device)
+            rows = torch.tensor(held, device=logits.device).repeat_interleave(counts)
+            inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+            greedy = logits.index_put((rows, torch.cat(masks)), inf)
+        chosen = greedy.argmax(dim=-1).tolist()
+        for i, masking in picked:
+            chosen[i] = self._pick(seqs[i], logits[i].float(), masking)
+        lps: list[RawLogprob | None] = [None] * len(seqs)
+        for i, seq in enumerate(seqs):
+            p = seq.params
             if p.logprobs is not None:
                 lps[i] = self._logprob(logits[i].float().log_softmax(-1), chosen[i], p.logprobs)
         return chosen, lps
