@@ -182,7 +182,8 @@ class FastLlama:
         ids = torch.tensor(tokens, device=self.device)
         pos = torch.tensor(positions, device=self.device)
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
-        mask = (torch.arange(length, device=self.device) <= pos.unsqueeze(1)).view(b, 1, 1, length)
+        # An additive mask (SDPA's CPU kernel takes it faster than a boolean one): -inf past each row's length.
+        mask = self._additive(torch.arange(length, device=self.device) <= pos.unsqueeze(1)).view(b, 1, 1, length)
         rows = torch.arange(b, device=self.device)
         h, kv, d, g = self.heads, self.kv_heads, self.head_dim, self.groups
         x = F.embedding(ids, self.embed)
@@ -218,7 +219,7 @@ class FastLlama:
             mask = None
             if start:  # a later chunk: its queries also see the cached prefix
                 q_pos = torch.arange(start, start + len(toks), device=self.device).unsqueeze(1)
-                mask = torch.arange(start + len(toks), device=self.device) <= q_pos
+                mask = self._additive(torch.arange(start + len(toks), device=self.device) <= q_pos)
             spans.append((a, b, start, slot, mask))
             a = b
         h, kv, d = self.heads, self.kv_heads, self.head_dim
@@ -247,6 +248,10 @@ class FastLlama:
         return logits.index_select(0, last), [logits[a:b] for a, b, _, _, _ in spans]
 
     # -- pieces -----------------------------------------------------------------
+    def _additive(self, allowed: Any) -> Any:
+        zero = self.torch.zeros((), dtype=self.dtype, device=self.device)
+        return self.torch.where(allowed, zero, float("-inf"))
+
     def _norm(self, x: Any, weight: Any, eps: float) -> Any:
         """Llama's RMSNorm: in float32, scaled by the weight in the model's dtype."""
         if x.dtype == self.torch.float32:
