@@ -174,7 +174,7 @@ class EngineCore:
         why = "fast_forward: false" if not self.fast_forward else unsupported(self.model, self.max_model_len)
         if why is None:
             self.forward_kind = "fast"
-            return FastLlama(self.model, self.max_model_len, slots=self.max_num_seqs + 1)
+            return FastLlama(self.model, self.max_model_len)
         log.info("%s: transformers' forward (%s)", self.path.name, why)
         self.forward_kind = "transformers"
         return HFBatch(self.model, self.pad_id)

@@ -10,10 +10,11 @@ in-place KV-cache write, SDPA with a length mask, o_proj, one gate_up matmul, si
 down.
 
 The KV cache is one tensor per layer, ``[slots, 2 * kv_heads, capacity, head_dim]`` (keys
-then values), grown by doubling up to the model length. The running batch holds slots
-``0..rows-1`` in row order, so a decode step reads one contiguous view; a row that leaves
-is replaced by the last row (one slot copy), and a prompt prefilled in chunks fills a slot
-of its own until it joins. Prefill runs the prompts' tokens flattened (no padding) through
+then values), grown by doubling (slots as rows join, capacity up to the model length), so
+memory follows the batch actually run. The running batch holds slots ``0..rows-1`` in row
+order, so a decode step reads one contiguous view; a row that leaves is replaced by the
+last row (one slot copy), and a prompt prefilled in chunks fills a cache of its own until
+it joins (one copy). Prefill runs the prompts' tokens flattened (no padding) through
 the matmuls, with attention per prompt.
 
 :func:`unsupported` says why a model cannot take this path (the engine then keeps the
@@ -27,7 +28,8 @@ from typing import Any
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin depend on the position only
-INITIAL_CAPACITY = 128
+INITIAL_SLOTS, INITIAL_CAPACITY = 4, 128
+CHUNK = -1  # the slot argument naming the chunked prompt's own cache
 
 
 def unsupported(model: Any, max_len: int) -> str | None:
@@ -56,7 +58,7 @@ def unsupported(model: Any, max_len: int) -> str | None:
 class FastLlama:
     """The forward and its KV cache (see the module docstring). Not thread-safe: the core's."""
 
-    def __init__(self, model: Any, max_len: int, slots: int) -> None:
+    def __init__(self, model: Any, max_len: int) -> None:
         import torch
 
         self.torch = torch
@@ -82,11 +84,9 @@ class FastLlama:
         self.cos = cos[0].contiguous()  # [max_len, head_dim]
         self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).contiguous()  # signed for roll
         self.device, self.dtype = device, self.embed.dtype
-        self.slots, self.capacity = 0, 0
-        self.cache: list[Any] = []
-        self._grow(slots, min(INITIAL_CAPACITY, max_len))
+        self.cache = self._grown([], INITIAL_SLOTS, min(INITIAL_CAPACITY, max_len))
+        self.chunk: list[Any] = []  # the prompt being prefilled in chunks: [1, 2 * kv_heads, capacity, head_dim]
         self.rows = 0  # slots 0..rows-1: the running batch, in row order
-        self.chunk_slot = slots - 1  # the prompt being prefilled in chunks: a slot no running row takes
 
     def _fuse(self, layer: Any) -> tuple[Any, ...]:
         """One layer's tensors; q/k/v and gate/up concatenated once, the HF modules re-pointed at views."""
@@ -105,25 +105,33 @@ class FastLlama:
                 float(layer.post_attention_layernorm.variance_epsilon), gu_w, gu_b, m.gate_proj.weight.shape[0],
                 m.down_proj.weight, m.down_proj.bias)  # fmt: skip
 
-    def _grow(self, slots: int, length: int) -> None:
-        """Room for ``slots`` sequences of ``length`` tokens (capacity doubles, up to the model length)."""
-        if slots <= self.slots and length <= self.capacity:
-            return
-        new_slots = max(slots, self.slots)
-        new_cap = self.capacity
-        if length > new_cap:
-            new_cap = min(self.max_len, max(length, 2 * new_cap))
+    @property
+    def slots(self) -> int:
+        return self.cache[0].shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.cache[0].shape[2]
+
+    def _grown(self, cache: list[Any], slots: int, length: int) -> list[Any]:
+        """``cache`` with room for ``slots`` sequences of ``length`` tokens: itself when it has it,
+        else a copy twice as big in what was short (the length at most the model's)."""
+        if cache and slots <= cache[0].shape[0] and length <= cache[0].shape[2]:
+            return cache
+        old_slots, old_cap = (cache[0].shape[0], cache[0].shape[2]) if cache else (0, 0)
+        new_slots = max(slots, 2 * old_slots) if slots > old_slots else old_slots
+        new_cap = min(self.max_len, max(length, 2 * old_cap)) if length > old_cap else old_cap
         shape = (new_slots, 2 * self.kv_heads, new_cap, self.head_dim)
         grown = []
-        for old in self.cache or [None] * len(self.layers):
+        for old in cache or [None] * len(self.layers):
             t = self.torch.zeros(shape, dtype=self.dtype, device=self.device)
             if old is not None:
-                t[: self.slots, :, : self.capacity].copy_(old)
+                t[:old_slots, :, :old_cap].copy_(old)
             grown.append(t)
-        self.cache, self.slots, self.capacity = grown, new_slots, new_cap
+        return grown
 
     def size_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.cache)
+        return sum(t.numel() * t.element_size() for t in [*self.cache, *self.chunk])
 
     def reset(self) -> None:
         self.rows = 0
@@ -150,27 +158,26 @@ class FastLlama:
 
     def join_chunked(self, length: int) -> None:
         """The chunk-prefilled prompt (``length`` tokens) becomes the batch's last row."""
-        src, dst = self.chunk_slot, self.rows
-        self._grow(dst + 1, length)
-        for cache in self.cache:
-            cache[dst, :, :length].copy_(cache[src, :, :length])
+        dst = self.rows
+        self.cache = self._grown(self.cache, dst + 1, length)
+        for cache, chunk in zip(self.cache, self.chunk, strict=True):
+            cache[dst, :, :length].copy_(chunk[0, :, :length])
         self.rows += 1
 
     def end_chunked(self) -> None:
-        """The chunked prompt was aborted: its slot is free."""
+        """The chunked prompt joined or was aborted (its cache is kept for the next one)."""
 
     # -- forwards -------------------------------------------------------------
     def prefill(self, prompts: list[list[int]], keep_all: bool) -> tuple[Any, list[Any] | None]:
         """New prompts, one forward; they join the batch as its last rows (see :meth:`_prompts`)."""
         first = self.rows
-        assert first + len(prompts) <= self.chunk_slot
         out = self._prompts([(ids, 0, first + i) for i, ids in enumerate(prompts)], keep_all)
         self.rows += len(prompts)
         return out
 
     def prefill_chunk(self, ids: list[int], start: int, keep_all: bool) -> tuple[Any, list[Any] | None]:
-        """The next chunk of the prompt prefilled in chunks, in its own slot (the last one)."""
-        return self._prompts([(ids, start, self.chunk_slot)], keep_all)
+        """The next chunk of the prompt prefilled in chunks, in its own cache."""
+        return self._prompts([(ids, start, CHUNK)], keep_all)
 
     def decode(self, tokens: list[int], positions: list[int]) -> Any:
         """One token for each running row (``len(tokens) == rows``); logits ``[rows, vocab]``."""
@@ -178,7 +185,7 @@ class FastLlama:
         b = len(tokens)
         assert b == self.rows
         length = max(positions) + 1
-        self._grow(b, length)
+        self.cache = self._grown(self.cache, b, length)
         ids = torch.tensor(tokens, device=self.device)
         pos = torch.tensor(positions, device=self.device)
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
@@ -202,14 +209,18 @@ class FastLlama:
         return self._logits(x)
 
     def _prompts(self, prompts: list[tuple[list[int], int, int]], keep_all: bool) -> tuple[Any, list[Any] | None]:
-        """Prompts (or a chunk of one), each ``(token ids, first position, slot)``, one forward.
+        """Prompts (or a chunk of one), each ``(token ids, first position, slot or CHUNK)``, one forward.
         Returns the last position's logits ``[prompts, vocab]`` and, with ``keep_all``, each
         prompt's logits at every position it was given."""
         torch, F = self.torch, self.F
         flat = [t for ids, _, _ in prompts for t in ids]
         n = len(flat)
         pos_list = [start + i for ids, start, _ in prompts for i in range(len(ids))]
-        self._grow(max(slot for _, _, slot in prompts) + 1, max(p + 1 for p in pos_list))
+        length = max(pos_list) + 1
+        if prompts[0][2] == CHUNK:
+            self.chunk = self._grown(self.chunk, 1, length)
+        else:
+            self.cache = self._grown(self.cache, max(slot for _, _, slot in prompts) + 1, length)
         ids = torch.tensor(flat, device=self.device)
         pos = torch.tensor(pos_list, device=self.device)
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
@@ -224,16 +235,18 @@ class FastLlama:
             a = b
         h, kv, d = self.heads, self.kv_heads, self.head_dim
         x = F.embedding(ids, self.embed)
-        for (n1, e1, qkv_w, qkv_b, o_w, o_b, n2, e2, gu_w, gu_b, inter, down_w, down_b), cache in zip(
-            self.layers, self.cache, strict=True
+        chunk = self.chunk if prompts[0][2] == CHUNK else [None] * len(self.layers)
+        for (n1, e1, qkv_w, qkv_b, o_w, o_b, n2, e2, gu_w, gu_b, inter, down_w, down_b), cache, chunk_cache in zip(
+            self.layers, self.cache, chunk, strict=True
         ):
             qkv = F.linear(self._norm(x, n1, e1), qkv_w, qkv_b).view(n, h + 2 * kv, d)
             self._rope(qkv[:, : h + kv], cos, sin)
             o = torch.empty((n, h, d), dtype=x.dtype, device=x.device)
             for a, b, start, slot, mask in spans:
                 end = start + b - a
-                cache[slot, :, start:end] = qkv[a:b, h:].transpose(0, 1)
-                k, v = cache[slot, :kv, :end], cache[slot, kv:, :end]
+                dst = chunk_cache[0] if slot == CHUNK else cache[slot]
+                dst[:, start:end] = qkv[a:b, h:].transpose(0, 1)
+                k, v = dst[:kv, :end], dst[kv:, :end]
                 o[a:b] = F.scaled_dot_product_attention(
                     qkv[a:b, :h].transpose(0, 1), k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
                     enable_gqa=kv != h,

@@ -26,8 +26,8 @@ def model(tiny_llama):
     return transformers.AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
 
 
-def fast(model, slots: int = 8) -> FastLlama:
-    return FastLlama(model, max_len=model.config.max_position_embeddings, slots=slots)
+def fast(model) -> FastLlama:
+    return FastLlama(model, max_len=model.config.max_position_embeddings)
 
 
 def test_prefill_logits_equal_transformers(model):
@@ -86,14 +86,18 @@ def test_batched_decode_at_mixed_lengths_with_rows_leaving(model):
                 s.append(int(row.argmax()))
 
 
-def test_the_cache_grows_past_its_first_capacity(model):
-    fl = FastLlama(model, max_len=model.config.max_position_embeddings, slots=2)
-    start_capacity = fl.capacity
+def test_the_cache_grows_past_its_first_slots_and_capacity(model):
+    fl = fast(model)
+    start_capacity, start_slots = fl.capacity, fl.slots
     ids = [(7 * i) % 500 + 4 for i in range(start_capacity + 20)]
     with torch.inference_mode():
         last, _ = fl.prefill([ids], keep_all=False)
-    assert fl.capacity > start_capacity
+        grown = [[(5 * i + j) % 400 + 4 for j in range(3 + i)] for i in range(start_slots + 2)]
+        more, _ = fl.prefill(grown, keep_all=False)  # rows past the first slots: the cache doubles them
+    assert fl.capacity > start_capacity and fl.slots > start_slots and fl.rows == len(grown) + 1
     torch.testing.assert_close(last[0], hf_logits(model, ids)[-1], **TOL)
+    for row, g in zip(more, grown, strict=True):
+        torch.testing.assert_close(row, hf_logits(model, g)[-1], **TOL)
 
 
 def test_fused_weights_are_shared_with_the_model(model):
@@ -114,7 +118,7 @@ def test_qwen2_with_qkv_bias_equals_transformers():
     qwen = transformers.Qwen2ForCausalLM(config).eval()
     assert qwen.model.layers[0].self_attn.q_proj.bias is not None
     assert unsupported(qwen, 128) is None
-    fl = FastLlama(qwen, max_len=128, slots=4)
+    fl = FastLlama(qwen, max_len=128)
     prompts = [[1, 2, 3, 4, 5], [9, 8]]
     with torch.inference_mode():
         last, _ = fl.prefill(prompts, keep_all=False)
