@@ -52,6 +52,14 @@ def unsupported(model: Any, max_len: int) -> str | None:
     attn = model.model.layers[0].self_attn
     if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
         return "per-head q/k norms"
+    import torch
+
+    for layer in model.model.layers:  # fusing reads plain weights: not quantized or adapted layers
+        for mod in (*layer.self_attn.children(), *layer.mlp.children()):
+            if isinstance(mod, torch.nn.Module) and mod._parameters and type(mod) is not torch.nn.Linear:
+                return f"{type(mod).__name__} layers"
+            if type(mod) is torch.nn.Linear and not mod.weight.is_floating_point():
+                return f"{mod.weight.dtype} weights"
     return None
 
 

@@ -143,3 +143,19 @@ def test_models_it_cannot_run_are_declined(change, reason):
     assert unsupported(llama, 64) == reason
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
     assert unsupported(gpt2, 64) == "architecture GPT2LMHeadModel"
+
+
+def test_layers_it_cannot_fuse_are_declined(model):
+    """A quantized or adapted projection (any Linear subclass) keeps the model on transformers' path."""
+
+    class Adapted(torch.nn.Linear):
+        pass
+
+    assert unsupported(model, 256) is None
+    attn = model.model.layers[-1].self_attn
+    plain = attn.v_proj
+    attn.v_proj = Adapted(plain.in_features, plain.out_features, bias=False)
+    try:
+        assert unsupported(model, 256) == "Adapted layers"
+    finally:
+        attn.v_proj = plain
