@@ -174,6 +174,7 @@ class EngineCore:
         why = "fast_forward: false" if not self.fast_forward else unsupported(self.model, self.max_model_len)
         if why is None:
             self.forward_kind = "fast"
+            log.info("%s: the fast Llama forward (fast_forward: false turns it off)", self.path.name)
             return FastLlama(self.model, self.max_model_len)
         log.info("%s: transformers' forward (%s)", self.path.name, why)
         self.forward_kind = "transformers"
