@@ -85,13 +85,10 @@ class FastLlama:
         self.lm_head_w, self.lm_head_b = model.lm_head.weight, model.lm_head.bias
         with torch.no_grad():
             self.layers = [self._fuse(layer) for layer in inner.layers]
-            device = self.embed.device
-            positions = torch.arange(max_len, device=device).unsqueeze(0)
-            cos, sin = inner.rotary_emb(self.embed[:1], positions)  # HF's own table: its scaling and dtype
-        half = self.head_dim // 2
-        self.cos = cos[0].contiguous()  # [max_len, head_dim]
-        self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).contiguous()  # signed for roll
-        self.device, self.dtype = device, self.embed.dtype
+        self.device, self.dtype = self.embed.device, self.embed.dtype
+        self._rotary = inner.rotary_emb
+        self.cos = self.sin = self.embed.new_empty((0, self.head_dim))
+        self._rope_table(min(INITIAL_CAPACITY, max_len))
         self.cache = self._grown([], INITIAL_SLOTS, min(INITIAL_CAPACITY, max_len))
         self.chunk: list[Any] = []  # the prompt being prefilled in chunks: [1, 2 * kv_heads, capacity, head_dim]
         self.rows = 0  # slots 0..rows-1: the running batch, in row order
@@ -112,6 +109,18 @@ class FastLlama:
                 a.o_proj.weight, a.o_proj.bias, layer.post_attention_layernorm.weight,
                 float(layer.post_attention_layernorm.variance_epsilon), gu_w, gu_b, m.gate_proj.weight.shape[0],
                 m.down_proj.weight, m.down_proj.bias)  # fmt: skip
+
+    def _rope_table(self, length: int) -> None:
+        """cos/sin ``[positions, head_dim]`` from HF's own rotary module (its scaling and dtype),
+        for at least ``length`` positions: grown with the caches, not the whole context at once."""
+        if length <= self.cos.shape[0]:
+            return
+        n = min(self.max_len, max(length, 2 * self.cos.shape[0]))
+        with self.torch.no_grad():
+            cos, sin = self._rotary(self.embed[:1], self.torch.arange(n, device=self.device).unsqueeze(0))
+        half = self.head_dim // 2
+        self.cos = cos[0].contiguous()
+        self.sin = self.torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).contiguous()  # signed for roll
 
     @property
     def slots(self) -> int:
@@ -194,6 +203,7 @@ class FastLlama:
         assert b == self.rows
         length = max(positions) + 1
         self.cache = self._grown(self.cache, b, length)
+        self._rope_table(length)
         ids = torch.tensor(tokens, device=self.device)
         pos = torch.tensor(positions, device=self.device)
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
@@ -229,6 +239,7 @@ class FastLlama:
             self.chunk = self._grown(self.chunk, 1, length)
         else:
             self.cache = self._grown(self.cache, max(slot for _, _, slot in prompts) + 1, length)
+        self._rope_table(length)
         ids = torch.tensor(flat, device=self.device)
         pos = torch.tensor(pos_list, device=self.device)
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
