@@ -183,7 +183,8 @@ class EngineCore:
     def size_bytes(self) -> int:
         if self.model is None:
             return 0
-        return sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()])
+        model = sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()])
+        return model + (self.batch.size_bytes() if self.batch is not None else 0)  # and the KV cache held now
 
     def release(self) -> None:
         on_gpu = self.model is not None and self.device.type == "cuda"

@@ -46,7 +46,10 @@ class HFBatch:
         self.cache = self.mask = self._chunk_cache = None
 
     def size_bytes(self) -> int:
-        return 0  # the cache grows with the batch; the model's size is counted by the core
+        """The running batch's KV cache now (it grows and shrinks with the batch)."""
+        tensors = [t for c in (self.cache, self._chunk_cache) if c is not None for ly in c.layers
+                   for t in (ly.keys, ly.values) if t is not None]  # fmt: skip
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     # -- forwards -------------------------------------------------------------
     def decode(self, tokens: list[int], positions: list[int]) -> Any:

@@ -95,6 +95,8 @@ def test_the_cache_grows_past_its_first_slots_and_capacity(model):
         grown = [[(5 * i + j) % 400 + 4 for j in range(3 + i)] for i in range(start_slots + 2)]
         more, _ = fl.prefill(grown, keep_all=False)  # rows past the first slots: the cache doubles them
     assert fl.capacity > start_capacity and fl.slots > start_slots and fl.rows == len(grown) + 1
+    layers, kv, d = len(fl.layers), model.config.num_key_value_heads, fl.head_dim
+    assert fl.size_bytes() == layers * fl.slots * 2 * kv * fl.capacity * d * 4  # float32
     torch.testing.assert_close(last[0], hf_logits(model, ids)[-1], **TOL)
     for row, g in zip(more, grown, strict=True):
         torch.testing.assert_close(row, hf_logits(model, g)[-1], **TOL)
