@@ -21,12 +21,12 @@ Iteration-level scheduling, as Orca and vLLM do it, on plain transformers; each 
   at a time, in a KV cache of its own), so running rows never stall behind it;
 * the prefilled rows join the running batch.
 
-The running batch's KV cache is a transformers ``DynamicCache`` held left-padded:
-keys/values ``[rows, kv_heads, T, head_dim]`` with a ``[rows, T]`` attention mask and
-per-row position ids. Rows join by left-padding the shorter side and concatenating; rows
-leave by ``index_select``, and columns no row uses any more are trimmed off the left.
-Masked columns contribute exact zeros, so greedy decoding under batching equals unbatched
-``model.generate`` token for token (tested).
+The forwards and the running batch's KV cache belong to a batch runner: for Llama-family
+models :class:`~meshserve.server.llm.fast_llama.FastLlama` (a lean forward over a
+preallocated cache, ``fast_forward: true``, the default), for any other causal LM (or with
+``fast_forward: false``) :class:`~meshserve.server.llm.hf_batch.HFBatch` (transformers'
+forward over a left-padded ``DynamicCache``). Either way greedy decoding under batching
+equals unbatched ``model.generate`` token for token (tested).
 
 Every sequence keeps its own sampling settings (its own ``torch.Generator`` when seeded;
 repetition, presence and frequency penalties; EOS and ``stop_token_ids`` masked until
@@ -37,7 +37,6 @@ logits, so each such prompt gets a prefill forward of its own.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import time
@@ -105,6 +104,9 @@ class EngineCore:
         self.max_prefill_chunk = positive(p, "max_prefill_chunk", 512, zero_ok=True)
         self.max_num_batched_tokens = positive(p, "max_num_batched_tokens", 2048)
         self._max_model_len_setting = p.get("max_model_len")
+        self.fast_forward = p.get("fast_forward", True)
+        if not isinstance(self.fast_forward, bool):
+            raise ModelLoadError(f"fast_forward must be true or false, got {self.fast_forward!r}")
         self._device_setting = str(p.get("device", "auto"))
         self._dtype_setting = p.get("dtype")
         self._extra_eos = extra_eos
@@ -113,11 +115,10 @@ class EngineCore:
         self._seqs: dict[int, CoreSeq] = {}
         self._waiting: deque[CoreSeq] = deque()
         self._rows: list[CoreSeq] = []  # the running batch, in KV-cache row order
-        self._cache: Any = None
-        self._mask: Any = None
+        self.batch: Any = None  # the forwards and the KV cache: FastLlama or HFBatch
+        self.forward_kind = ""
         self._chunking: CoreSeq | None = None
-        self._chunk_cache: Any = None
-        self._chunk_done = 0  # prompt tokens already in _chunk_cache
+        self._chunk_done = 0  # prompt tokens of _chunking already prefilled
         self.prompt_tokens = self.generation_tokens = self.steps = 0
 
     # -- loading -------------------------------------------------------------
@@ -144,7 +145,6 @@ class EngineCore:
         self.model = model.to(device).eval()
         self.device = device
         self._torch = torch
-        self._cache_cls = transformers.DynamicCache
         config = model.config
         limit = getattr(config, "max_position_embeddings", None) or 2048
         if self._max_model_len_setting is not None:
@@ -153,12 +153,6 @@ class EngineCore:
                 raise ModelLoadError(f"max_model_len {wanted} must be in [1, {limit}] for this model")
             limit = wanted
         self.max_model_len = int(limit)
-        fwd = inspect.signature(model.forward).parameters
-        self._cache_arg = "cache" if "cache" in fwd else "past_key_values"
-        self._keep_arg = "logits_to_keep" if "logits_to_keep" in fwd else None
-        self._cache_takes_config = "config" in inspect.signature(transformers.DynamicCache.__init__).parameters
-        if not hasattr(self._new_cache(), "layers"):
-            raise ModelLoadError(f"the llm engine needs transformers >= 4.56 (found {transformers.__version__})")
         eos = set(self._extra_eos)
         for source in (getattr(model, "generation_config", None), config):
             value = getattr(source, "eos_token_id", None) if source is not None else None
@@ -168,21 +162,37 @@ class EngineCore:
         pad = getattr(config, "pad_token_id", None)
         self.pad_id = pad if isinstance(pad, int) else (min(eos) if eos else 0)
         self.vocab_size = int(getattr(config, "vocab_size", 0))
+        self.batch = self._new_batch()
         return {"max_model_len": self.max_model_len, "eos_ids": sorted(eos), "vocab_size": self.vocab_size,
-                "size_bytes": self.size_bytes(), "device": str(device)}  # fmt: skip
+                "size_bytes": self.size_bytes(), "device": str(device), "forward": self.forward_kind}  # fmt: skip
+
+    def _new_batch(self) -> Any:
+        """The fast forward when asked for and the model is Llama-family, else transformers' own."""
+        from meshserve.server.llm.fast_llama import FastLlama, unsupported
+        from meshserve.server.llm.hf_batch import HFBatch
+
+        why = "fast_forward: false" if not self.fast_forward else unsupported(self.model, self.max_model_len)
+        if why is None:
+            self.forward_kind = "fast"
+            log.info("%s: the fast Llama forward (fast_forward: false turns it off)", self.path.name)
+            return FastLlama(self.model, self.max_model_len)
+        log.info("%s: transformers' forward (%s)", self.path.name, why)
+        self.forward_kind = "transformers"
+        return HFBatch(self.model, self.pad_id)
 
     def size_bytes(self) -> int:
         if self.model is None:
             return 0
-        return sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()])
+        model = sum(t.numel() * t.element_size() for t in [*self.model.parameters(), *self.model.buffers()])
+        return model + (self.batch.size_bytes() if self.batch is not None else 0)  # and the KV cache held now
 
     def release(self) -> None:
         on_gpu = self.model is not None and self.device.type == "cuda"
         self._seqs.clear()
         self._waiting.clear()
-        self._rows, self._cache, self._mask = [], None, None
+        self._rows = []
         self._end_chunking()
-        self.model = None
+        self.model = self.batch = None
         if on_gpu:
             self._torch.cuda.empty_cache()
 
@@ -208,7 +218,9 @@ class EngineCore:
         return [] if self._chunking is None else [self._chunking]
 
     def _end_chunking(self) -> None:
-        self._chunking, self._chunk_cache, self._chunk_done = None, None, 0
+        self._chunking, self._chunk_done = None, 0
+        if self.batch is not None:
+            self.batch.end_chunked()
 
     # -- one step --------------------------------------------------------------
     def step(self) -> tuple[Any, ...]:
@@ -224,6 +236,7 @@ class EngineCore:
                     started = time.perf_counter()
                     self._decode(out)
                     decode_s = time.perf_counter() - started
+                    self._drop_finished()  # their slots are free for this step's prompts
                 new = self._admit()
                 if new:
                     for seq in new:
@@ -245,7 +258,8 @@ class EngineCore:
             keys += [s.key for s in new if not s.finished]
             for key in keys:
                 self._seqs.pop(key, None)
-            self._rows, self._cache, self._mask = [], None, None
+            self._rows = []
+            self.batch.reset()
             self._waiting = deque(s for s in self._waiting if s.key not in keys)
             self._end_chunking()
             return ("failed", sorted(set(keys)), f"{type(e).__name__}: {e}")
@@ -280,44 +294,27 @@ class EngineCore:
         return new
 
     def _decode(self, out: list[TokenOut]) -> None:
-        torch = self._torch
         rows = self._rows
-        ids = torch.tensor([[s.last] for s in rows], device=self.device)
-        pos = torch.tensor([[s.pos] for s in rows], device=self.device)
-        self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
-        logits = self._forward(ids, self._mask, pos, self._cache)
+        logits = self.batch.decode([s.last for s in rows], [s.pos for s in rows])
         self._emit(rows, logits, out)
 
     def _prefill(self, new: list[CoreSeq], out: list[TokenOut], keep_all: bool) -> None:
-        """One forward over the new prompts (left-padded together); their rows join the batch."""
-        torch = self._torch
-        width = max(len(s.prompt_ids) for s in new)
-        ids = torch.full((len(new), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(new), width), dtype=torch.long)
-        for i, s in enumerate(new):
-            n = len(s.prompt_ids)
-            ids[i, width - n :] = torch.tensor(s.prompt_ids)
-            mask[i, width - n :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        pos = (mask.cumsum(-1) - 1).clamp_(min=0)
-        cache = self._new_cache()
-        logits = self._forward(ids, mask, pos, cache, keep_all)
-        if keep_all:
-            for i, s in enumerate(new):
-                n = len(s.prompt_ids)
-                lps = logits[i, width - n : width - 1].float().log_softmax(-1)
+        """One forward over the new prompts; their rows join the batch (finished ones leave at
+        the step's end)."""
+        logits, every = self.batch.prefill([s.prompt_ids for s in new], keep_all)
+        if every is not None:
+            for s, rows in zip(new, every, strict=True):
+                lps = rows[:-1].float().log_softmax(-1)
                 k = s.params.prompt_logprobs or 0
                 first: RawLogprob = (s.prompt_ids[0], None, [])
-                s.prompt_lps = [first] + [self._logprob(lps[j], s.prompt_ids[j + 1], k) for j in range(n - 1)]
-            logits = logits[:, -1, :]
+                s.prompt_lps = [first] + [self._logprob(lps[j], s.prompt_ids[j + 1], k) for j in range(len(lps))]
         self.prompt_tokens += sum(len(s.prompt_ids) for s in new)
+        self._rows = self._rows + new
         self._emit(new, logits, out)
-        self._join(new, cache, mask)
 
     def _prefill_chunk(self, out: list[TokenOut]) -> None:
         """The next ``max_prefill_chunk`` tokens of the long prompt; after its last chunk, its
         first token is sampled and it joins the running batch."""
-        torch = self._torch
         seq = self._chunking
         assert seq is not None
         if seq.finished:  # aborted while waiting for its chunks
@@ -327,41 +324,24 @@ class EngineCore:
         start = self._chunk_done
         if start == 0:
             self._prepare(seq)
-            self._chunk_cache = self._new_cache()
         end = min(start + self.max_prefill_chunk, n)
-        ids = torch.tensor([seq.prompt_ids[start:end]], device=self.device)
-        mask = torch.ones((1, end), dtype=torch.long, device=self.device)
-        pos = torch.arange(start, end, device=self.device).unsqueeze(0)
         k = seq.params.prompt_logprobs
-        logits = self._forward(ids, mask, pos, self._chunk_cache, keep_all=k is not None)
-        if k is not None:
-            lps = logits[0].float().log_softmax(-1)
+        logits, every = self.batch.prefill_chunk(seq.prompt_ids[start:end], start, k is not None)
+        if every is not None:
+            lps = every[0].float().log_softmax(-1)
             if start == 0:
                 seq.prompt_lps = [(seq.prompt_ids[0], None, [])]
             assert seq.prompt_lps is not None
             seq.prompt_lps += [self._logprob(lps[j - start], seq.prompt_ids[j + 1], k) for j in range(start, end)
                                if j + 1 < n]  # fmt: skip
-            logits = logits[:, -1, :]
         self._chunk_done = end
         if end < n:
             return
-        cache = self._chunk_cache
-        self._end_chunking()
+        self.batch.join_chunked(n)
+        self._chunking, self._chunk_done = None, 0
         self.prompt_tokens += n
+        self._rows = self._rows + [seq]
         self._emit([seq], logits, out)
-        self._join([seq], cache, mask)
-
-    def _new_cache(self) -> Any:
-        return self._cache_cls(config=self.model.config) if self._cache_takes_config else self._cache_cls()
-
-    def _forward(self, ids: Any, mask: Any, pos: Any, cache: Any, keep_all: bool = False) -> Any:
-        """The last position's logits ``[rows, vocab]``; with ``keep_all`` every position's ``[rows, T, vocab]``."""
-        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, self._cache_arg: cache,
-                  "use_cache": True}  # fmt: skip
-        if self._keep_arg and not keep_all:
-            kwargs[self._keep_arg] = 1
-        logits = self.model(**kwargs).logits
-        return logits if keep_all else logits[:, -1, :]
 
     def _prepare(self, seq: CoreSeq) -> None:
         torch = self._torch
@@ -384,15 +364,31 @@ class EngineCore:
                 seq.min_mask = torch.tensor(masked, device=self.device)
 
     def _sample(self, seqs: list[CoreSeq], logits: Any) -> tuple[list[int], list[RawLogprob | None]]:
-        """Each row's next token and, where asked, its logprob entry (of the raw distribution, as vLLM's)."""
-        chosen = logits.argmax(dim=-1).tolist()
-        lps: list[RawLogprob | None] = [None] * len(seqs)
+        """Each row's next token and, where asked, its logprob entry (of the raw distribution, as vLLM's).
+        Greedy rows held by ``min_tokens`` are masked together, in one op (a benchmark's every row is)."""
+        torch = self._torch
+        held: list[int] = []
+        picked: list[tuple[int, bool]] = []
         for i, seq in enumerate(seqs):
             p = seq.params
             masking = seq.min_mask is not None and seq.generated < p.min_tokens
-            plain = p.temperature == 0 and p.repetition_penalty == 1.0 and not seq.counts and not masking
-            if not plain:
-                chosen[i] = self._pick(seq, logits[i].float(), masking)
+            if p.temperature != 0 or p.repetition_penalty != 1.0 or seq.counts:
+                picked.append((i, masking))
+            elif masking:
+                held.append(i)
+        greedy = logits
+        if held:
+            masks = [seqs[i].min_mask for i in held]
+            counts = torch.tensor([len(m) for m in masks], device=logits.device)
+            rows = torch.tensor(held, device=logits.device).repeat_interleave(counts)
+            inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+            greedy = logits.index_put((rows, torch.cat(masks)), inf)
+        chosen = greedy.argmax(dim=-1).tolist()
+        for i, masking in picked:
+            chosen[i] = self._pick(seqs[i], logits[i].float(), masking)
+        lps: list[RawLogprob | None] = [None] * len(seqs)
+        for i, seq in enumerate(seqs):
+            p = seq.params
             if p.logprobs is not None:
                 lps[i] = self._logprob(logits[i].float().log_softmax(-1), chosen[i], p.logprobs)
         return chosen, lps
@@ -467,45 +463,8 @@ class EngineCore:
         if not rows or not any(s.finished for s in rows):
             return
         keep = [i for i, s in enumerate(rows) if not s.finished]
-        if not keep:
-            self._rows, self._cache, self._mask = [], None, None
-            return
-        torch = self._torch
-        idx = torch.tensor(keep, device=self.device)
-        mask = self._mask.index_select(0, idx)
-        used = mask.any(dim=0).nonzero()
-        lead = int(used[0]) if used.numel() else 0
-        mask = mask[:, lead:]
-        for layer in self._cache.layers:
-            layer.keys = layer.keys.index_select(0, idx)[:, :, lead:]
-            layer.values = layer.values.index_select(0, idx)[:, :, lead:]
-        self._mask = mask
-        self._rows = [rows[i] for i in keep]
-
-    def _join(self, new: list[CoreSeq], cache: Any, mask: Any) -> None:
-        """Add the prefilled rows (finished ones already excluded below) to the running batch."""
-        torch = self._torch
-        live = [i for i, s in enumerate(new) if not s.finished]
-        if not live:
-            return
-        if len(live) != len(new):
-            idx = torch.tensor(live, device=self.device)
-            mask = mask.index_select(0, idx)
-            for layer in cache.layers:
-                layer.keys = layer.keys.index_select(0, idx)
-                layer.values = layer.values.index_select(0, idx)
-        joined = [new[i] for i in live]
-        if not self._rows:
-            self._rows, self._cache, self._mask = joined, cache, mask
-            return
-        old_t, new_t = self._mask.shape[1], mask.shape[1]
-        pad_old, pad_new = max(0, new_t - old_t), max(0, old_t - new_t)
-        pad = torch.nn.functional.pad
-        self._mask = torch.cat([pad(self._mask, (pad_old, 0)), pad(mask, (pad_new, 0))], dim=0)
-        for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
-            mine.keys = torch.cat([pad(mine.keys, (0, 0, pad_old, 0)), pad(theirs.keys, (0, 0, pad_new, 0))], 0)
-            mine.values = torch.cat([pad(mine.values, (0, 0, pad_old, 0)), pad(theirs.values, (0, 0, pad_new, 0))], 0)
-        self._rows = self._rows + joined
+        order = self.batch.drop(keep)
+        self._rows = [rows[i] for i in order]
 
 
 def run_core(core: EngineCore, receive: Callable[[bool], list[Any]], send: Callable[[Any], None]) -> None:

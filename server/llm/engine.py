@@ -21,7 +21,10 @@ prompts, default 2048), ``max_prefill_tokens`` (padded prompt tokens per prefill
 default 4096), ``max_prefill_chunk`` (a longer prompt is prefilled this many tokens per
 step, one such prompt at a time, while the running batch keeps decoding; default 512, 0:
 off), ``device`` (auto|cpu|cuda[:n]|mps), ``dtype`` (float32|float16|bfloat16),
-``torch_threads`` (intra-op threads; default: the cores less one, leaving one to the server).
+``torch_threads`` (intra-op threads; default: the cores less one, leaving one to the server),
+``fast_forward`` (default true: Llama-family models run on a lean forward with a
+preallocated KV cache, :mod:`meshserve.server.llm.fast_llama`; false, or another
+architecture: transformers' own forward).
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ class TransformersEngine:
         if not isinstance(own, bool):
             raise ModelLoadError(f"engine_process must be true or false, got {own!r}")
         self.own_process = own
+        if not isinstance(p.get("fast_forward", True), bool):
+            raise ModelLoadError(f"fast_forward must be true or false, got {p['fast_forward']!r}")
+        self.forward = ""  # the core's forward: "fast" (Llama family) or "transformers"
         self.max_model_len = 0
         self.counters = EngineStats()
         self.observer: Any = None  # metrics hooks: on_first_token(s), on_step(s), on_finish(prompt, completion, s)
@@ -125,6 +131,7 @@ class TransformersEngine:
         self.eos_ids = frozenset(info["eos_ids"])
         self.vocab_size = int(info["vocab_size"]) or len(self.tokenizer)
         self.device = torch.device(info["device"])
+        self.forward = info["forward"]
         self._running_core = True
         self._unavailable = None
 

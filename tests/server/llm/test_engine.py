@@ -24,7 +24,18 @@ from tests.server.llm.engine_support import (
 )
 
 
-def test_greedy_under_continuous_batching_equals_unbatched_generate(engine, loop, reference):
+@pytest.fixture(scope="module")
+def hf_engine(loop, tiny_llama):
+    """The engine on transformers' own forward (``fast_forward: false``)."""
+    eng = make_engine(loop, tiny_llama, fast_forward=False)
+    yield eng
+    loop.run(eng.stop())
+
+
+@pytest.mark.parametrize("forward", ["fast", "transformers"])
+def test_greedy_under_continuous_batching_equals_unbatched_generate(forward, engine, hf_engine, loop, reference):
+    engine = engine if forward == "fast" else hf_engine
+    assert engine.forward == forward
     # The long one starts with two others; the rest arrive as it reaches 2, 4 and 6 tokens
     # (arrivals tied to its progress, not to the clock, so they overlap on any machine).
     plan = [(PROMPTS[2], 40, 0), (PROMPTS[0], 24, 0), (PROMPTS[1], 9, 0), (PROMPTS[3], 17, 2),

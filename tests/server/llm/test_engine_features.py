@@ -46,17 +46,17 @@ def test_a_failed_step_fails_its_sequences_and_the_engine_keeps_serving(loop, ti
     from meshserve.protocol.errors import ModelExecutionError
 
     eng = make_engine(loop, tiny_llama, engine_process=False)  # the fault goes into the core's thread
-    core = eng.core.core
-    real = core._forward
+    batch = eng.core.core.batch
+    real = batch.decode
     calls = {"n": 0}
 
-    def failing_once(*args):  # a fault injected into the third forward pass (a decode step)
+    def failing_once(*args):  # a fault injected into the second decode step
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 2:
             raise RuntimeError("injected fault")
         return real(*args)
 
-    core._forward = failing_once
+    batch.decode = failing_once
     try:
         with pytest.raises(ModelExecutionError, match="injected fault"):
             loop.run(collect(eng, PROMPTS[0], greedy(10, ignore_eos=True)))
@@ -110,6 +110,7 @@ def test_a_templated_prompt_gets_no_second_bos(loop, tiny_llama):
         ({"generation": {"max_tokens": 0}}, "max_tokens"),
         ({"generation": {"colour": "red"}}, "unknown generation parameter"),
         ({"chat": "yes"}, "parameters.chat"),
+        ({"fast_forward": "yes"}, "fast_forward must be true or false"),
     ],
 )
 def test_bad_model_settings_fail_the_load_clearly(loop, tiny_llama, parameters, fragment):
@@ -199,8 +200,12 @@ def test_logprobs_penalties_and_min_tokens_rows_leave_greedy_rows_unchanged(engi
     assert len(held["tokens"]) == 8 and not {5, 6} & set(held["tokens"])
 
 
-@pytest.mark.parametrize("own_process", [False, True], ids=["thread", "process"])
-def test_chunked_prefill_keeps_decoding_while_a_long_prompt_is_prefilled(loop, tiny_llama, reference, own_process):
+@pytest.mark.parametrize(
+    "own_process, fast", [(False, True), (True, True), (False, False)], ids=["thread", "process", "transformers"]
+)
+def test_chunked_prefill_keeps_decoding_while_a_long_prompt_is_prefilled(
+    loop, tiny_llama, reference, own_process, fast
+):
     """A prompt longer than max_prefill_chunk is prefilled a chunk per step: a running
     sequence gets a token at each of those steps (unchunked: one step, one token), and the
     long one's output and prompt logprobs are those of an unchunked run. With the core in a
@@ -234,7 +239,7 @@ def test_chunked_prefill_keeps_decoding_while_a_long_prompt_is_prefilled(loop, t
 
     results = {}
     for chunk_size in (16, 0):
-        eng = make_engine(loop, tiny_llama, max_prefill_chunk=chunk_size, engine_process=own_process)
+        eng = make_engine(loop, tiny_llama, max_prefill_chunk=chunk_size, engine_process=own_process, fast_forward=fast)
         try:
             results[chunk_size] = loop.run(scenario(eng))
         finally:

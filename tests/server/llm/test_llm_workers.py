@@ -15,7 +15,7 @@ import pytest
 from tests.server.llm.api_support import engine_gauge, llm_server, sse_events, stream_first_event, wait_for_gauge
 from tests.server.prod.conftest import grpc_stub, scrape
 
-PARAMS = {"max_num_seqs": 4}
+PARAMS = {"max_num_seqs": 4, "fast_forward": False}  # answers slow enough to stream in several events
 LONG = {"max_tokens": 200, "ignore_eos": True, "temperature": 0}
 ATTEMPTS = 40  # fresh connections until both workers took one (the kernel spreads them)
 
