@@ -17,7 +17,8 @@ Settings (model ``parameters``): ``engine_process`` (default true), ``max_num_se
 (running batch, default 32), ``max_waiting`` (queued requests beyond the batch, default
 256; then 503), ``max_model_len`` (default: the model's ``max_position_embeddings``),
 ``max_num_batched_tokens`` (tokens per step: one per running sequence, the rest for new
-prompts, default 2048), ``max_prefill_tokens`` (padded prompt tokens per prefill forward,
+prompts, default 128: a wave of prompts is admitted a few per step),
+``max_prefill_tokens`` (padded prompt tokens per prefill forward,
 default 4096), ``max_prefill_chunk`` (a longer prompt is prefilled this many tokens per
 step, one such prompt at a time, while the running batch keeps decoding; default 512, 0:
 off), ``device`` (auto|cpu|cuda[:n]|mps), ``dtype`` (float32|float16|bfloat16),
@@ -40,7 +41,7 @@ from typing import Any
 
 from meshserve.protocol.errors import CapacityExhausted, ModelExecutionError, ModelLoadError, ModelNotReady
 from meshserve.server.llm.api_params import check_params
-from meshserve.server.llm.core import CoreRequest, RawLogprob, TokenOut, positive
+from meshserve.server.llm.core import DEFAULT_BATCHED_TOKENS, CoreRequest, RawLogprob, TokenOut, positive
 from meshserve.server.llm.core_client import ProcessCore, ThreadCore
 from meshserve.server.llm.prompts import adds_special_tokens, apply_chat_template, check_token_ids
 from meshserve.server.llm.sequence import EngineStats, GenerationStream, Sequence
@@ -63,7 +64,7 @@ class TransformersEngine:
         # The core's own settings, checked here so a bad value fails the load before any process starts.
         positive(p, "max_prefill_tokens", 4096)
         positive(p, "max_prefill_chunk", 512, zero_ok=True)
-        positive(p, "max_num_batched_tokens", 2048)
+        positive(p, "max_num_batched_tokens", DEFAULT_BATCHED_TOKENS)
         own = p.get("engine_process", True)
         if not isinstance(own, bool):
             raise ModelLoadError(f"engine_process must be true or false, got {own!r}")
