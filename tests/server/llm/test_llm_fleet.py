@@ -18,6 +18,8 @@ from tests.support.etcd import start_etcd
 from tests.support.server import RunningServer
 
 LONG = {"max_tokens": 200, "ignore_eos": True, "temperature": 0}
+# transformers' forward: answers slow enough to come in many events (the fast one makes 200 tokens
+# of the tiny model in a few tens of ms, and a relay that falls behind sends what piled up as one)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +27,7 @@ def pods(tiny_llama, tmp_path_factory) -> Iterator[list[RunningServer]]:
     base = tmp_path_factory.mktemp("llm-fleet")
     etcd = start_etcd(base / "etcd")
     try:
-        running = start_pods(etcd, llm_models(base, tiny_llama, {"max_num_seqs": 4}), base / "logs", n=2)
+        running = start_pods(etcd, llm_models(base, tiny_llama, {"max_num_seqs": 4, "fast_forward": False}), base / "logs", n=2)
         try:
             wait_pods(running[0], 2)
             yield running
