@@ -119,31 +119,20 @@ class _Lease(Generic[H]):
 
     async def __aenter__(self) -> H:
         cache = self._cache
-        entry = cache._entries.get(self._key)
+        entry = cache.hit(self._key)
         if entry is None:
-            raise ModelNotFound(f"model {self._key!r} is not registered")
-        if entry.state is ModelState.READY:
-            cache.stats.hits += 1
-            entry.hits += 1
-        else:
+            entry = cache._entries.get(self._key)
+            if entry is None:
+                raise ModelNotFound(f"model {self._key!r} is not registered")
             await cache._ensure_ready(entry)
-        entry.inflight += 1
-        entry.requests += 1
-        cache._lru.move_to_end(entry.key)
+            entry.inflight += 1
+            entry.requests += 1
+            cache._lru.move_to_end(entry.key)
         self._entry = entry
         return entry.handle  # type: ignore[return-value]
 
     async def __aexit__(self, exc_type: object, *exc: object) -> None:
-        entry = self._entry
-        entry.inflight -= 1
-        if exc_type is not None:
-            entry.failed_requests += 1
-        entry.last_used = time.monotonic()
-        if not entry.inflight:
-            if entry.drained is not None:
-                _wake(entry.drained)
-            if self._cache._room_waiters:
-                self._cache._room_changed()
+        self._cache.release(self._entry, exc_type is not None)
 
 
 class ModelCache(Generic[H]):
@@ -229,6 +218,31 @@ class ModelCache(Generic[H]):
     def acquire(self, key: str) -> _Lease[H]:
         """``async with cache.acquire(key) as handle``: loads the model on a miss."""
         return _Lease(self, key)
+
+    def hit(self, key: str) -> CacheEntry[H] | None:
+        """A resident model held for one request with no await (the hit path: no lease, no
+        coroutine), or None when it is not ready (then ``acquire``). Pair with ``release``."""
+        entry = self._entries.get(key)
+        if entry is None or entry.state is not ModelState.READY:
+            return None
+        self.stats.hits += 1
+        entry.hits += 1
+        entry.inflight += 1
+        entry.requests += 1
+        self._lru.move_to_end(key)
+        return entry
+
+    def release(self, entry: CacheEntry[H], failed: bool) -> None:
+        """The request holding ``entry`` (from ``hit`` or ``acquire``) is done."""
+        entry.inflight -= 1
+        if failed:
+            entry.failed_requests += 1
+        entry.last_used = time.monotonic()
+        if not entry.inflight:
+            if entry.drained is not None:
+                _wake(entry.drained)
+            if self._room_waiters:
+                self._room_changed()
 
     async def _ensure_ready(self, entry: CacheEntry[H]) -> None:
         """Wait for, or start, the load a request needs; refused requests are not misses.

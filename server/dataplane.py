@@ -188,8 +188,18 @@ class DataPlane:
             key = self.repository.resolve(request.model_name, request.model_version)
         if self.fleet is not None:
             return await self.fleet.infer(request, key)
-        async with self.cache.acquire(key) as model:
-            return await model.infer(request, self.executor)
+        cache = self.cache
+        entry = cache.hit(key)
+        if entry is None:  # not resident: load it (or wait for its load) under a lease
+            async with cache.acquire(key) as model:
+                return await model.infer(request, self.executor)
+        try:
+            response = await entry.handle.infer(request, self.executor)
+        except BaseException:
+            cache.release(entry, True)
+            raise
+        cache.release(entry, False)
+        return response
 
     async def local_infer(self, request: InferenceRequest, key: str) -> InferenceResponse:
         """Serve on this pod (the fleet decided so)."""

@@ -130,3 +130,26 @@ def test_acquire_tracks_use():
         assert cache.get("a").requests == 1 and cache.stats.hits == 1
 
     run(main())
+
+
+def test_hit_holds_a_resident_model_without_a_lease_and_release_lets_an_unload_finish():
+    async def main():
+        loader = Loader()
+        cache = ModelCache(loader.load, loader.unload)
+        cache.register("a", "spec-a")
+        cache.register("b", "spec-b")
+        assert cache.hit("a") is None and cache.hit("nope") is None  # not resident: the caller acquires
+        assert cache.stats.hits == 0 and cache.get("a").inflight == 0
+        await cache.load("a")
+        entry = cache.hit("a")
+        assert entry is not None and entry.handle == "handle:spec-a"
+        assert (cache.stats.hits, entry.hits, entry.inflight, entry.requests) == (1, 1, 1, 1)
+        unloading = asyncio.ensure_future(cache.unload("a"))
+        await asyncio.sleep(0.02)
+        assert not unloading.done() and loader.unloads == []  # held: the unload waits for it
+        cache.release(entry, failed=True)
+        await asyncio.wait_for(unloading, 1)
+        assert loader.unloads == ["handle:spec-a"]
+        assert (entry.inflight, entry.failed_requests) == (0, 1)
+
+    run(main())
