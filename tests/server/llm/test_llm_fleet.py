@@ -27,7 +27,9 @@ def pods(tiny_llama, tmp_path_factory) -> Iterator[list[RunningServer]]:
     base = tmp_path_factory.mktemp("llm-fleet")
     etcd = start_etcd(base / "etcd")
     try:
-        running = start_pods(etcd, llm_models(base, tiny_llama, {"max_num_seqs": 4, "fast_forward": False}), base / "logs", n=2)
+        running = start_pods(
+            etcd, llm_models(base, tiny_llama, {"max_num_seqs": 4, "fast_forward": False}), base / "logs", n=2
+        )
         try:
             wait_pods(running[0], 2)
             yield running
