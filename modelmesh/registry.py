@@ -64,7 +64,9 @@ class ModelRegistry:
 
     def resolve(self, name: str, version: str | None = None, ready: Callable[[str], bool] | None = None) -> str:
         """The key for a name and optional version; with none, the latest (preferring ready ones)."""
-        versions = self._versions(name)
+        versions = self._by_name.get(name)
+        if not versions:
+            raise ModelNotFound(f"model {name!r} not found")
         if version:
             reg = versions.get(version)
             if reg is None:

@@ -85,7 +85,8 @@ def decode_infer_request(
     req_id = doc.get("id")
     if req_id is not None and not isinstance(req_id, str):
         raise InvalidInput("'id' must be a string")
-    parameters = decode_parameters(doc.get("parameters"))
+    params = doc.get("parameters")
+    parameters = {} if params is None else decode_parameters(params)
     specs = doc.get("inputs")
     if not isinstance(specs, list) or not specs:
         raise InvalidInput("request must have a non-empty 'inputs' list")
@@ -111,7 +112,8 @@ def decode_infer_request(
         if "shape" not in spec:
             raise InvalidInput(f"input {name!r} has no 'shape'")
         shape = check_shape(name, spec["shape"])
-        params = decode_parameters(spec.get("parameters"), "input", name)
+        params = spec.get("parameters")
+        params = {} if params is None else decode_parameters(params, "input", name)
         size = params.pop("binary_data_size", None) if params else None
         if size is not None:
             if "data" in spec:

@@ -87,13 +87,14 @@ class PhaseTimers:
     """Queue / preprocess / predict / postprocess histograms of one model (seconds), and
     its batch sizes; each attribute is the ``observe`` to call."""
 
-    __slots__ = ("hists", "queue", "preprocess", "predict", "postprocess", "batch")
+    __slots__ = ("hists", "queue", "preprocess", "predict", "postprocess", "batch", "queue_counts")
 
     def __init__(self) -> None:
         self.hists = {name: _Hist(LATENCY_BUCKETS) for name in PHASES}
         self.hists["batch"] = _Hist(BATCH_BUCKETS)
         for name, hist in self.hists.items():
             setattr(self, name, hist.observe)
+        self.queue_counts = self.hists["queue"].counts  # a request that did not wait: [0] += 1
 
 
 PHASES = {

@@ -67,8 +67,10 @@ async def run(settings: Settings, started: asyncio.Event | None = None, router: 
         raise OSError(f"cannot bind gRPC to {settings.host}:{settings.grpc_port} (address in use?)") from None
     tls = settings.tls_cert is not None and settings.tls_key is not None
     http = bounded_http_protocol(settings.max_header_bytes, settings.header_timeout_seconds)
+    # proxy_headers off: uvicorn's X-Forwarded-For rewrite of the client address (a middleware
+    # call per request) serves nothing here, as no part of meshserve reads the client address.
     common: dict[str, Any] = dict(
-        lifespan="off", access_log=False, log_config=None, http=http,
+        lifespan="off", access_log=False, log_config=None, http=http, proxy_headers=False,
         timeout_keep_alive=settings.keepalive_timeout_seconds,
         timeout_graceful_shutdown=settings.shutdown_grace_seconds,
     )  # fmt: skip

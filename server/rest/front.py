@@ -26,7 +26,7 @@ from meshserve.protocol.rest_codec import HEADER_LENGTH, decode_infer_request, e
 from meshserve.server import tracing
 from meshserve.server.dataplane import DataPlane
 from meshserve.server.fleet import ROUTE
-from meshserve.server.observe import FrontStats, clean_request_id, log_access
+from meshserve.server.observe import FrontStats, clean_request_id, log_access, new_request_id
 from meshserve.server.rest.encoding import MIN_COMPRESSED_RESPONSE, decode_body, encode_body, response_encoding
 from meshserve.server.rest.errors import REQUEST_ID, send_exception
 from meshserve.server.rest.headers import RequestHeaders
@@ -70,7 +70,7 @@ class RestFront:
             await self.api(scope, receive, send)
             return
         headers = RequestHeaders(scope["headers"])
-        rid = clean_request_id(headers.request_id)
+        rid = new_request_id() if headers.request_id is None else clean_request_id(headers.request_id)
         if self.router is not None:
             path = scope["path"]
             m = MODEL_PATH.match(path)
