@@ -188,6 +188,10 @@ class DataPlane:
             key = self.repository.resolve(request.model_name, request.model_version)
         if self.fleet is not None:
             return await self.fleet.infer(request, key)
+        return await self.local_infer(request, key)
+
+    async def local_infer(self, request: InferenceRequest, key: str) -> InferenceResponse:
+        """Serve on this pod (there is no fleet, or the fleet decided so)."""
         cache = self.cache
         entry = cache.hit(key)
         if entry is None:  # not resident: load it (or wait for its load) under a lease
@@ -200,11 +204,6 @@ class DataPlane:
             raise
         cache.release(entry, False)
         return response
-
-    async def local_infer(self, request: InferenceRequest, key: str) -> InferenceResponse:
-        """Serve on this pod (the fleet decided so)."""
-        async with self.cache.acquire(key) as model:
-            return await model.infer(request, self.executor)
 
     # -- repository extension ------------------------------------------------
     def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:

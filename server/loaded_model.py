@@ -222,8 +222,6 @@ class LoadedModel:
         )
 
 
-
-
 def _check_tensor(model: str, t: Tensor, spec: TensorMetadata) -> None:
     if t.datatype != spec.datatype:
         raise InvalidInput(f"model {model!r}: input {t.name!r} must be {spec.datatype}, got {t.datatype}")
