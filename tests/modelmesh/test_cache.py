@@ -137,7 +137,6 @@ def test_hit_holds_a_resident_model_without_a_lease_and_release_lets_an_unload_f
         loader = Loader()
         cache = ModelCache(loader.load, loader.unload)
         cache.register("a", "spec-a")
-        cache.register("b", "spec-b")
         assert cache.hit("a") is None and cache.hit("nope") is None  # not resident: the caller acquires
         assert cache.stats.hits == 0 and cache.get("a").inflight == 0
         await cache.load("a")
