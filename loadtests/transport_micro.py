@@ -114,7 +114,7 @@ async def rest_us(process: Any, settings: Any, n: int) -> float:
 
 async def grpc_us(process: Any, n: int) -> float:
     from meshserve.protocol.grpc import grpc_service_pb2 as pb
-    from meshserve.server.grpc.servicer import InferenceServicer
+    from meshserve.server.grpc.servicer import InferenceServicer, _wire
 
     p = build_payload(SCENARIOS["grpc_small"], "echo", "INPUT0")
     servicer = InferenceServicer(process.dataplane)
@@ -123,7 +123,7 @@ async def grpc_us(process: Any, n: int) -> float:
     async def one() -> bytes:
         context = GrpcContext(metadata)
         response = await servicer.ModelInfer(pb.ModelInferRequest.FromString(p.body), context)
-        return response.SerializeToString()
+        return _wire(response)  # the serializer grpc.aio calls on ModelInfer's answer
 
     for _ in range(min(n, 2000)):
         await one()

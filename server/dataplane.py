@@ -180,15 +180,17 @@ class DataPlane:
         )
 
     # -- inference -----------------------------------------------------------
-    async def infer(self, request: InferenceRequest, key: str | None = None) -> InferenceResponse:
-        """``key``: the model's cache key when the front already resolved it."""
+    def infer(self, request: InferenceRequest, key: str | None = None) -> Awaitable[InferenceResponse]:
+        """``key``: the model's cache key when the front already resolved it. Not a coroutine
+        itself (one frame fewer per request): a refusal raises at the call, in the caller's
+        ``await``."""
         if self._stopping:
             raise ServerNotReady("server is shutting down")
         if key is None:
             key = self.repository.resolve(request.model_name, request.model_version)
         if self.fleet is not None:
-            return await self.fleet.infer(request, key)
-        return await self.local_infer(request, key)
+            return self.fleet.infer(request, key)
+        return self.local_infer(request, key)
 
     async def local_infer(self, request: InferenceRequest, key: str) -> InferenceResponse:
         """Serve on this pod (there is no fleet, or the fleet decided so)."""

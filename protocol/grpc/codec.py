@@ -84,30 +84,33 @@ def decode_infer_request(msg: pb.ModelInferRequest, max_bytes_elements: int = MA
         raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {count} inputs")
     inputs: list[Tensor] = []
     seen: set[str] = set()
+    has_raw = len(raw) > 0
     for i in range(count):
         inp = wire_inputs[i]
         name = inp.name
         if not name:
             raise InvalidInput(f"inputs[{i}]: 'name' must be a non-empty string")
-        if name in seen:
-            raise InvalidInput(f"input {name!r} appears more than once")
-        seen.add(name)
+        if count > 1:
+            if name in seen:
+                raise InvalidInput(f"input {name!r} appears more than once")
+            seen.add(name)
         datatype = inp.datatype
-        dtype = dtype_of(datatype)
-        shape = check_shape(name, inp.shape[:])
-        if len(raw):
+        shape = inp.shape[:]
+        if has_raw:
             if inp.HasField("contents"):
                 raise InvalidInput(f"input {name!r} has typed contents and raw_input_contents is also set")
-            if datatype == "BYTES":
-                array = bytes_from_buffer(name, shape, raw[i], max_bytes_elements)
+            buf = raw[i]
+            layout = _LAYOUTS.get((datatype, *shape))
+            if layout is not None and len(buf) == layout[0]:  # a layout that passed the checks before
+                array = _frombuffer(buf, layout[1]).reshape(shape)
             else:
-                array = fixed_from_buffer(name, datatype, dtype, shape, raw[i])
+                array = _from_raw(name, datatype, shape, buf, max_bytes_elements)
         else:
             array = _from_contents(name, datatype, shape, inp.contents, max_bytes_elements)
         if datatype == "BYTES":
             max_bytes_elements -= array.size
         params = inp.parameters
-        inputs.append(Tensor(name, datatype, array, decode_parameters(params) if len(params) else {}))
+        inputs.append(Tensor(name, datatype, array, decode_parameters(params) if len(params) else None))
     outputs = None
     if len(msg.outputs):
         outputs = [RequestedOutput(o.name, decode_parameters(o.parameters)) for o in msg.outputs]
@@ -122,9 +125,33 @@ def decode_infer_request(msg: pb.ModelInferRequest, max_bytes_elements: int = MA
     )
 
 
+# (datatype, *shape) -> (byte length, dtype) of the raw fixed-size tensors that passed
+# ``_from_raw``'s checks: a request of a layout seen before is decoded with one lookup and a
+# length compare. BOOL is never kept (its bytes are checked each time), nor a shape with -1;
+# the table is bounded and starts over when full.
+_LAYOUTS: dict[tuple, tuple[int, np.dtype]] = {}
+_LAYOUTS_MAX = 1024
+_frombuffer = np.frombuffer
+
+
+def _from_raw(name: str, datatype: str, shape: list[int], buf: bytes, limit: int) -> np.ndarray:
+    dtype = dtype_of(datatype)
+    shape = check_shape(name, shape)
+    if datatype == "BYTES":
+        return bytes_from_buffer(name, shape, buf, limit)
+    array = fixed_from_buffer(name, datatype, dtype, shape, buf)
+    if datatype != "BOOL" and -1 not in shape:
+        if len(_LAYOUTS) >= _LAYOUTS_MAX:
+            _LAYOUTS.clear()
+        _LAYOUTS[(datatype, *shape)] = (array.nbytes, dtype)
+    return array
+
+
 def _from_contents(
     name: str, datatype: str, shape: list[int], contents: pb.InferTensorContents, limit: int
 ) -> np.ndarray:
+    dtype_of(datatype)
+    shape = check_shape(name, shape)
     field = CONTENTS_FIELD.get(datatype)
     if field is None:
         raise InvalidInput(f"input {name!r}: {datatype} can only be sent as raw_input_contents")
@@ -185,6 +212,80 @@ def encode_infer_response(response: InferenceResponse, raw: bool = True) -> pb.M
     if raw:
         msg.raw_output_contents.extend(raw_parts)
     return msg
+
+
+def serialize_infer_response(response: InferenceResponse, raw: bool = True) -> bytes:
+    """``encode_infer_response(response, raw).SerializeToString()``, written directly for the
+    usual answer (raw contents, no parameters): a model's name and each output's name, datatype
+    and shape are encoded once and kept, and each tensor's bytes are copied once, into the
+    message. Anything else goes through the message."""
+    if not raw or response.parameters:
+        return encode_infer_response(response, raw).SerializeToString()
+    version = response.model_version or ""
+    head = _HEADS.get((response.model_name, version))
+    if head is None:
+        head = _cached(_HEADS, (response.model_name, version), _head(response.model_name, version))
+    parts = [head]
+    if response.id:
+        parts.append(_string(0x1A, response.id))
+    contents = []
+    for t in response.outputs:
+        if t.parameters:
+            return encode_infer_response(response, raw).SerializeToString()
+        data = t.data
+        key = (t.name, t.datatype, data.shape)
+        out = _OUTPUTS.get(key)
+        if out is None:
+            out = _cached(_OUTPUTS, key, _output(t.name, t.datatype, data.shape))
+        parts.append(out)
+        contents.append(raw_bytes(data, t.datatype))
+    for b in contents:
+        n = len(b)
+        parts.append(_RAW_TAGS[n] if n < 128 else b"\x32" + _varint(n))
+        parts.append(b)
+    return b"".join(parts)
+
+
+# Encoded message parts, kept: (model, version) -> fields 1-2; (name, datatype, shape) -> one
+# ``outputs`` entry. Bounded; each starts over when full.
+_HEADS: dict[tuple[str, str], bytes] = {}
+_OUTPUTS: dict[tuple[str, str, tuple[int, ...]], bytes] = {}
+_PARTS_MAX = 1024
+_RAW_TAGS = [b"\x32" + bytes((n,)) for n in range(128)]  # field 6 (raw_output_contents) and a short length
+
+
+def _cached(table: dict, key: Any, value: bytes) -> bytes:
+    if len(table) >= _PARTS_MAX:
+        table.clear()
+    table[key] = value
+    return value
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _string(tag: int, value: str) -> bytes:
+    b = value.encode()
+    return bytes((tag,)) + _varint(len(b)) + b
+
+
+def _head(model: str, version: str) -> bytes:
+    return _string(0x0A, model) + (_string(0x12, version) if version else b"")
+
+
+def _output(name: str, datatype: str, shape: tuple[int, ...]) -> bytes:
+    """One ``InferOutputTensor`` as field 5: name (1), datatype (2), packed shape (3)."""
+    body = _string(0x0A, name) + _string(0x12, datatype)
+    if shape:
+        dims = b"".join(_varint(d) for d in shape)
+        body += b"\x1a" + _varint(len(dims)) + dims
+    return b"\x2a" + _varint(len(body)) + body
 
 
 def decode_infer_response(msg: pb.ModelInferResponse) -> InferenceResponse:

@@ -11,7 +11,7 @@ import grpc
 from meshserve.protocol.errors import CapacityExhausted, InferenceError, InvalidInput, RequestTimeout
 from meshserve.protocol.grpc import grpc_service_pb2 as pb
 from meshserve.protocol.grpc import grpc_service_pb2_grpc as pb_grpc
-from meshserve.protocol.grpc.codec import decode_infer_request, encode_infer_response
+from meshserve.protocol.grpc.codec import decode_infer_request, encode_infer_response, serialize_infer_response
 from meshserve.server import tracing
 from meshserve.server.dataplane import DataPlane
 from meshserve.server.llm.grpc_stream import stream_llm
@@ -98,18 +98,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # Answer in the form the client used: raw contents for raw requests.
         return encode_infer_response(response, raw=len(request.raw_input_contents) > 0)
 
+    async def _infer_wire(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse | bytes:
+        """A unary call's answer, as its wire bytes when served here (see ``_wire``)."""
+        if self.dp.fleet is not None:
+            return await self.dp.fleet.grpc_infer(request, context)
+        decoded = decode_infer_request(request, self.dp.settings.max_bytes_elements)
+        response = await self.dp.infer(decoded)
+        return serialize_infer_response(response, len(request.raw_input_contents) > 0)
+
     async def _traced_infer(
         self, request: pb.ModelInferRequest, traceparent: str | None, context
-    ) -> pb.ModelInferResponse:
+    ) -> pb.ModelInferResponse | bytes:
         tracer = tracing.TRACER
         with tracing.request_span(f"infer {request.model_name}", traceparent, "grpc", request.model_name):
             if self.dp.fleet is not None:  # routed through the fleet: one span for the whole call
-                return await self._infer(request, context)
+                return await self._infer_wire(request, context)
             with tracer.start_as_current_span("decode"):
                 decoded = decode_infer_request(request, self.dp.settings.max_bytes_elements)
             response = await self.dp.infer(decoded)
             with tracer.start_as_current_span("encode"):
-                return encode_infer_response(response, raw=len(request.raw_input_contents) > 0)
+                return serialize_infer_response(response, len(request.raw_input_contents) > 0)
 
     def _front_stats(self, name: str) -> FrontStats | None:
         """The model's gRPC figures, kept per name once the name is a registered model's."""
@@ -125,7 +133,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         name = request.model_name
         stats = self._stats.get(name) or self._front_stats(name)
         if stats is not None:
-            stats.begin()
+            stats.in_flight += 1  # stats.begin(), without the call
         rid = traceparent = None
         for key, value in context.invocation_metadata() or ():
             if key == "x-request-id":
@@ -142,7 +150,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if left is not None and (timeout is None or left < timeout):
                 timeout = left
             if tracing.TRACER is None:
-                work = self._infer(request, context)
+                work = self._infer_wire(request, context)
             else:
                 work = self._traced_infer(request, traceparent, context)
             if timeout is None:
@@ -323,8 +331,34 @@ def build_grpc_server(
         ],
     )
     servicer = InferenceServicer(dataplane) if router is None else RoutingServicer(dataplane, router)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    add_servicer(servicer, server)
     return server
+
+
+def _wire(response: pb.ModelInferResponse | bytes) -> bytes:
+    """ModelInfer's serializer: an answer already in wire bytes goes as it is."""
+    return response if type(response) is bytes else response.SerializeToString()
+
+
+class _Handlers:
+    """Stands in for the server to take the generated code's method table."""
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def add_servicer(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """The generated ``add_..._to_server``, with ModelInfer answering in wire bytes (see
+    ``serialize_infer_response``) or a message (a forwarded answer)."""
+    table = _Handlers()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, table)
+    handlers = dict(table.handlers)
+    handlers["ModelInfer"] = handlers["ModelInfer"]._replace(response_serializer=_wire)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(table.service, handlers),))
+    server.add_registered_method_handlers(table.service, handlers)
 
 
 _PASSED_ON = ("authorization", "x-api-key", "x-request-id", "traceparent", "tracestate")
@@ -337,16 +371,17 @@ class RoutingServicer(InferenceServicer):
     def __init__(self, dataplane: DataPlane, router) -> None:
         super().__init__(dataplane)
         self.router = router
-        self._calls: dict[tuple[int, str], grpc.aio.UnaryUnaryMultiCallable] = {}
+        self._calls: dict[tuple[int, str, type | None], grpc.aio.UnaryUnaryMultiCallable] = {}
         self._streams: dict[int, grpc.aio.StreamStreamMultiCallable] = {}
 
-    def _call(self, owner: int, method: str, response_cls) -> grpc.aio.UnaryUnaryMultiCallable:
-        call = self._calls.get((owner, method))
+    def _call(self, owner: int, method: str, response_cls: type | None) -> grpc.aio.UnaryUnaryMultiCallable:
+        """``response_cls`` None: the answer stays in its wire bytes (passed on as it is)."""
+        call = self._calls.get((owner, method, response_cls))
         if call is None:
-            call = self._calls[(owner, method)] = self.router.channel(owner).unary_unary(
+            call = self._calls[(owner, method, response_cls)] = self.router.channel(owner).unary_unary(
                 f"/inference.GRPCInferenceService/{method}",
                 request_serializer=lambda m: m.SerializeToString(),
-                response_deserializer=response_cls.FromString,
+                response_deserializer=None if response_cls is None else response_cls.FromString,
             )
         return call
 
@@ -371,7 +406,8 @@ class RoutingServicer(InferenceServicer):
 
     async def ModelInfer(self, request, context):  # noqa: N802
         if not self.router.serve_here(request.model_name, request.model_version or None):
-            return await self._forward(request.model_name, "ModelInfer", request, pb.ModelInferResponse, context)
+            # The owner's answer goes back in its wire bytes (ModelInfer's serializer passes them).
+            return await self._forward(request.model_name, "ModelInfer", request, None, context)
         return await super().ModelInfer(request, context)
 
     async def _infer(self, request: pb.ModelInferRequest, context=None) -> pb.ModelInferResponse:
