@@ -111,6 +111,7 @@ class RequestMetrics(Collector):
     def __init__(self, registry: CollectorRegistry, known: Callable[[str], bool]) -> None:
         self._known = known
         self._fronts: dict[tuple[str, str], FrontStats] = {}
+        self._kept: dict[str, dict[str, FrontStats]] = {}  # protocol -> model -> its figures
         self._all: list[FrontStats] = []
         self._phases: dict[str, PhaseTimers] = {}
         registry.register(self)
@@ -125,7 +126,17 @@ class RequestMetrics(Collector):
                 self._all.append(stats)
             if label:
                 self._fronts[(model, protocol)] = stats
+                self.kept(protocol)[model] = stats
         return stats
+
+    def kept(self, protocol: str) -> dict[str, FrontStats]:
+        """A protocol's figures by registered model name, as ``front`` finds them: a front
+        reads ``kept.get(name) or metrics.front(name, protocol)``, one lookup per request.
+        Unknown names (all counted under "") are never kept."""
+        kept = self._kept.get(protocol)
+        if kept is None:
+            kept = self._kept[protocol] = {}
+        return kept
 
     def phases(self, model: str) -> PhaseTimers:
         timers = self._phases.get(model)

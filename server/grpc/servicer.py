@@ -58,7 +58,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.dp = dataplane
         self.obs = dataplane.observe
         self.timeout = dataplane.settings.request_timeout_seconds
-        self._stats: dict[str, FrontStats] = {}
+        self._stats: dict[str, FrontStats] = self.obs.kept("grpc") if self.obs is not None else {}
 
     async def ServerLive(self, request, context):  # noqa: N802 - names fixed by the proto
         return pb.ServerLiveResponse(live=self.dp.live())
@@ -119,19 +119,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             with tracer.start_as_current_span("encode"):
                 return serialize_infer_response(response, len(request.raw_input_contents) > 0)
 
-    def _front_stats(self, name: str) -> FrontStats | None:
-        """The model's gRPC figures, kept per name once the name is a registered model's."""
-        stats = None
-        if self.obs is not None:
-            stats = self.obs.front(name, "grpc")
-            if stats.model == name:  # unknown names share the "" figures and are not kept
-                self._stats[name] = stats
-        return stats
-
     async def ModelInfer(self, request, context):  # noqa: N802
         t0 = perf_counter_ns()
         name = request.model_name
-        stats = self._stats.get(name) or self._front_stats(name)
+        stats = self._stats.get(name) or (self.obs.front(name, "grpc") if self.obs is not None else None)
         if stats is not None:
             stats.in_flight += 1  # stats.begin(), without the call
         rid = traceparent = None
