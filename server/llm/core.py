@@ -486,15 +486,20 @@ def run_core(core: EngineCore, receive: Callable[[bool], list[Any]], send: Calla
             send(core.step())
 
 
-def core_threads(setting: Any) -> int:
-    """Intra-op threads: the cores less one, in the engine process too. With every core in the
-    intra-op team, each small op waits for a descheduled thread whenever anything else runs (the
-    server's front, its clients): on 2 busy cores that cost more than the second thread gave
-    (measured: loadtests/README.md). vLLM's CPU backend likewise leaves a core to its front."""
+def core_threads(setting: Any, replicas: int = 1) -> int:
+    """Intra-op threads: the cores less one, in the engine process too (shared by ``replicas``
+    cores). With every core in the intra-op team, each small op waits for a descheduled thread
+    whenever anything else runs (the server's front, its clients): on 2 busy cores that cost
+    more than the second thread gave (measured: loadtests/README.md). vLLM's CPU backend
+    likewise leaves a core to its front."""
     if setting:
         return int(setting)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    return max(1, cores - 1)
+    return max(1, (cpu_count() - 1) // replicas)
+
+
+def cpu_count() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
 
 
 def positive(p: dict[str, Any], key: str, default: int, zero_ok: bool = False) -> int:

@@ -222,6 +222,90 @@ class ProcessCore:
         return self._proc.pid if self._proc is not None else None
 
 
+class ReplicatedCore:
+    """Several cores, each a :class:`ProcessCore` with a copy of the model
+    (``data_parallel_size``, vLLM's data parallelism): a request goes to the replica with the
+    fewest requests in flight and stays there; the front sees one core. Each replica steps
+    its own batch on its own cores, so on a CPU the copies use cores one intra-op team
+    cannot (a small model's steps are too short to split across threads)."""
+
+    def __init__(self, cores: list[ProcessCore]) -> None:
+        self.cores = cores
+        self.info: dict[str, Any] = {}
+        self._where: dict[int, int] = {}  # request key -> its replica
+        self._load = [0] * len(cores)  # requests in flight per replica
+        self._counters = [(0, 0, 0)] * len(cores)  # each replica's (prompt tokens, generated tokens, steps)
+        self._on_message: OnMessage | None = None
+        self._died = False
+
+    async def start(self, on_message: OnMessage) -> dict[str, Any]:
+        self._on_message = on_message
+        starts = [c.start(lambda msg, i=i: self._from(i, msg)) for i, c in enumerate(self.cores)]
+        results = await asyncio.gather(*starts, return_exceptions=True)
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
+            await self.stop()
+            raise failed
+        self.info = results[0]
+        return self.info
+
+    def send(self, msg: tuple[Any, ...]) -> None:
+        kind = msg[0]
+        if kind == "add":
+            load = self._load
+            i = load.index(min(load))
+            self._where[msg[1].key] = i
+            load[i] += 1
+            self.cores[i].send(msg)
+        elif kind == "abort":
+            i = self._where.pop(msg[1], None)
+            if i is not None:  # else it already finished there
+                self._load[i] -= 1
+                self.cores[i].send(msg)
+        else:
+            for core in self.cores:
+                core.send(msg)
+
+    def _done(self, key: int) -> None:
+        i = self._where.pop(key, None)
+        if i is not None:
+            self._load[i] -= 1
+
+    def _from(self, i: int, msg: tuple[Any, ...]) -> None:
+        """A replica's message, passed on as one core's: counters summed, a death said once."""
+        assert self._on_message is not None
+        kind = msg[0]
+        if kind == "step":
+            _, outs, decode_s, counters = msg
+            for out in outs:
+                if out[2] is not None:  # finished in the replica
+                    self._done(out[0])
+            self._counters[i] = counters
+            msg = ("step", outs, decode_s, tuple(map(sum, zip(*self._counters, strict=True))))
+        elif kind == "failed":
+            for key in msg[1]:
+                self._done(key)
+        elif kind == "died":
+            if self._died:
+                return
+            self._died = True  # the front restarts every replica (this object's stop, then a new one)
+        self._on_message(msg)
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(c.stop() for c in self.cores))
+
+    def size_bytes(self) -> int:
+        return sum(c.size_bytes() for c in self.cores)
+
+    @property
+    def pid(self) -> int | None:
+        return self.cores[0].pid
+
+    @property
+    def pids(self) -> list[int | None]:
+        return [c.pid for c in self.cores]
+
+
 def child_main(rx: Any, tx: Any, path: str, parameters: dict[str, Any], extra_eos: tuple[int, ...]) -> None:
     """The engine core process: load, say ready, serve until told to stop or the parent is gone."""
     # Out of the server's process group: Ctrl-C or a SIGTERM to the group (`kill -- -PGID`) reaches

@@ -23,6 +23,8 @@ default 4096), ``max_prefill_chunk`` (a longer prompt is prefilled this many tok
 step, one such prompt at a time, while the running batch keeps decoding; default 512, 0:
 off), ``device`` (auto|cpu|cuda[:n]|mps), ``dtype`` (float32|float16|bfloat16),
 ``torch_threads`` (intra-op threads; default: the cores less one, leaving one to the server),
+``data_parallel_size`` (default 1: that many cores, each a process with its own copy of the
+model, requests spread to the least busy, :class:`~meshserve.server.llm.core_client.ReplicatedCore`),
 ``fast_forward`` (default true: Llama-family models run on a lean forward with a
 preallocated KV cache, :mod:`meshserve.server.llm.fast_llama`; false, or another
 architecture: transformers' own forward).
@@ -41,8 +43,16 @@ from typing import Any
 
 from meshserve.protocol.errors import CapacityExhausted, ModelExecutionError, ModelLoadError, ModelNotReady
 from meshserve.server.llm.api_params import check_params
-from meshserve.server.llm.core import DEFAULT_BATCHED_TOKENS, CoreRequest, RawLogprob, TokenOut, positive
-from meshserve.server.llm.core_client import ProcessCore, ThreadCore
+from meshserve.server.llm.core import (
+    DEFAULT_BATCHED_TOKENS,
+    CoreRequest,
+    RawLogprob,
+    TokenOut,
+    core_threads,
+    cpu_count,
+    positive,
+)
+from meshserve.server.llm.core_client import ProcessCore, ReplicatedCore, ThreadCore
 from meshserve.server.llm.prompts import adds_special_tokens, apply_chat_template, check_token_ids
 from meshserve.server.llm.sequence import EngineStats, GenerationStream, Sequence
 from meshserve.server.llm.text import Detokenizer
@@ -69,6 +79,11 @@ class TransformersEngine:
         if not isinstance(own, bool):
             raise ModelLoadError(f"engine_process must be true or false, got {own!r}")
         self.own_process = own
+        self.replicas = positive(p, "data_parallel_size", 1)
+        if self.replicas > 1 and not own:
+            raise ModelLoadError("data_parallel_size > 1 needs engine_process: true (each copy is a process)")
+        if self.replicas > cpu_count():
+            raise ModelLoadError(f"data_parallel_size {self.replicas} is more than this machine's {cpu_count()} cores")
         if not isinstance(p.get("fast_forward", True), bool):
             raise ModelLoadError(f"fast_forward must be true or false, got {p['fast_forward']!r}")
         self.forward = ""  # the core's forward: "fast" (Llama family) or "transformers"
@@ -77,7 +92,7 @@ class TransformersEngine:
         self.observer: Any = None  # metrics hooks: on_first_token(s), on_step(s), on_finish(prompt, completion, s)
         self.tokenizer: Any = None
         self.device: Any = None
-        self.core: ThreadCore | ProcessCore | None = None
+        self.core: ThreadCore | ProcessCore | ReplicatedCore | None = None
         self._seqs: dict[int, Sequence] = {}  # the live sequences by key: queued, running or in a step
         self._keys = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -103,9 +118,13 @@ class TransformersEngine:
         else:
             self._decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _new_core(self) -> ThreadCore | ProcessCore:
+    def _new_core(self) -> ThreadCore | ProcessCore | ReplicatedCore:
         eos = self.tokenizer.eos_token_id
         extra = (eos,) if isinstance(eos, int) else ()
+        if self.replicas > 1:
+            p = dict(self.parameters)
+            p["torch_threads"] = core_threads(p.get("torch_threads"), self.replicas)
+            return ReplicatedCore([ProcessCore(self.path, self.model_name, p, extra) for _ in range(self.replicas)])
         kind = ProcessCore if self.own_process else ThreadCore
         return kind(self.path, self.model_name, self.parameters, extra)
 
@@ -124,7 +143,7 @@ class TransformersEngine:
         info = await core.start(self._on_message)
         self._started(core, info)
 
-    def _started(self, core: ThreadCore | ProcessCore, info: dict[str, Any]) -> None:
+    def _started(self, core: ThreadCore | ProcessCore | ReplicatedCore, info: dict[str, Any]) -> None:
         import torch
 
         self.core = core
@@ -254,7 +273,7 @@ class TransformersEngine:
             old, self.core = self.core, None
             self._restart = asyncio.get_running_loop().create_task(self._restart_core(old))
 
-    async def _restart_core(self, old: ThreadCore | ProcessCore | None) -> None:
+    async def _restart_core(self, old: ThreadCore | ProcessCore | ReplicatedCore | None) -> None:
         if old is not None:
             await old.stop()
         core = self._new_core()
