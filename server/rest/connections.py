@@ -10,7 +10,9 @@ opening) is closed (408 if it had sent part of one).
 The deadline costs a normal request no timer: a connection notes when its head began
 (one clock read), and one sweeper per server (:class:`HeadSweeper`) looks at the open
 connections a few times per timeout. A timer armed and cancelled per request cost more
-than the rest of the bounds together.
+than the rest of the bounds together. The same sweeper closes a kept-alive connection that
+stays idle past uvicorn's keep-alive timeout, which uvicorn does with a timer armed after
+every response and cancelled by the next request (1.7 us a request in-process).
 """
 
 from __future__ import annotations
@@ -77,16 +79,22 @@ class HeadCork:
 
 
 class HeadSweeper:
-    """Closes the connections whose head is overdue. It runs (a timer every ``period``
-    seconds) only while connections are open, so an idle server does not wake up."""
+    """Closes the connections whose head is overdue, and those idle between requests past the
+    keep-alive timeout (the server's ``timeout_keep_alive``, read from the first connection).
+    It runs (a timer every ``period`` seconds) only while connections are open, so an idle
+    server does not wake up."""
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
+        self.keepalive: float | None = None
         self.period = min(MAX_SWEEP_PERIOD, timeout / SWEEPS_PER_TIMEOUT)
         self.connections: set[Any] = set()
         self._timer: asyncio.TimerHandle | None = None
 
     def add(self, conn: Any) -> None:
+        if self.keepalive is None:
+            self.keepalive = conn.timeout_keep_alive
+            self.period = min(self.period, self.keepalive / SWEEPS_PER_TIMEOUT)
         self.connections.add(conn)
         if self._timer is None:
             self._timer = conn.loop.call_later(self.period, self._sweep, conn.loop)
@@ -96,9 +104,13 @@ class HeadSweeper:
 
     def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timer = None
-        due = loop.time() - self.timeout
-        for conn in [c for c in self.connections if c._head_since is not None and c._head_since <= due]:
-            conn._head_overdue()
+        now = loop.time()
+        due, idle_due = now - self.timeout, now - (self.keepalive or 0.0)
+        for conn in list(self.connections):
+            if conn._head_since is not None and conn._head_since <= due:
+                conn._head_overdue()
+            elif conn._idle_since is not None and conn._idle_since <= idle_due:
+                conn._idle_overdue()
         if self.connections:
             self._timer = loop.call_later(self.period, self._sweep, loop)
 
@@ -114,6 +126,7 @@ def bounded_http_protocol(max_header_bytes: int, header_timeout: float) -> type[
         _in_head = True  # between requests or inside a head: bytes now belong to a head
         _head_bytes = 0
         _head_since: float | None = None  # loop time the head began (or the connection opened)
+        _idle_since: float | None = None  # loop time the last response ended, nothing after it yet
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -122,10 +135,11 @@ def bounded_http_protocol(max_header_bytes: int, header_timeout: float) -> type[
 
         def connection_lost(self, exc: Exception | None) -> None:
             sweeper.discard(self)
-            self._head_since = None
+            self._head_since = self._idle_since = None
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            self._idle_since = None
             if self._in_head:
                 if self._head_since is None:
                     self._head_since = self.loop.time()
@@ -154,6 +168,25 @@ def bounded_http_protocol(max_header_bytes: int, header_timeout: float) -> type[
             super().on_message_complete()
             self._in_head = True
             self._head_bytes = 0
+
+        def on_response_complete(self) -> None:
+            """uvicorn's, except that an idle kept-alive connection is left to the sweeper
+            instead of a timer armed per response (``timeout_keep_alive_task`` stays None)."""
+            self.server_state.total_requests += 1
+            if self.transport.is_closing():
+                return
+            self._unset_keepalive_if_required()
+            self.flow.resume_reading()
+            if self.pipeline:  # pipelined requests: the next one starts
+                cycle, app = self.pipeline.pop()
+                self._start_asgi_task(cycle, app)
+            else:
+                self._idle_since = self.loop.time()
+
+        def _idle_overdue(self) -> None:
+            self._idle_since = None
+            if self._in_head and not self._head_bytes and (self.cycle is None or self.cycle.response_complete):
+                self._close_with(b"")
 
         def _head_overdue(self) -> None:
             self._head_since = None

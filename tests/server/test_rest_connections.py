@@ -1,6 +1,6 @@
 """The bounded uvicorn protocol (server/rest/connections.py): a response's head goes out
 with its body in one write, a head whose body is late is not held back, and one sweeper
-enforces the head deadline for every connection. And the front's body deadline
+enforces the head deadline and the keep-alive timeout for every connection. And the front's body deadline
 (server/rest/front.py BodyReceive), timed only when a receive has to wait."""
 
 from __future__ import annotations
@@ -32,9 +32,13 @@ async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"hello"})
 
 
-async def _serve(header_timeout: float = 10.0, http: Any = None) -> tuple[uvicorn.Server, asyncio.Task, int]:
+async def _serve(
+    header_timeout: float = 10.0, http: Any = None, keepalive: float = 5.0
+) -> tuple[uvicorn.Server, asyncio.Task, int]:
     http = http or bounded_http_protocol(65536, header_timeout)
-    config = uvicorn.Config(_app, host="127.0.0.1", port=0, http=http, lifespan="off", log_config=None)
+    config = uvicorn.Config(
+        _app, host="127.0.0.1", port=0, http=http, lifespan="off", log_config=None, timeout_keep_alive=keepalive
+    )
     server = uvicorn.Server(config)
     task = asyncio.ensure_future(server.serve())
     while not server.started:
@@ -226,3 +230,30 @@ def test_the_sweeper_lets_go_of_closed_and_upgraded_connections():
     open_now, left, answer = asyncio.run(go())
     assert open_now == 3 and left == 0, (open_now, left)
     assert answer.startswith(b"HTTP/1.1"), answer
+
+
+def test_an_idle_kept_alive_connection_is_closed_by_the_sweeper_with_no_timer_per_response():
+    http = bounded_http_protocol(65536, 10.0)
+
+    async def go() -> tuple[list[Any], bytes, float, int]:
+        server, task, port = await _serve(http=http, keepalive=0.4)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            armed = []
+            for _ in range(3):  # a request every 0.25 s keeps it open past the 0.4 s timeout
+                writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                await reader.readuntil(b"hello")
+                await asyncio.sleep(0.25)
+                armed += [c.timeout_keep_alive_task for c in http.head_sweeper.connections]
+            t0 = time.monotonic()
+            rest = await asyncio.wait_for(reader.read(), 5)  # EOF: the server closed it
+            idle = 0.25 + time.monotonic() - t0
+            await asyncio.sleep(0.1)
+            return armed, rest, idle, len(http.head_sweeper.connections)
+        finally:
+            await _stop(server, task)
+
+    armed, rest, idle, left = asyncio.run(go())
+    assert armed == [None, None, None]  # uvicorn's per-response timer was never armed
+    assert rest == b"" and left == 0
+    assert 0.4 <= idle <= 0.4 * 1.1 + 0.3, idle  # closed after the timeout, within a sweep or so
