@@ -56,6 +56,7 @@ COV := $(if $(filter 1,$(COVERAGE)),--cov --cov-report= --cov-fail-under=0,)
 
 test: install examples system-deps
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	rm -f .coverage .coverage.*
 	$(BIN)/pytest tests --ignore=tests/clients -q $(COV)
 	# tritonclient registers the same gRPC descriptors as meshserve's stubs: own process.
@@ -100,6 +101,7 @@ docs: $(DOCS_STAMP)
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench: install examples
 	$(BIN)/python loadtests/bench.py --compare

@@ -46,8 +46,11 @@ def add_parsers(sub: Any) -> None:
 
 def _server_flags(a: argparse.ArgumentParser) -> None:
     a.add_argument("--server", default="http://127.0.0.1:8080")
-    a.add_argument("--token", default=None,
-                   help="the server's auth token (default: $MESHSERVE_AUTH_TOKEN); --adapters servers require one")
+    a.add_argument(
+        "--token",
+        default=None,
+        help="the server's auth token (default: $MESHSERVE_AUTH_TOKEN); --adapters servers require one",
+    )
 
 
 def _headers(args: argparse.Namespace) -> dict[str, str]:

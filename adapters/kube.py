@@ -62,9 +62,10 @@ class KubeClient:
         elif cluster.get("certificate-authority"):
             verify = ssl.create_default_context(cafile=cluster["certificate-authority"])
         if isinstance(verify, ssl.SSLContext) and user.get("client-certificate-data"):
-            with tempfile.NamedTemporaryFile("wb", delete=False) as cert, tempfile.NamedTemporaryFile(
-                "wb", delete=False
-            ) as key:
+            with (
+                tempfile.NamedTemporaryFile("wb", delete=False) as cert,
+                tempfile.NamedTemporaryFile("wb", delete=False) as key,
+            ):
                 cert.write(base64.b64decode(user["client-certificate-data"]))
                 key.write(base64.b64decode(user["client-key-data"]))
             verify.load_cert_chain(cert.name, key.name)

@@ -98,8 +98,9 @@ def tfjob(spec: TrainingSpec, settings: AdaptersSettings, spec_json: str | None 
                 "backoffLimit": 0,
                 "activeDeadlineSeconds": int(spec.timeout_seconds),
             },
-            "tfReplicaSpecs": {"Worker": {"replicas": spec.workers, "restartPolicy": "OnFailure",
-                                          "template": template}},  # fmt: skip
+            "tfReplicaSpecs": {
+                "Worker": {"replicas": spec.workers, "restartPolicy": "OnFailure", "template": template}
+            },  # fmt: skip
         },
     }
 
@@ -130,12 +131,21 @@ def trainjob(spec: TrainingSpec, settings: AdaptersSettings) -> dict[str, Any]:
         "kind": "TrainJob",
         "metadata": _meta(spec.name, settings),
         "spec": {
-            "runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
-                           "name": spec.kubeflow.runtime},  # fmt: skip
+            "runtimeRef": {
+                "apiGroup": "trainer.kubeflow.org",
+                "kind": "ClusterTrainingRuntime",
+                "name": spec.kubeflow.runtime,
+            },  # fmt: skip
             "activeDeadlineSeconds": int(spec.timeout_seconds),
             "trainer": trainer,
-            "runtimePatches": [{"manager": "meshserve.io/adapters", "trainingRuntimeSpec": {"template": {"spec": {
-                "replicatedJobs": [{"name": TRAINJOB_NODE, **patch}]}}}}],  # fmt: skip
+            "runtimePatches": [
+                {
+                    "manager": "meshserve.io/adapters",
+                    "trainingRuntimeSpec": {
+                        "template": {"spec": {"replicatedJobs": [{"name": TRAINJOB_NODE, **patch}]}}
+                    },
+                }
+            ],  # fmt: skip
         },
     }
 
@@ -197,13 +207,17 @@ def katib_experiment(spec: ExperimentSpec, settings: AdaptersSettings) -> dict[s
             ],
             "trialTemplate": {
                 # A TFJob's container is named tensorflow (the template's default names pytorch's).
-                "primaryContainerName": "tensorflow" if sample.framework == "tensorflow"
-                and spec.trialTemplate.primaryContainerName == "pytorch" else spec.trialTemplate.primaryContainerName,
+                "primaryContainerName": "tensorflow"
+                if sample.framework == "tensorflow" and spec.trialTemplate.primaryContainerName == "pytorch"
+                else spec.trialTemplate.primaryContainerName,
                 "successCondition": 'status.conditions.#(type=="Succeeded")#|#(status=="True")#',
                 "failureCondition": 'status.conditions.#(type=="Failed")#|#(status=="True")#',
                 "trialParameters": [
-                    {"name": t.name, "reference": t.reference, **({"description": t.description} if t.description
-                                                                     else {})}
+                    {
+                        "name": t.name,
+                        "reference": t.reference,
+                        **({"description": t.description} if t.description else {}),
+                    }
                     for t in spec.trialTemplate.trialParameters
                 ],
                 "trialSpec": job,
@@ -257,8 +271,8 @@ def _step_template(step: StepSpec, settings: AdaptersSettings, cache_store: str 
         t["resource"] = _create_resource(
             trainjob(step.train, settings),
             step.train.name,
-            success="status.conditions.#(type==\"Complete\").status == True",
-            failure="status.conditions.#(type==\"Failed\").status == True",
+            success='status.conditions.#(type=="Complete").status == True',
+            failure='status.conditions.#(type=="Failed").status == True',
         )
     elif step.kind == "train" and step.train is not None and step.train.framework == "tensorflow":
         t["resource"] = _create_resource(
@@ -367,8 +381,12 @@ def event_source(trigger: TriggerSpec, settings: AdaptersSettings) -> dict[str, 
             "github": {
                 trigger.name: {
                     "repositories": [{"owner": owner, "names": [repo]}],
-                    "webhook": {"endpoint": f"/{trigger.name}", "port": str(EVENT_PORT), "method": "POST",
-                                "url": settings.webhook_url},  # fmt: skip
+                    "webhook": {
+                        "endpoint": f"/{trigger.name}",
+                        "port": str(EVENT_PORT),
+                        "method": "POST",
+                        "url": settings.webhook_url,
+                    },  # fmt: skip
                     "events": ["push"],
                     "webhookSecret": {"name": f"{trigger.name}-github", "key": "secret"},
                     "insecure": False,
@@ -396,8 +414,11 @@ def sensor(trigger: TriggerSpec, settings: AdaptersSettings) -> dict[str, Any]:
                     "eventName": trigger.name,
                     "filters": {
                         "data": [
-                            {"path": "body.ref", "type": "string",
-                             "value": [f"refs/heads/{b}" for b in trigger.branches]},
+                            {
+                                "path": "body.ref",
+                                "type": "string",
+                                "value": [f"refs/heads/{b}" for b in trigger.branches],
+                            },
                             {"path": "headers.X-Github-Event", "type": "string", "value": ["push"]},
                         ]
                     },
@@ -411,8 +432,10 @@ def sensor(trigger: TriggerSpec, settings: AdaptersSettings) -> dict[str, Any]:
                             "operation": "submit",
                             "source": {"resource": wf},
                             "parameters": [
-                                {"src": {"dependencyName": "push", "dataKey": "body.after"},
-                                 "dest": "spec.arguments.parameters.0.value"}
+                                {
+                                    "src": {"dependencyName": "push", "dataKey": "body.after"},
+                                    "dest": "spec.arguments.parameters.0.value",
+                                }
                             ],
                         },
                     },

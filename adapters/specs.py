@@ -171,8 +171,9 @@ class ExperimentSpec(Strict):
         names = {p.name for p in self.parameters}
         for tp in self.trialTemplate.trialParameters:
             if tp.reference not in names:
-                raise ValueError(f"trialTemplate.trialParameters: {tp.name!r} references unknown parameter "
-                                 f"{tp.reference!r}")
+                raise ValueError(
+                    f"trialTemplate.trialParameters: {tp.name!r} references unknown parameter {tp.reference!r}"
+                )
         if self.algorithm.algorithmName == "grid":
             for p in self.parameters:
                 if p.parameterType == "double" and p.feasibleSpace.step is None:
@@ -196,9 +197,7 @@ class Freshness(Strict):
 
 class StepSpec(Strict):
     name: str = Field(pattern=NAME)
-    kind: Literal["command", "ingest", "check-freshness", "train", "tune", "evaluate", "package", "deploy"] = (
-        "command"
-    )
+    kind: Literal["command", "ingest", "check-freshness", "train", "tune", "evaluate", "package", "deploy"] = "command"
     command: list[str] | None = None
     depends: list[str] = []
     # Argo's form: "{{tasks.check.outputs.result}} == stale"

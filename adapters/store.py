@@ -83,8 +83,18 @@ class JobStore:
 
     def _row(self, r: tuple) -> Job:
         return Job(
-            id=r[0], kind=r[1], name=r[2], parent=r[3], state=r[4], spec=orjson.loads(r[5]), created=r[6],
-            started=r[7], finished=r[8], log_path=r[9], metrics=orjson.loads(r[10]), result=orjson.loads(r[11]),
+            id=r[0],
+            kind=r[1],
+            name=r[2],
+            parent=r[3],
+            state=r[4],
+            spec=orjson.loads(r[5]),
+            created=r[6],
+            started=r[7],
+            finished=r[8],
+            log_path=r[9],
+            metrics=orjson.loads(r[10]),
+            result=orjson.loads(r[11]),
             error=r[12],
         )
 

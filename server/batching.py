@@ -77,9 +77,7 @@ class _Pending:
 class DynamicBatcher:
     """Queues requests for one loaded model and runs them in merged batches."""
 
-    def __init__(
-        self, model: str, run: Run, slots: Slots, max_batch_size: int, max_batch_latency_ms: float
-    ) -> None:
+    def __init__(self, model: str, run: Run, slots: Slots, max_batch_size: int, max_batch_latency_ms: float) -> None:
         self.model = model
         self.max_batch_size = max_batch_size
         self.latency = max(0.0, max_batch_latency_ms) / 1000.0

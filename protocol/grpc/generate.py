@@ -27,8 +27,13 @@ def generate(out_dir: Path, root: Path) -> None:
         (stage / "meshserve" / "protocol" / "grpc").mkdir(parents=True)
         built.mkdir()
         shutil.copy(root / PROTO, stage / "meshserve" / PROTO)
-        args = ["protoc", f"-I{stage}", f"--python_out={built}", f"--grpc_python_out={built}",
-                str(stage / "meshserve" / PROTO)]
+        args = [
+            "protoc",
+            f"-I{stage}",
+            f"--python_out={built}",
+            f"--grpc_python_out={built}",
+            str(stage / "meshserve" / PROTO),
+        ]
         if protoc.main(args) != 0:
             raise RuntimeError("protoc failed")
         dest = out_dir / "protocol" / "grpc"

@@ -28,8 +28,10 @@ def find_model_file(
         raise ModelLoadError(f"model folder {path} does not exist")
     if name:
         # parameters.file names a file of this folder: never an absolute path or one that leaves it.
-        if Path(name).is_absolute() or ".." in Path(name).parts or not (path / name).resolve().is_relative_to(
-            path.resolve()
+        if (
+            Path(name).is_absolute()
+            or ".." in Path(name).parts
+            or not (path / name).resolve().is_relative_to(path.resolve())
         ):
             raise ModelLoadError(f"parameters.file must name a file inside the model folder {path.name}")
         file = path / name

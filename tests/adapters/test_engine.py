@@ -307,6 +307,7 @@ def test_kubernetes_submission_posts_the_resource_with_the_token(tmp_path):
 def test_a_model_folder_not_made_by_training_is_never_replaced(tmp_path):
     (tmp_path / "models" / "precious").mkdir(parents=True)
     (tmp_path / "models" / "precious" / "model.joblib").write_text("the user's own model")
+
     async def go(name: str):
         spec = TrainingSpec.model_validate({"entrypoint": str(SCRIPTS / "scale.py"), "workers": 1,
                                             "hyperparameters": {"scale": 1}, "model": {"name": name}})  # fmt: skip

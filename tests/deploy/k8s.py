@@ -127,8 +127,18 @@ def kubernetes_validate(docs: list[dict[str, Any]]) -> list[str]:
 def to_json_schema(node: dict[str, Any]) -> dict[str, Any]:
     """A structural openAPIV3Schema node as a JSON Schema with strict field rules."""
     out: dict[str, Any] = {}
-    for key in ("enum", "pattern", "minimum", "maximum", "minLength", "maxLength", "minItems", "maxItems",
-                "required", "x-kubernetes-list-map-keys"):
+    for key in (
+        "enum",
+        "pattern",
+        "minimum",
+        "maximum",
+        "minLength",
+        "maxLength",
+        "minItems",
+        "maxItems",
+        "required",
+        "x-kubernetes-list-map-keys",
+    ):
         if key in node:
             out[key] = node[key]
     kind = node.get("type")

@@ -102,7 +102,10 @@ def _docker_env() -> dict[str, str]:
 def serve_flags() -> set[str]:
     """The flags `meshserve serve --help` prints: the real parser, in its own process."""
     proc = subprocess.run(
-        [sys.executable, "-m", "meshserve.server.cli", "serve", "--help"], capture_output=True, text=True, cwd=k8s.ROOT,
+        [sys.executable, "-m", "meshserve.server.cli", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=k8s.ROOT,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
@@ -188,25 +191,52 @@ def test_kubernetes_validate_rejects_a_wrong_type() -> None:
 @pytest.mark.parametrize(
     "where,kind,name,mutate,expect",
     [
-        ("kserve", "ServingRuntime", "meshserve",
-         lambda d: d["spec"]["containers"][0]["securityContext"].update(readonlyRootFilesystem=True),
-         "readonlyRootFilesystem"),
+        (
+            "kserve",
+            "ServingRuntime",
+            "meshserve",
+            lambda d: d["spec"]["containers"][0]["securityContext"].update(readonlyRootFilesystem=True),
+            "readonlyRootFilesystem",
+        ),
         ("kserve", "ServingRuntime", "meshserve", lambda d: d["spec"].pop("containers"), "containers"),
-        ("kserve", "ServingRuntime", "meshserve",
-         lambda d: d["spec"]["containers"][0]["ports"].append(dict(d["spec"]["containers"][0]["ports"][0])),
-         "duplicate"),
-        ("kserve", "ClusterServingRuntime", "meshserve-cluster",
-         lambda d: d["spec"]["supportedModelFormats"][0].update(priority=0), "minimum"),
-        ("kserve", "InferenceService", "iris", lambda d: d["spec"]["predictor"]["model"].pop("modelFormat"),
-         "modelFormat"),
-        ("kserve", "InferenceService", "iris",
-         lambda d: d["spec"]["predictor"]["model"]["resources"]["limits"].update(memory="2 gigs"), "memory"),
+        (
+            "kserve",
+            "ServingRuntime",
+            "meshserve",
+            lambda d: d["spec"]["containers"][0]["ports"].append(dict(d["spec"]["containers"][0]["ports"][0])),
+            "duplicate",
+        ),
+        (
+            "kserve",
+            "ClusterServingRuntime",
+            "meshserve-cluster",
+            lambda d: d["spec"]["supportedModelFormats"][0].update(priority=0),
+            "minimum",
+        ),
+        (
+            "kserve",
+            "InferenceService",
+            "iris",
+            lambda d: d["spec"]["predictor"]["model"].pop("modelFormat"),
+            "modelFormat",
+        ),
+        (
+            "kserve",
+            "InferenceService",
+            "iris",
+            lambda d: d["spec"]["predictor"]["model"]["resources"]["limits"].update(memory="2 gigs"),
+            "memory",
+        ),
         ("kserve", "InferenceService", "iris", lambda d: d["metadata"].update(name="Iris_Model"), "name"),
         ("kserve", "InferenceService", "iris", lambda d: d["spec"].update(predicter={}), "predicter"),
-        ("base", "ServiceMonitor", "meshserve", lambda d: d["spec"]["endpoints"][0].update(interval=15),
-         "interval"),
-        ("base", "ServiceMonitor", "meshserve", lambda d: d["spec"]["endpoints"][0].update(interval="15 sec"),
-         "interval"),
+        ("base", "ServiceMonitor", "meshserve", lambda d: d["spec"]["endpoints"][0].update(interval=15), "interval"),
+        (
+            "base",
+            "ServiceMonitor",
+            "meshserve",
+            lambda d: d["spec"]["endpoints"][0].update(interval="15 sec"),
+            "interval",
+        ),
         ("base", "ServiceMonitor", "meshserve", lambda d: d["spec"].pop("selector"), "selector"),
     ],
 )
@@ -343,8 +373,11 @@ def test_ports_match_the_image_and_the_server_defaults(directory) -> None:
 def test_probes_point_at_the_health_endpoints(directory) -> None:
     _, container = _meshserve_container(k8s.render(directory))
     named = {p["name"] for p in container["ports"]}
-    expected = {"startupProbe": "/v2/health/live", "livenessProbe": "/v2/health/live",
-                "readinessProbe": "/v2/health/ready"}
+    expected = {
+        "startupProbe": "/v2/health/live",
+        "livenessProbe": "/v2/health/live",
+        "readinessProbe": "/v2/health/ready",
+    }
     for probe, path in expected.items():
         get = container[probe]["httpGet"]
         assert get["path"] == path, probe
@@ -364,7 +397,7 @@ def test_settings_are_real_and_paths_writable(directory) -> None:
         if key.startswith("MESHSERVE_"):
             assert key in fields or key in PENDING_ENV, f"{key} is no meshserve setting"
     # Every setting a ConfigMap holds parses (types, bounds) as the server would read it.
-    typed = {k[len("MESHSERVE_"):].lower(): v for k, v in env.items() if v is not None and k.upper() in fields}
+    typed = {k[len("MESHSERVE_") :].lower(): v for k, v in env.items() if v is not None and k.upper() in fields}
     Settings(**typed)
     # The model directory is the one the image ships.
     assert env["MESHSERVE_MODEL_DIR"] == _docker_env()["MESHSERVE_MODEL_DIR"]
@@ -421,8 +454,11 @@ def test_ingress_hpa_pdb_and_servicemonitor_point_at_real_objects(directory) -> 
         assert pdb["spec"]["maxUnavailable"] < replicas, "the PDB must leave a pod serving"
 
     (monitor,) = _kind(docs, "ServiceMonitor")
-    selected = [s for s in _kind(docs, "Service")
-                if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
+    selected = [
+        s
+        for s in _kind(docs, "Service")
+        if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
+    ]
     assert [s["metadata"]["name"] for s in selected] == ["meshserve"]
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["port"] in ports and endpoint["path"] == "/metrics"

@@ -82,7 +82,7 @@ def test_every_metric_queried_is_exported(where):
 
 
 def test_a_misspelt_metric_would_be_caught():
-    assert used_names('sum(rate(meshserve_cache_hit_total[5m]))') - exported() == {"meshserve_cache_hit_total"}
+    assert used_names("sum(rate(meshserve_cache_hit_total[5m]))") - exported() == {"meshserve_cache_hit_total"}
 
 
 def test_the_rules_cover_the_alerts_the_issue_asks_for():

@@ -20,9 +20,12 @@ if worker.rank() == 0:
         "    def predict(self, request: InferenceRequest):\n"
         f"        return {{'OUTPUT0': request.input('INPUT0').data * np.float32({scale!r})}}\n"
     )
-    worker.write_model_settings({
-        "name": "scale", "implementation": "model.py:Scale",
-        "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, 2]}],
-        "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, 2]}],
-    })
+    worker.write_model_settings(
+        {
+            "name": "scale",
+            "implementation": "model.py:Scale",
+            "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, 2]}],
+            "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, 2]}],
+        }
+    )
 print(json.dumps({"rank": os.environ["RANK"], "scale": scale}))
