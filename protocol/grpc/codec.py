@@ -130,7 +130,6 @@ def decode_infer_request(msg: pb.ModelInferRequest, max_bytes_elements: int = MA
 # length compare. BOOL is never kept (its bytes are checked each time), nor a shape with -1;
 # the table is bounded and starts over when full.
 _LAYOUTS: dict[tuple, tuple[int, np.dtype]] = {}
-_LAYOUTS_MAX = 1024
 _frombuffer = np.frombuffer
 
 
@@ -141,9 +140,7 @@ def _from_raw(name: str, datatype: str, shape: list[int], buf: bytes, limit: int
         return bytes_from_buffer(name, shape, buf, limit)
     array = fixed_from_buffer(name, datatype, dtype, shape, buf)
     if datatype != "BOOL" and -1 not in shape:
-        if len(_LAYOUTS) >= _LAYOUTS_MAX:
-            _LAYOUTS.clear()
-        _LAYOUTS[(datatype, *shape)] = (array.nbytes, dtype)
+        _cached(_LAYOUTS, (datatype, *shape), (array.nbytes, dtype))
     return array
 
 
@@ -247,15 +244,18 @@ def serialize_infer_response(response: InferenceResponse, raw: bool = True) -> b
 
 
 # Encoded message parts, kept: (model, version) -> fields 1-2; (name, datatype, shape) -> one
-# ``outputs`` entry. Bounded; each starts over when full.
+# ``outputs`` entry. Bounded (as ``_LAYOUTS``); each starts over when full.
 _HEADS: dict[tuple[str, str], bytes] = {}
 _OUTPUTS: dict[tuple[str, str, tuple[int, ...]], bytes] = {}
-_PARTS_MAX = 1024
 _RAW_TAGS = [b"\x32" + bytes((n,)) for n in range(128)]  # field 6 (raw_output_contents) and a short length
 
 
-def _cached(table: dict, key: Any, value: bytes) -> bytes:
-    if len(table) >= _PARTS_MAX:
+_TABLE_MAX = 1024  # entries in each kept table
+
+
+def _cached(table: dict, key: Any, value: Any) -> Any:
+    """Keep ``value`` under ``key`` in a bounded table (emptied when full); return it."""
+    if len(table) >= _TABLE_MAX:
         table.clear()
     table[key] = value
     return value

@@ -16,6 +16,9 @@ from tests.support.server import start_server
 
 WAIT = 60
 GREEDY = {"max_tokens": 8, "temperature": 0, "ignore_eos": True}
+# A streamed answer long enough to span many engine steps: 8 tokens of the tiny model take a few
+# ms, and chunks made faster than the stream sends them go out together (one response is timing).
+LONG = {**GREEDY, "max_tokens": 96}
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +47,8 @@ def prompt(text: str | bytes | list[str], name: str = "text_input") -> grpcclien
     return t
 
 
-def unary(client, text: str) -> str:
-    r = client.infer("tiny-llama", [prompt(text)], parameters=GREEDY)
+def unary(client, text: str, params: dict = GREEDY) -> str:
+    r = client.infer("tiny-llama", [prompt(text)], parameters=params)
     return r.as_numpy("text_output")[0].decode()
 
 
@@ -85,8 +88,8 @@ def test_plain_grpc_infer_with_input0(client):
 @pytest.mark.parametrize("empty_final", [True, False])
 def test_token_stream_with_final_flag(client, empty_final):
     texts = {"a": "The capital of France is", "b": "Where is the Eiffel Tower?"}
-    expected = {rid: unary(client, t) for rid, t in texts.items()}
-    reqs = [(rid, t, {**GREEDY, "stream": True}) for rid, t in texts.items()]
+    expected = {rid: unary(client, t, LONG) for rid, t in texts.items()}
+    reqs = [(rid, t, {**LONG, "stream": True}) for rid, t in texts.items()]
     responses, errors = run_stream(client, reqs, empty_final)
     assert errors == []
     for rid, rs in responses.items():

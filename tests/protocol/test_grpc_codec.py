@@ -145,9 +145,9 @@ def test_a_layout_seen_before_still_checks_the_length_and_the_bool_bytes():
 
 
 def test_the_layout_table_is_bounded():
-    for n in range(codec._LAYOUTS_MAX + 50):
+    for n in range(codec._TABLE_MAX + 50):
         decode_infer_request(_raw("UINT8", [1, n + 1], b"\0" * (n + 1)))
-        assert len(codec._LAYOUTS) <= codec._LAYOUTS_MAX
+        assert len(codec._LAYOUTS) <= codec._TABLE_MAX
     assert decode_infer_request(_raw("UINT8", [1, 3], b"abc")).inputs[0].data.tobytes() == b"abc"
 
 
