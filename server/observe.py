@@ -110,29 +110,26 @@ class RequestMetrics(Collector):
 
     def __init__(self, registry: CollectorRegistry, known: Callable[[str], bool]) -> None:
         self._known = known
-        self._fronts: dict[tuple[str, str], FrontStats] = {}
-        self._kept: dict[str, dict[str, FrontStats]] = {}  # protocol -> model -> its figures
+        self._kept: dict[str, dict[str, FrontStats]] = {}  # protocol -> model ("" for unknown names) -> figures
         self._all: list[FrontStats] = []
         self._phases: dict[str, PhaseTimers] = {}
         registry.register(self)
 
     def front(self, model: str, protocol: str) -> FrontStats:
-        stats = self._fronts.get((model, protocol))
+        by_model = self.kept(protocol)
+        stats = by_model.get(model)
         if stats is None:
             label = model if self._known(model) else ""
-            stats = self._fronts.get((label, protocol))
+            stats = by_model.get(label)
             if stats is None:
-                stats = self._fronts[(label, protocol)] = FrontStats(label, protocol)
+                stats = by_model[label] = FrontStats(label, protocol)
                 self._all.append(stats)
-            if label:
-                self._fronts[(model, protocol)] = stats
-                self.kept(protocol)[model] = stats
         return stats
 
     def kept(self, protocol: str) -> dict[str, FrontStats]:
         """A protocol's figures by registered model name, as ``front`` finds them: a front
         reads ``kept.get(name) or metrics.front(name, protocol)``, one lookup per request.
-        Unknown names (all counted under "") are never kept."""
+        Unknown names are never kept (they share the figures under "")."""
         kept = self._kept.get(protocol)
         if kept is None:
             kept = self._kept[protocol] = {}
