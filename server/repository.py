@@ -110,7 +110,7 @@ class ModelRepository:
         only placement and the load's reservation use it; the load measures the real size."""
         reg = self.registry.get(model_key(ms.name, ms.version))
         disk = reg.disk_bytes if reg is not None else 0
-        return max(disk, self.settings.default_model_bytes) + self.settings.model_overhead_bytes
+        return max(disk, self.settings.default_model_bytes) * _copies(ms) + self.settings.model_overhead_bytes
 
     # -- discovery and registration -------------------------------------
     async def discover(self) -> list[str]:
@@ -394,3 +394,14 @@ class ModelRepository:
         size = handle.size_bytes
         del model, handle
         await self.reclaimer.unloaded(size)
+
+
+def _copies(ms: ModelSettings) -> int:
+    """Copies of the weights a load makes: an LLM engine's ``data_parallel_size`` (each replica
+    a process with its own), so the reservation covers them before the processes start. A value
+    the engine refuses counts as one (the load fails anyway)."""
+    try:
+        n = int(ms.parameters.get("data_parallel_size", 1))
+    except (TypeError, ValueError, AttributeError):
+        return 1
+    return max(n, 1)

@@ -126,3 +126,22 @@ def test_threads_are_shared_among_replicas():
 
     assert core_threads(None, 2) == max(1, (cpu_count() - 1) // 2)
     assert core_threads(3, 2) == 3  # an explicit setting is each replica's
+
+
+def test_the_load_reserves_room_for_every_copy(tmp_path):
+    """Placement's prediction counts each replica's weights, so a load that cannot fit its
+    copies is refused before any process starts (a client's config cannot multiply memory)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from meshserve.server.model_settings import ModelSettings
+    from meshserve.server.repository import ModelRepository
+    from meshserve.server.settings import Settings
+
+    settings = Settings(model_dir=tmp_path, default_model_bytes=1000, model_overhead_bytes=7)
+    with ThreadPoolExecutor(1) as pool:
+        repo = ModelRepository(settings, pool, pool)
+        size = {
+            str(p): repo.predicted_size(ModelSettings(name="m", runtime="llm", parameters=p))
+            for p in ({}, {"data_parallel_size": 3}, {"data_parallel_size": "2"}, {"data_parallel_size": "x"})
+        }
+    assert list(size.values()) == [1007, 3007, 2007, 1007]
