@@ -6,6 +6,9 @@ Both echo every input tensor back as an output of the same name, datatype and
 shape, after decoding it into a numpy array (what any real server must do).
 
 Usage: python loadtests/echo_server.py --http-port 8080 --grpc-port 8081
+
+``--processes N`` runs N such servers on the same ports (``SO_REUSEPORT``: the kernel spreads
+connections over them), the yardstick for ``meshserve serve --workers N``.
 """
 
 from __future__ import annotations
@@ -325,8 +328,9 @@ def make_servicer(pb2: Any, pb2_grpc: Any) -> Any:
     return EchoServicer()
 
 
-async def serve(host: str, http_port: int, grpc_port: int) -> None:
-    """Run the REST and gRPC servers on one event loop until cancelled."""
+async def serve(host: str, http_port: int, grpc_port: int, reuse_port: bool = False) -> None:
+    """Run the REST and gRPC servers on one event loop until cancelled (``reuse_port``: the REST
+    socket is bound with ``SO_REUSEPORT``, as grpc binds its own by default on Linux)."""
     import grpc
     import uvicorn
 
@@ -351,7 +355,16 @@ async def serve(host: str, http_port: int, grpc_port: int) -> None:
             log_level="warning",
             lifespan="off",
         )
-        tasks.append(uvicorn.Server(config).serve())
+        sockets = None
+        if reuse_port:
+            import socket
+
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, http_port))
+            sockets = [sock]
+        tasks.append(uvicorn.Server(config).serve(sockets=sockets))
     elif grpc_server is not None:
         tasks.append(grpc_server.wait_for_termination())
     try:
@@ -392,8 +405,18 @@ def main(argv: list[str] | None = None) -> None:
         metavar="BYTES",
         help="fixed glibc mmap threshold (trim threshold 8x); 0 keeps glibc's dynamic default",
     )
+    ap.add_argument("--processes", type=int, default=1, help="servers sharing the ports (SO_REUSEPORT)")
     args = ap.parse_args(argv)
     tune_malloc(args.malloc_mmap_threshold)
+    others = []
+    if args.processes > 1:
+        import subprocess
+
+        for _ in range(args.processes - 1):
+            cmd = [sys.executable, os.path.abspath(__file__), "--host", args.host, "--http-port", str(args.http_port),
+                   "--grpc-port", str(args.grpc_port), "--loop", args.loop,
+                   "--malloc-mmap-threshold", str(args.malloc_mmap_threshold)]  # fmt: skip
+            others.append(subprocess.Popen(cmd))
     run = asyncio.run
     if args.loop == "uvloop":
         import uvloop
@@ -403,9 +426,12 @@ def main(argv: list[str] | None = None) -> None:
         else:  # uvloop < 0.18
             uvloop.install()
     try:
-        run(serve(args.host, args.http_port, args.grpc_port))
+        run(serve(args.host, args.http_port, args.grpc_port, reuse_port=args.processes > 1))
     except KeyboardInterrupt:
         pass
+    finally:
+        for p in others:
+            p.terminate()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ back to back, the order rotating every round, so every figure of a row saw the s
 
 Servers (``--servers``):
   bare          loadtests/echo_server.py: uvicorn + grpc.aio doing the least an OIP server can
+  bare-w2       the same in two processes sharing the ports (SO_REUSEPORT), the yardstick for ``--workers 2``
   triton        ``tritonserver`` from the nvidia-pytriton wheel (``--triton-python``: the python of a
                 venv holding it) with a Python-backend identity model, CPU only
   meshserve     ``meshserve serve`` with defaults, only the example ``echo`` model (a user's ``async def predict``)
@@ -118,8 +119,10 @@ def commands(args: argparse.Namespace, tmp: Path) -> dict[str, tuple[str, dict[s
     if not models.exists():
         shutil.copytree(REPO / "examples" / "models" / "echo", models / "echo")
     meshserve = f"{args.meshserve} serve --model-dir {models} --http-port {{http}} --grpc-port {{grpc}}"
+    bare = f"{sys.executable} loadtests/echo_server.py --http-port {{http}} --grpc-port {{grpc}}"
     out: dict[str, tuple[str, dict[str, str]]] = {
-        "bare": (f"{sys.executable} loadtests/echo_server.py --http-port {{http}} --grpc-port {{grpc}}", {}),
+        "bare": (bare, {}),
+        "bare-w2": (bare + " --processes 2", {}),
         "meshserve": (meshserve, {}),
         "meshserve-w2": (meshserve + " --workers 2", {}),
     }
