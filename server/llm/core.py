@@ -48,6 +48,7 @@ from typing import Any
 
 from meshserve.protocol.errors import ModelLoadError
 from meshserve.server.llm.types import SamplingParams
+from meshserve.server.runtimes.hf_import import transformers_with
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,8 @@ class EngineCore:
     def load(self, threads: int | None) -> dict[str, Any]:
         """Read the model (blocking); what the caller needs to know of it."""
         import torch
-        import transformers
 
+        transformers = transformers_with("AutoModelForCausalLM")
         if threads:
             torch.set_num_threads(threads)
         if not (self.path / "config.json").is_file():

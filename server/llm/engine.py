@@ -57,6 +57,7 @@ from meshserve.server.llm.prompts import adds_special_tokens, apply_chat_templat
 from meshserve.server.llm.sequence import EngineStats, GenerationStream, Sequence
 from meshserve.server.llm.text import Detokenizer
 from meshserve.server.llm.types import GenerationChunk, SamplingParams, TokenLogprob
+from meshserve.server.runtimes.hf_import import transformers_with
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class TransformersEngine:
 
     # -- loading -------------------------------------------------------------
     def _load_tokenizer(self) -> None:
-        import transformers
+        transformers = transformers_with("AutoTokenizer")
 
         if not (self.path / "config.json").is_file():
             raise ModelLoadError(f"{self.path.name} has no config.json; save the model with save_pretrained")

@@ -12,13 +12,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from meshserve.server.runtimes.hf_import import transformers_with
+
 
 def convert(src: Path, gguf_file: str, target: Path) -> Path:
     """Write ``target`` (atomically: concurrent runs never see half a folder); a no-op if it exists."""
     if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
         return target
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    hf = transformers_with("AutoConfig", "AutoModelForCausalLM", "AutoTokenizer")
+    AutoConfig, AutoModelForCausalLM, AutoTokenizer = hf.AutoConfig, hf.AutoModelForCausalLM, hf.AutoTokenizer
 
     quantized = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=gguf_file, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf_file)

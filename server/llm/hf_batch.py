@@ -18,6 +18,7 @@ import inspect
 from typing import Any
 
 from meshserve.protocol.errors import ModelLoadError
+from meshserve.server.runtimes.hf_import import transformers_with
 
 
 class HFBatch:
@@ -25,8 +26,8 @@ class HFBatch:
 
     def __init__(self, model: Any, pad_id: int) -> None:
         import torch
-        import transformers
 
+        transformers = transformers_with("DynamicCache")
         self.torch = torch
         self.model = model
         self.device = next(model.parameters()).device

@@ -23,6 +23,7 @@ from meshserve.protocol.datatypes import bytes_array
 from meshserve.protocol.errors import InvalidInput, ModelLoadError
 from meshserve.protocol.types import InferenceRequest, ModelMetadata, Tensor, TensorMetadata
 from meshserve.server.runtimes.base import Model, error_summary
+from meshserve.server.runtimes.hf_import import transformers_with
 from meshserve.server.runtimes.torch import DTYPE_NAMES, pick_device, tensor_bytes
 
 TASKS = ("text-classification", "token-classification", "fill-mask", "zero-shot-classification", "feature-extraction")
@@ -70,8 +71,8 @@ def _padded(rows: list[list[Any]], fill: Any, dtype: Any) -> np.ndarray:
 class TransformersModel(Model):
     def load(self) -> None:
         import torch
-        import transformers
 
+        transformers = transformers_with("AutoConfig", "AutoTokenizer", "AutoModel", "pipeline")
         assert self.path is not None
         p = self.parameters
         if not (self.path / "config.json").is_file():
