@@ -3,7 +3,9 @@ streaming over ModelStreamInfer with Triton's decoupled ``triton_final_response`
 
 from __future__ import annotations
 
+import json
 import queue
+import shutil
 from collections import defaultdict
 
 import httpx
@@ -28,7 +30,13 @@ def server(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("llm-grpc")
     tiny = build(base / "build" / "tiny-llama")
-    srv = start_server(llm_models(base, tiny), base / "server.log")
+    models = llm_models(base, tiny)
+    # For the cancel test: transformers' forward on the 1,024-position model, so a 900-token answer
+    # is still running when the cancel arrives (the tiny model's fast forward makes 200 in ~50 ms).
+    slow = shutil.copytree(build(base / "build" / "small-llama", variant="small"), models / "slow-llama")
+    doc = {"name": "slow-llama", "runtime": "llm", "parameters": {"fast_forward": False}}
+    (slow / "model-settings.json").write_text(json.dumps(doc))
+    srv = start_server(models, base / "server.log")
     yield srv
     srv.stop()
 
@@ -130,14 +138,15 @@ def test_stream_errors_then_keeps_going(client):
 
 def test_cancelled_stream_drops_the_sequence(server, client):
     got: queue.Queue = queue.Queue()
-    long = {"stream": True, "max_tokens": 200, "ignore_eos": True}
+    long = {"stream": True, "max_tokens": 900, "ignore_eos": True}
+    client.infer("slow-llama", [prompt("hi")], parameters=GREEDY)  # loaded (its gauges exist)
     with httpx.Client(base_url=server.http_url, timeout=30) as http:
-        before = engine_gauge(http, "aborted")
+        before = engine_gauge(http, "aborted", "slow-llama")
         client.start_stream(callback=lambda result, error: got.put((result, error)))
-        client.async_stream_infer("tiny-llama", [prompt("Tell me a long story")], request_id="long", parameters=long)
+        client.async_stream_infer("slow-llama", [prompt("Tell me a long story")], request_id="long", parameters=long)
         result, error = got.get(timeout=WAIT)
         assert error is None and not final_flag(result)
         client.stop_stream(cancel_requests=True)
-        assert wait_for_gauge(http, "running", 0, timeout=5) == 0
-        assert engine_gauge(http, "aborted") == before + 1
+        assert wait_for_gauge(http, "running", 0, timeout=5, model="slow-llama") == 0
+        assert engine_gauge(http, "aborted", "slow-llama") == before + 1
     assert unary(client, "hi")  # still serving

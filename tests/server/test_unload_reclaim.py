@@ -84,7 +84,7 @@ def test_evicted_models_code_and_memory_come_back(churning):
     assert alive <= RESIDENT + 32, f"{alive} Probe classes alive (resident: {RESIDENT})"
     # The second pass holds no more than the first left: no garbage piles up.
     assert rss - rss_first < 2 * 1024 * 1024, (rss_first, rss)
-    assert time.monotonic() - started < 20
+    assert time.monotonic() - started < 60  # bounds a hang (a few seconds here)
 
 
 def test_collections_come_in_batches_rate_limited_big_models_at_once():

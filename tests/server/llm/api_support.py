@@ -66,12 +66,14 @@ def engine_gauge(http: httpx.Client, name: str, model: str = "tiny-llama") -> fl
     return float(m.group(1))
 
 
-def wait_for_gauge(http: httpx.Client, name: str, value: float, timeout: float = 10) -> float:
+def wait_for_gauge(
+    http: httpx.Client, name: str, value: float, timeout: float = 10, model: str = "tiny-llama"
+) -> float:
     deadline = time.monotonic() + timeout
-    seen = engine_gauge(http, name)
+    seen = engine_gauge(http, name, model)
     while seen != value and time.monotonic() < deadline:
         time.sleep(0.02)
-        seen = engine_gauge(http, name)
+        seen = engine_gauge(http, name, model)
     return seen
 
 

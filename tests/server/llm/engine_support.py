@@ -44,6 +44,23 @@ def make_engine(loop: Loop, folder, **parameters: Any) -> TransformersEngine:
     return engine
 
 
+def paced_engine(loop: Loop, folder, step_s: float = 0.004, **parameters: Any) -> TransformersEngine:
+    """An engine whose core (on a thread) takes at least ``step_s`` per step: a test that acts
+    while a sequence runs (closes, cancels, stops) then has hundreds of ms to act in, however
+    busy the machine (a loaded machine only makes the steps slower), where the tiny model's
+    fast forward makes 200 tokens in a few tens of ms."""
+    engine = make_engine(loop, folder, engine_process=False, **parameters)
+    core = engine.core.core
+    real = core.step
+
+    def step() -> tuple[Any, ...]:
+        time.sleep(step_s)
+        return real()
+
+    core.step = step
+    return engine
+
+
 async def collect(engine, prompt, params: SamplingParams, delay: float = 0.0, rid: str = "r") -> dict[str, Any]:
     await asyncio.sleep(delay)
     chunks: list[GenerationChunk] = []

@@ -78,12 +78,12 @@ def test_an_abort_frees_its_replica(loop, engine):
 
 
 def test_one_replica_killed_restarts_them_all(loop, tiny_llama, reference):
-    eng = make_engine(loop, tiny_llama, data_parallel_size=2)
+    eng = make_engine(loop, tiny_llama, data_parallel_size=2, fast_forward=False)  # slower: still running at the kill
     old = list(eng.core.pids)
     try:
 
         async def kill_one():
-            streams = [eng.generate(p, greedy(240), f"k{i}") for i, p in enumerate(PROMPTS[:2])]
+            streams = [eng.generate(p, greedy(240, ignore_eos=True), f"k{i}") for i, p in enumerate(PROMPTS[:2])]
             for s in streams:
                 await s.__anext__()
             os.kill(old[1], signal.SIGKILL)

@@ -19,6 +19,7 @@ from tests.server.llm.engine_support import (
     collect,
     greedy,
     make_engine,
+    paced_engine,
     wait_idle,
     wait_running,
 )
@@ -28,6 +29,15 @@ from tests.server.llm.engine_support import (
 def hf_engine(loop, tiny_llama):
     """The engine on transformers' own forward (``fast_forward: false``)."""
     eng = make_engine(loop, tiny_llama, fast_forward=False)
+    yield eng
+    loop.run(eng.stop())
+
+
+@pytest.fixture(scope="module")
+def paced(loop, tiny_llama):
+    """The engine with its core on a thread, each step at least 4 ms: for the tests that act
+    while a sequence is running (see ``paced_engine``)."""
+    eng = paced_engine(loop, tiny_llama)
     yield eng
     loop.run(eng.stop())
 
@@ -77,13 +87,13 @@ def test_greedy_under_continuous_batching_equals_unbatched_generate(forward, eng
     assert loop.run(wait_idle(engine))["running"] == 0
 
 
-def test_sequences_join_and_leave_mid_run(engine, loop, reference):
+def test_sequences_join_and_leave_mid_run(paced, loop, reference):
     async def go():
-        long = asyncio.ensure_future(collect(engine, PROMPTS[2], greedy(120, ignore_eos=True), 0, "long"))
-        seen_running = await wait_running(engine, 1)
-        short = await collect(engine, PROMPTS[0], greedy(3, ignore_eos=True), 0, "short")
+        long = asyncio.ensure_future(collect(paced, PROMPTS[2], greedy(120, ignore_eos=True), 0, "long"))
+        seen_running = await wait_running(paced, 1)
+        short = await collect(paced, PROMPTS[0], greedy(3, ignore_eos=True), 0, "short")
         short_done = time.perf_counter()
-        running_after_short = engine.stats()["running"]
+        running_after_short = paced.stats()["running"]
         res = await long
         return res, short, short_done, seen_running, running_after_short
 
@@ -97,17 +107,17 @@ def test_sequences_join_and_leave_mid_run(engine, loop, reference):
 
 
 # -- cancellation -----------------------------------------------------------------
-def test_closing_the_stream_drops_the_sequence_at_once(engine, loop, reference):
+def test_closing_the_stream_drops_the_sequence_at_once(paced, loop, reference):
     async def go():
-        other = asyncio.ensure_future(collect(engine, PROMPTS[1], greedy(40), 0, "other"))
-        stream = engine.generate(PROMPTS[0], greedy(200, ignore_eos=True), "closed")
+        other = asyncio.ensure_future(collect(paced, PROMPTS[1], greedy(40), 0, "other"))
+        stream = paced.generate(PROMPTS[0], greedy(200, ignore_eos=True), "closed")
         got = [await stream.__anext__() for _ in range(3)]
         await stream.aclose()
-        running = engine.stats()["running"]  # at once, not after the next step
+        running = paced.stats()["running"]  # at once, not after the next step
         res = await other
-        return got, running, res, await wait_idle(engine)
+        return got, running, res, await wait_idle(paced)
 
-    before = engine.stats()["requests_aborted"]
+    before = paced.stats()["requests_aborted"]
     got, running, other, idle = loop.run(go())
     assert len(got) == 3
     assert running <= 1  # only "other" can still be running
@@ -116,22 +126,22 @@ def test_closing_the_stream_drops_the_sequence_at_once(engine, loop, reference):
     assert idle["requests_aborted"] == before + 1
 
 
-def test_cancelling_the_consumer_task_leaves_no_sequence(engine, loop):
+def test_cancelling_the_consumer_task_leaves_no_sequence(paced, loop):
     async def go():
         tasks = [
-            asyncio.ensure_future(collect(engine, p, greedy(200, ignore_eos=True), 0, f"c{i}"))
+            asyncio.ensure_future(collect(paced, p, greedy(200, ignore_eos=True), 0, f"c{i}"))
             for i, p in enumerate(PROMPTS)
         ]
-        peak = await wait_running(engine, len(PROMPTS))
+        peak = await wait_running(paced, len(PROMPTS))
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        return peak, await wait_idle(engine, 2.0)
+        return peak, await wait_idle(paced, 2.0)
 
     peak, idle = loop.run(go())
     assert peak == len(PROMPTS)
     assert idle["running"] == 0 and idle["waiting"] == 0
-    assert engine._seqs == {}
+    assert paced._seqs == {}
 
 
 def test_a_stream_never_iterated_is_dropped_when_closed(engine, loop):

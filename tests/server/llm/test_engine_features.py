@@ -9,7 +9,7 @@ import time
 import pytest
 from meshserve.protocol.errors import InvalidInput
 
-from tests.server.llm.engine_support import PROMPTS, collect, greedy, make_engine
+from tests.server.llm.engine_support import PROMPTS, collect, greedy, make_engine, paced_engine
 
 
 def test_runtime_rejects_invalid_utf8_and_keeps_serving(loop, tiny_llama):
@@ -70,11 +70,18 @@ def test_a_failed_step_fails_its_sequences_and_the_engine_keeps_serving(loop, ti
 def test_stop_fails_sequences_in_flight(loop, tiny_llama):
     from meshserve.protocol.errors import ModelExecutionError
 
-    eng = make_engine(loop, tiny_llama)
+    eng = paced_engine(loop, tiny_llama)  # 250 steps of at least 4 ms: it is running when stopped
 
     async def go():
-        task = asyncio.ensure_future(collect(eng, PROMPTS[0], greedy(250, ignore_eos=True)))
-        await asyncio.sleep(0.05)
+        stream = eng.generate(PROMPTS[0], greedy(250, ignore_eos=True), "r")
+        first = await stream.__anext__()
+        assert first.finish_reason is None
+
+        async def rest():
+            async for _ in stream:
+                pass
+
+        task = asyncio.ensure_future(rest())
         await eng.stop()
         with pytest.raises(ModelExecutionError, match="unloaded"):
             await asyncio.wait_for(task, 10)

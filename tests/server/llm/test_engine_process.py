@@ -105,7 +105,7 @@ def test_the_core_serves_from_its_own_process_and_unload_ends_it(loop, tiny_llam
 
 
 def test_a_killed_core_fails_its_requests_with_503_and_restarts(loop, tiny_llama, expected):
-    eng = make_engine(loop, tiny_llama)
+    eng = make_engine(loop, tiny_llama, fast_forward=False)  # transformers' forward: 240 tokens take a while
     pid = eng.core.pid
 
     async def kill_mid_stream():

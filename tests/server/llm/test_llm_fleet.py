@@ -92,15 +92,21 @@ def test_stream_through_the_other_pod_is_not_buffered(pods):
             if line.startswith("data: "):
                 times.append(time.perf_counter() - t0)
                 events += sse_events([line])
-    assert events[-1]["completion_tokens"] == 200 and len(events) > 50
+    assert events[-1]["completion_tokens"] == 200 and len(events) > 10  # not one buffered event
     print(f"through the other pod: first event {times[0] * 1000:.0f} ms of {times[-1] * 1000:.0f} ms")
     assert times[0] < 0.7 * times[-1], (times[0], times[-1])
-    with httpx.stream("POST", f"{other.http_url}/v1/chat/completions", timeout=60,
-                      json={"model": "tiny-llama", "messages": [{"role": "user", "content": "Hi"}],
-                            "stream": True, "max_tokens": 20, "ignore_eos": True}) as r:  # fmt: skip
+    chat = {"model": "tiny-llama", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20,
+            "ignore_eos": True, "temperature": 0}  # fmt: skip
+    whole = httpx.post(f"{other.http_url}/v1/chat/completions", json=chat, timeout=60).json()
+    with httpx.stream("POST", f"{other.http_url}/v1/chat/completions", timeout=60, json={**chat, "stream": True}) as r:
         assert r.status_code == 200
         chunks = sse_events(r.iter_lines())
-    assert chunks[-1] == "[DONE]" and len(chunks) > 5
+    # The chat stream relayed whole: the role first, the text of the unstreamed answer, the finish, [DONE]
+    # (how 20 tokens split into chunks is timing).
+    assert chunks[-1] == "[DONE]" and chunks[0]["choices"][0]["delta"].get("role") == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[:-1] if c["choices"])
+    assert text == whole["choices"][0]["message"]["content"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:-1] if c["choices"]][-1] == "length"
 
 
 def test_client_leaving_the_other_pod_cancels_on_the_holder(pods):
@@ -133,7 +139,7 @@ def test_grpc_token_stream_through_the_other_pod(pods):
                 assert not r.error_message, r.error_message
                 times.append(time.perf_counter() - t0)
                 parts.append(r.infer_response.raw_output_contents[0][4:])
-            assert len(parts) > 50 and times[0] < 0.7 * times[-1], (times[0], times[-1])
+            assert len(parts) > 10 and times[0] < 0.7 * times[-1], (times[0], times[-1])
             texts.append(b"".join(parts))
     assert texts[0] == texts[1]
     assert holders(other, "tiny-llama") == [f"pod-{pods.index(holder)}"]  # no copy on the other pod

@@ -64,7 +64,7 @@ def test_stream_chunks_arrive_as_made_through_either_worker(server):
     for forwarded, (times, events) in seen.items():
         assert sum(e["completion_tokens"] > 0 for e in events[-1:]) == 1
         assert events[-1]["finish_reason"] == "length" and events[-1]["completion_tokens"] == 200
-        assert len(events) > 50
+        assert len(events) > 10  # streamed as made, not one buffered event (how many: timing)
         first, total = times[0], times[-1]
         print(f"{'forwarded' if forwarded else 'owner'}: first event {first * 1000:.0f} ms of {total * 1000:.0f} ms")
         # Buffered, the first event would come with the last (a generous bound: a busy CI box slows prefill).
@@ -166,7 +166,7 @@ def test_grpc_token_streams_through_either_worker(server):
                 out = r.infer_response
                 assert out.id == f"s{i}" and out.model_name == "tiny-llama"
                 parts.append(out.raw_output_contents[0][4:].decode())
-            assert len(parts) > 20 and times[0] < 0.7 * times[-1], (times[0], times[-1])
+            assert len(parts) > 10 and times[0] < 0.7 * times[-1], (times[0], times[-1])
             texts.add("".join(parts))
     assert len(texts) == 1
     assert _loads(server) == loads

@@ -15,8 +15,9 @@ from tests.server.prod.conftest import grpc_infer_request, grpc_stub, infer_doc,
 from tests.support.server import start_server
 
 N = 16  # per protocol
-SLEEP = 2.0
-GRACE = 8.0
+SLEEP = 5.0  # the burst outlives the 2 s drain by seconds, on any machine
+GRACE = 12.0
+DRAIN = 2.0
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -24,7 +25,7 @@ def test_sigterm_during_a_burst_loses_nothing(prod_models, tmp_path, workers):
     """With 2 workers, half the connections land on the worker that does not own the model
     and are forwarded: those must survive the shutdown too."""
     srv = start_server(
-        prod_models, tmp_path / "server.log", "--shutdown-grace", str(GRACE), "--drain-seconds", "0.5",
+        prod_models, tmp_path / "server.log", "--shutdown-grace", str(GRACE), "--drain-seconds", str(DRAIN),
         "--workers", str(workers), env={"MESHSERVE_PREDICT_THREADS": "64"},
     )  # fmt: skip
     try:
@@ -47,16 +48,25 @@ def test_sigterm_during_a_burst_loses_nothing(prod_models, tmp_path, workers):
                 time.sleep(0.05)
             signalled = time.monotonic()
             srv.proc.send_signal(signal.SIGTERM)
-            time.sleep(0.1)
             # Draining: not ready, still answering on a new connection for --drain-seconds.
             with httpx.Client(timeout=5) as fresh:
-                assert fresh.get(f"{srv.http_url}/v2/health/ready").status_code == 400
+                ready = fresh.get(f"{srv.http_url}/v2/health/ready").status_code
+                while ready != 400 and time.monotonic() < signalled + DRAIN / 2:  # the signal has to land
+                    time.sleep(0.02)
+                    ready = fresh.get(f"{srv.http_url}/v2/health/ready").status_code
+                assert ready == 400
                 assert fresh.get(f"{srv.http_url}/v2/health/live").status_code == 200
-            time.sleep(0.9)
-            # Listeners closed: new connections are refused, while the burst is still running.
+            # Then the listeners close: new connections are refused, while the burst is still running.
+            while True:
+                try:
+                    with httpx.Client(timeout=2) as late:
+                        late.get(f"{srv.http_url}/v2/health/live")
+                except httpx.ConnectError:
+                    break
+                assert time.monotonic() < signalled + DRAIN + 2, "the listeners stayed open past the drain"
+                time.sleep(0.05)
+            assert time.monotonic() >= signalled + DRAIN - 0.1  # not before the drain ended
             assert not all(f.done() for f in futures)
-            with pytest.raises(httpx.ConnectError), httpx.Client(timeout=2) as late:
-                late.get(f"{srv.http_url}/v2/health/live")
             with grpc.insecure_channel(srv.grpc_address) as channel, pytest.raises(grpc.RpcError) as e:
                 grpc_stub(channel).ModelInfer(grpc_infer_request("slow", [0]), timeout=2)
             assert e.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
