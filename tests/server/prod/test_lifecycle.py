@@ -63,6 +63,8 @@ def test_sigterm_during_a_burst_loses_nothing(prod_models, tmp_path, workers):
                         late.get(f"{srv.http_url}/v2/health/live")
                 except httpx.ConnectError:
                     break
+                except (httpx.ReadError, httpx.RemoteProtocolError):
+                    pass  # accepted into a listener's backlog as it closed: reset, then refused next
                 assert time.monotonic() < signalled + DRAIN + 2, "the listeners stayed open past the drain"
                 time.sleep(0.05)
             assert time.monotonic() >= signalled + DRAIN - 0.1  # not before the drain ended
