@@ -59,7 +59,10 @@ def test_two_workers_share_ports_and_models(tmp_path):
     zero, one = _names()
     for name in zero + one:
         write_model(tmp_path / "models", name, BIG, "Big")
-    srv = start_server(tmp_path / "models", tmp_path / "server.log", "--workers", "2", "--shutdown-grace", "5")
+    # No worker copies (tests/server/prod/test_worker_copies.py): 12 quick requests a model can pass
+    # their rate, and this test checks one owner per model.
+    flags = ("--workers", "2", "--shutdown-grace", "5", "--worker-copy-rate", "0")
+    srv = start_server(tmp_path / "models", tmp_path / "server.log", *flags)
     try:
         m = None
         deadline = time.monotonic() + 10
