@@ -72,7 +72,7 @@ class TransformersModel(Model):
     def load(self) -> None:
         import torch
 
-        transformers = transformers_with("AutoConfig", "AutoTokenizer", "AutoModel", "pipeline")
+        transformers = transformers_with("AutoConfig", "AutoTokenizer", "AutoModel")
         assert self.path is not None
         p = self.parameters
         if not (self.path / "config.json").is_file():
@@ -106,7 +106,7 @@ class TransformersModel(Model):
                 )
                 self._pipeline = None
             else:
-                self._pipeline = transformers.pipeline(
+                self._pipeline = transformers_with("pipeline").pipeline(
                     self.task, model=str(self.path), tokenizer=self._tokenizer, device=self._device, model_kwargs=kwargs
                 )
                 self._model = self._pipeline.model
