@@ -118,19 +118,21 @@ async def drive_http(
         async def worker(w: int) -> list[tuple[float, int]]:
             return [await stream_completion(session, url, w * 1000 + k, max_tokens) for k in range(per_stream)]
 
-        started, cpu = time.perf_counter(), cpu_seconds(pid)
+        started, cpu, own = time.perf_counter(), cpu_seconds(pid), time.process_time()
         results = await asyncio.gather(*[worker(w) for w in range(streams)])
         wall = time.perf_counter() - started
         cores = (cpu_seconds(pid) - cpu) / wall if pid is not None else float("nan")
+        client = (time.process_time() - own) / wall
     flat = [r for rs in results for r in rs]
-    return {**summarize(flat, wall), "cores": cores}
+    return {**summarize(flat, wall), "cores": cores, "client_cores": client}
 
 
 def summarize(flat: list[tuple[float, int]], wall: float) -> dict[str, Any]:
     ttfts = [t for t, _ in flat]
     tokens = sum(n for _, n in flat)
     return {"requests": len(flat), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
-            "ttft_p50": percentile(ttfts, 0.5), "ttft_p99": percentile(ttfts, 0.99), "cores": float("nan")}  # fmt: skip
+            "ttft_p50": percentile(ttfts, 0.5), "ttft_p99": percentile(ttfts, 0.99), "cores": float("nan"),
+            "client_cores": float("nan")}  # fmt: skip
 
 
 # -- (b) naive sequential -----------------------------------------------------------------
@@ -275,11 +277,12 @@ def main() -> None:
 
     print(f"\nmodel: {args.variant} random Llama, {args.max_tokens} tokens per request (greedy, ignore_eos)\n")
     print(f"{'system':<12} {'streams':>7} {'requests':>8} {'tokens/s':>9} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} "
-          f"{'server cores':>12}")  # fmt: skip
+          f"{'server cores':>12} {'client cores':>12}")  # fmt: skip
     for name, by_level in results.items():
         for c, r in by_level.items():
             print(f"{name:<12} {c:>7} {r['requests']:>8} {r['tok_s']:>9.1f} "
-                  f"{r['ttft_p50'] * 1000:>12.1f} {r['ttft_p99'] * 1000:>12.1f} {r['cores']:>12.2f}")  # fmt: skip
+                  f"{r['ttft_p50'] * 1000:>12.1f} {r['ttft_p99'] * 1000:>12.1f} {r['cores']:>12.2f} "
+                  f"{r['client_cores']:>12.2f}")  # fmt: skip
     top = max(levels)
     ms = results.get("meshserve", {}).get(top)
     if ms:

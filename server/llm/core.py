@@ -111,6 +111,9 @@ class EngineCore:
         self.fast_forward = p.get("fast_forward", True)
         if not isinstance(self.fast_forward, bool):
             raise ModelLoadError(f"fast_forward must be true or false, got {self.fast_forward!r}")
+        self.packed_linear = p.get("packed_linear", True)
+        if not isinstance(self.packed_linear, bool):
+            raise ModelLoadError(f"packed_linear must be true or false, got {self.packed_linear!r}")
         self._device_setting = str(p.get("device", "auto"))
         self._dtype_setting = p.get("dtype")
         self._extra_eos = extra_eos
@@ -179,7 +182,7 @@ class EngineCore:
         if why is None:
             self.forward_kind = "fast"
             log.info("%s: the fast Llama forward (fast_forward: false turns it off)", self.path.name)
-            return FastLlama(self.model, self.max_model_len)
+            return FastLlama(self.model, self.max_model_len, self.packed_linear)
         log.info("%s: transformers' forward (%s)", self.path.name, why)
         self.forward_kind = "transformers"
         return HFBatch(self.model, self.pad_id)

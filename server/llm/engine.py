@@ -27,7 +27,9 @@ off), ``device`` (auto|cpu|cuda[:n]|mps), ``dtype`` (float32|float16|bfloat16),
 model, requests spread to the least busy, :class:`~meshserve.server.llm.core_client.ReplicatedCore`),
 ``fast_forward`` (default true: Llama-family models run on a lean forward with a
 preallocated KV cache, :mod:`meshserve.server.llm.fast_llama`; false, or another
-architecture: transformers' own forward).
+architecture: transformers' own forward), ``packed_linear`` (default true: on the CPU in
+float32 the fast forward's linear layers run on oneDNN with weights packed once at load, the
+dense copies freed; :mod:`meshserve.server.llm.fast_llama`).
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ class TransformersEngine:
             raise ModelLoadError(f"data_parallel_size {self.replicas} is more than this machine's {cpu_count()} cores")
         if not isinstance(p.get("fast_forward", True), bool):
             raise ModelLoadError(f"fast_forward must be true or false, got {p['fast_forward']!r}")
+        if not isinstance(p.get("packed_linear", True), bool):
+            raise ModelLoadError(f"packed_linear must be true or false, got {p['packed_linear']!r}")
         self.forward = ""  # the core's forward: "fast" (Llama family) or "transformers"
         self.max_model_len = 0
         self.counters = EngineStats()

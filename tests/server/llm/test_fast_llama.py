@@ -1,8 +1,11 @@
 """The fast Llama forward against transformers' own: logits of prefill (batched, flattened),
-chunked prefill and batched decode at mixed lengths, rows leaving mid-run, and the models it
-declines (the engine keeps transformers' path for those)."""
+chunked prefill and batched decode at mixed lengths, rows leaving mid-run, on oneDNN's packed
+linear and on ``F.linear``; the weights held once either way; and the models it declines (the
+engine keeps transformers' path for those)."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 
@@ -26,12 +29,15 @@ def model(tiny_llama):
     return transformers.AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
 
 
-def fast(model) -> FastLlama:
-    return FastLlama(model, max_len=model.config.max_position_embeddings)
+def fast(model, packed: bool = True) -> FastLlama:
+    """On a copy: packing frees the model's dense linear weights, and ``model`` is the reference."""
+    return FastLlama(copy.deepcopy(model), max_len=model.config.max_position_embeddings, packed_linear=packed)
 
 
-def test_prefill_logits_equal_transformers(model):
-    fl = fast(model)
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "dense"])
+def test_prefill_logits_equal_transformers(model, packed):
+    fl = fast(model, packed)
+    assert fl.packed is packed  # float32 on the CPU: oneDNN's packed linear is taken when asked for
     with torch.inference_mode():
         last, every = fl.prefill(PROMPTS, keep_all=True)
     assert fl.rows == len(PROMPTS)
@@ -62,10 +68,11 @@ def test_chunked_prefill_then_decode_equals_transformers(model):
         torch.testing.assert_close(row, hf_logits(model, ids)[-1], **TOL)
 
 
-def test_batched_decode_at_mixed_lengths_with_rows_leaving(model):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "dense"])
+def test_batched_decode_at_mixed_lengths_with_rows_leaving(model, packed):
     """Greedy decoding of four rows of different lengths; a middle row leaves (the last row takes
     its slot) and a new prompt joins mid-run; every row's logits stay transformers'."""
-    fl = fast(model)
+    fl = fast(model, packed)
     seqs = [list(p) for p in PROMPTS]
     with torch.inference_mode():
         last, _ = fl.prefill(seqs, keep_all=False)
@@ -96,7 +103,7 @@ def test_the_cache_grows_past_its_first_slots_and_capacity(model):
         more, _ = fl.prefill(grown, keep_all=False)  # rows past the first slots: the cache doubles them
     assert fl.capacity > start_capacity and fl.slots > start_slots and fl.rows == len(grown) + 1
     layers, kv, d = len(fl.layers), model.config.num_key_value_heads, fl.head_dim
-    assert fl.size_bytes() == layers * fl.slots * 2 * kv * fl.capacity * d * 4  # float32
+    assert fl.size_bytes() - fl.packed_bytes == layers * fl.slots * 2 * kv * fl.capacity * d * 4  # float32
     torch.testing.assert_close(last[0], hf_logits(model, ids)[-1], **TOL)
     for row, g in zip(more, grown, strict=True):
         torch.testing.assert_close(row, hf_logits(model, g)[-1], **TOL)
@@ -104,11 +111,52 @@ def test_the_cache_grows_past_its_first_slots_and_capacity(model):
 
 def test_fused_weights_are_shared_with_the_model(model):
     """Fusing q/k/v and gate/up holds no second copy: the HF modules point into the fused tensors."""
-    fl = fast(model)
-    attn = model.model.layers[0].self_attn
+    own = copy.deepcopy(model)
+    fl = FastLlama(own, max_len=256, packed_linear=False)
+    attn = own.model.layers[0].self_attn
     qkv = fl.layers[0][2]
+    assert not fl.packed and fl.packed_bytes == 0
     assert attn.q_proj.weight.data_ptr() == qkv.data_ptr()
     assert attn.v_proj.weight.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
+
+
+def linear_bytes(model) -> int:
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if type(m) is torch.nn.Linear)
+
+
+def test_packed_weights_are_held_once(model):
+    """Packed for oneDNN, the dense linear weights are freed: the model's parameters lose exactly
+    what the packed copies hold, so the engine's size (parameters + the forward's bytes) is the same."""
+    own = copy.deepcopy(model)
+    before = sum(t.numel() * t.element_size() for t in own.parameters())
+    dense = linear_bytes(own)
+    fl = FastLlama(own, max_len=256)
+    assert fl.packed and fl.packed_bytes == dense > 0
+    assert linear_bytes(own) == 0  # every projection and the (untied) lm_head
+    after = sum(t.numel() * t.element_size() for t in own.parameters())
+    assert after + fl.packed_bytes == before
+    assert all(t.is_mkldnn for layer in fl.layers for t in (layer[2], layer[4], layer[8], layer[11]))
+
+
+def test_a_tied_lm_head_stays_the_embedding():
+    """A tied lm_head is the embedding matrix (the lookup needs it dense): it is not packed (no
+    second copy) and the logits still equal transformers'."""
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    tied = transformers.LlamaForCausalLM(config).eval()
+    assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
+    own = copy.deepcopy(tied)
+    fl = FastLlama(own, max_len=128)
+    assert fl.packed and not fl.lm_head_w.is_mkldnn
+    assert fl.lm_head_w.data_ptr() == own.model.embed_tokens.weight.data_ptr()
+    assert fl.packed_bytes == linear_bytes(tied) - 300 * 64 * 4  # the projections only
+    with torch.inference_mode():
+        last, _ = fl.prefill([[1, 2, 3, 4]], keep_all=False)
+        logits = fl.decode([5], [4])
+    torch.testing.assert_close(last[0], hf_logits(tied, [1, 2, 3, 4])[-1], **TOL)
+    torch.testing.assert_close(logits[0], hf_logits(tied, [1, 2, 3, 4, 5])[-1], **TOL)
 
 
 def test_qwen2_with_qkv_bias_equals_transformers():
@@ -120,7 +168,7 @@ def test_qwen2_with_qkv_bias_equals_transformers():
     qwen = transformers.Qwen2ForCausalLM(config).eval()
     assert qwen.model.layers[0].self_attn.q_proj.bias is not None
     assert unsupported(qwen, 128) is None
-    fl = FastLlama(qwen, max_len=128)
+    fl = FastLlama(copy.deepcopy(qwen), max_len=128)
     prompts = [[1, 2, 3, 4, 5], [9, 8]]
     with torch.inference_mode():
         last, _ = fl.prefill(prompts, keep_all=False)
