@@ -2,6 +2,7 @@
 
     python loadtests/llm_engine_bench.py                 # both forwards, 16 rows x 64 tokens
     python loadtests/llm_engine_bench.py --fast-forward false --rows 16
+    python loadtests/llm_engine_bench.py --fast-forward true --packed-linear both   # oneDNN packed vs F.linear
 
 Drives :class:`meshserve.server.llm.core.EngineCore` on this thread: ``--rows`` greedy
 requests of ``--tokens`` tokens each (``min_tokens`` and ``ignore_eos``, so every one runs to
@@ -28,8 +29,10 @@ from meshserve.server.llm.types import SamplingParams  # noqa: E402
 from tests.server.llm.tiny_llama import build  # noqa: E402
 
 
-def run(folder: Path, fast: bool, rows: int, tokens: int, threads: int, rounds: int) -> dict[str, float]:
-    core = EngineCore(folder, {"fast_forward": fast, "max_num_seqs": max(rows, 1)})
+def run(
+    folder: Path, fast: bool, rows: int, tokens: int, threads: int, rounds: int, packed: bool = True
+) -> dict[str, float]:
+    core = EngineCore(folder, {"fast_forward": fast, "max_num_seqs": max(rows, 1), "packed_linear": packed})
     core.load(threads)
     prompt = list(range(10, 30))
     best: dict[str, float] = {}
@@ -59,12 +62,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds (the best is reported)")
     ap.add_argument("--fast-forward", default="both", choices=["both", "true", "false"])
+    ap.add_argument(
+        "--packed-linear",
+        default="true",
+        choices=["both", "true", "false"],
+        help="the fast forward's linear layers on oneDNN's packed weights (the default) or F.linear",
+    )
     args = ap.parse_args()
     folder = build(Path(tempfile.mkdtemp(prefix="llm-engine-bench-")) / "small", variant="small")
     modes = [True, False] if args.fast_forward == "both" else [args.fast_forward == "true"]
-    for fast in modes:
-        res = run(folder, fast, args.rows, args.tokens, args.threads, args.rounds)
-        label = f"fast_forward={str(fast).lower():5} rows={args.rows} tokens={args.tokens} threads={args.threads}"
+    packings = [True, False] if args.packed_linear == "both" else [args.packed_linear == "true"]
+    for fast, packed in [(f, p) for f in modes for p in (packings if f else [False])]:
+        res = run(folder, fast, args.rows, args.tokens, args.threads, args.rounds, packed)
+        label = f"fast_forward={str(fast).lower():5} packed_linear={str(packed).lower():5} rows={args.rows}"
+        label += f" tokens={args.tokens} threads={args.threads}"
         print(f"{label}: {res['tok_s']:,.0f} tok/s, decode step p50 {res['step_ms']:.2f} ms ({res['tokens']} tokens)")
 
 
