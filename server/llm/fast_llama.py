@@ -134,17 +134,17 @@ class FastLlama:
         pack, linear = torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise
         self.linear = lambda x, w, b: linear(x, w, b, "none", [], "")
         empty = self.embed.new_empty(0)
-        layers = []
-        for fused, layer in zip(self.layers, model.model.layers, strict=True):
-            packed = list(fused)
+        for j, layer in enumerate(model.model.layers):  # a layer at a time: at most one layer held twice
+            packed = list(self.layers[j])
             for i in (2, 4, 8, 11):  # qkv, o, gate_up, down
-                packed[i] = pack(fused[i])
-                self.packed_bytes += fused[i].numel() * fused[i].element_size()
+                dense = packed[i]
+                packed[i] = pack(dense)
+                self.packed_bytes += dense.numel() * dense.element_size()
             a, m = layer.self_attn, layer.mlp
             for mod in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
                 mod.weight.data = empty
-            layers.append(tuple(packed))
-        self.layers = layers
+            self.layers[j] = tuple(packed)  # the fused dense tensors' last references go here
+            del dense, packed
         if self.lm_head_w.data_ptr() != self.embed.data_ptr():  # untied: packed too
             dense = self.lm_head_w
             self.lm_head_w = pack(dense)
@@ -349,7 +349,10 @@ def _onednn_works(torch: Any, device: Any, dtype: Any) -> bool:
         gen = torch.Generator().manual_seed(0)
         x, w, b = (torch.randn(shape, generator=gen) for shape in ((5, 64), (48, 64), (48,)))
         got = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w), b, "none", [], "")
-        return bool(torch.allclose(got, torch.nn.functional.linear(x, w, b), rtol=1e-4, atol=1e-4))
+        if torch.allclose(got, torch.nn.functional.linear(x, w, b), rtol=1e-4, atol=1e-4):
+            return True
+        log.warning("oneDNN's packed linear disagrees with F.linear here: float32 linear layers stay on F.linear")
+        return False
     except (RuntimeError, AttributeError) as e:  # a build without the ops, a CPU oneDNN refuses
         log.info("oneDNN's packed linear is not available (%s): float32 linear layers stay on F.linear", e)
         return False

@@ -32,10 +32,12 @@ def test_seed_curl_body_answers_text_output(llm_server):
     assert body["id"] == "42"
     (out,) = body["outputs"]
     assert out["name"] == "text_output" and out["datatype"] == "BYTES" and out["shape"] == [1]
-    assert isinstance(out["data"][0], str) and out["data"][0]
     # SamplingParams' default max_tokens (16) at the default temperature: EOS may come first.
     tokens, finish = body["parameters"]["completion_tokens"], body["parameters"]["finish_reason"]
     assert (tokens == 16 and finish == "length") or (1 <= tokens < 16 and finish == "stop"), body["parameters"]
+    assert isinstance(out["data"][0], str)
+    if tokens > 1:  # an EOS sampled first (~1 in 100 with the random model's 512 tokens) leaves no text
+        assert out["data"][0], body
 
 
 def test_metadata_declares_text_input_and_output(llm_server):
