@@ -316,3 +316,20 @@ def test_metrics_observe_requests_and_steps(engine, loop):
 
 
 # -- the llm runtime in-process ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "dense"])
+def test_packed_linear_setting_reaches_the_forward(packed, loop, tiny_llama, reference):
+    """``packed_linear`` picks the fast forward's matmuls (oneDNN's packed weights, the default on
+    a CPU in float32; ``F.linear`` when false); batched greedy tokens equal unbatched generate either way."""
+    eng = make_engine(loop, tiny_llama, engine_process=False, packed_linear=packed)
+    try:
+        assert eng.forward == "fast" and eng.core.core.batch.packed is packed
+
+        async def go():
+            return await asyncio.gather(*[collect(eng, p, greedy(12), 0, f"r{i}") for i, p in enumerate(PROMPTS[:4])])
+
+        for prompt, got in zip(PROMPTS[:4], loop.run(go()), strict=True):
+            assert got["tokens"] == reference(prompt, 12), prompt
+    finally:
+        loop.run(eng.stop())

@@ -118,6 +118,7 @@ def test_a_templated_prompt_gets_no_second_bos(loop, tiny_llama):
         ({"generation": {"colour": "red"}}, "unknown generation parameter"),
         ({"chat": "yes"}, "parameters.chat"),
         ({"fast_forward": "yes"}, "fast_forward must be true or false"),
+        ({"packed_linear": 1}, "packed_linear must be true or false"),
     ],
 )
 def test_bad_model_settings_fail_the_load_clearly(loop, tiny_llama, parameters, fragment):
