@@ -108,12 +108,8 @@ class EngineCore:
         self.max_prefill_chunk = positive(p, "max_prefill_chunk", 512, zero_ok=True)
         self.max_num_batched_tokens = positive(p, "max_num_batched_tokens", DEFAULT_BATCHED_TOKENS)
         self._max_model_len_setting = p.get("max_model_len")
-        self.fast_forward = p.get("fast_forward", True)
-        if not isinstance(self.fast_forward, bool):
-            raise ModelLoadError(f"fast_forward must be true or false, got {self.fast_forward!r}")
-        self.packed_linear = p.get("packed_linear", True)
-        if not isinstance(self.packed_linear, bool):
-            raise ModelLoadError(f"packed_linear must be true or false, got {self.packed_linear!r}")
+        self.fast_forward = flag(p, "fast_forward", True)
+        self.packed_linear = flag(p, "packed_linear", True)
         self._device_setting = str(p.get("device", "auto"))
         self._dtype_setting = p.get("dtype")
         self._extra_eos = extra_eos
@@ -515,6 +511,13 @@ def positive(p: dict[str, Any], key: str, default: int, zero_ok: bool = False) -
     if n < (0 if zero_ok else 1):
         raise ModelLoadError(f"{key} must be >= {0 if zero_ok else 1}, got {n}")
     return n
+
+
+def flag(p: dict[str, Any], key: str, default: bool) -> bool:
+    value = p.get(key, default)
+    if not isinstance(value, bool):
+        raise ModelLoadError(f"{key} must be true or false, got {value!r}")
+    return value
 
 
 def _pick_device(torch: Any, name: str) -> Any:

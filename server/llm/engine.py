@@ -52,6 +52,7 @@ from meshserve.server.llm.core import (
     TokenOut,
     core_threads,
     cpu_count,
+    flag,
     positive,
 )
 from meshserve.server.llm.core_client import ProcessCore, ReplicatedCore, ThreadCore
@@ -78,19 +79,15 @@ class TransformersEngine:
         positive(p, "max_prefill_tokens", 4096)
         positive(p, "max_prefill_chunk", 512, zero_ok=True)
         positive(p, "max_num_batched_tokens", DEFAULT_BATCHED_TOKENS)
-        own = p.get("engine_process", True)
-        if not isinstance(own, bool):
-            raise ModelLoadError(f"engine_process must be true or false, got {own!r}")
+        own = flag(p, "engine_process", True)
         self.own_process = own
         self.replicas = positive(p, "data_parallel_size", 1)
         if self.replicas > 1 and not own:
             raise ModelLoadError("data_parallel_size > 1 needs engine_process: true (each copy is a process)")
         if self.replicas > cpu_count():
             raise ModelLoadError(f"data_parallel_size {self.replicas} is more than this machine's {cpu_count()} cores")
-        if not isinstance(p.get("fast_forward", True), bool):
-            raise ModelLoadError(f"fast_forward must be true or false, got {p['fast_forward']!r}")
-        if not isinstance(p.get("packed_linear", True), bool):
-            raise ModelLoadError(f"packed_linear must be true or false, got {p['packed_linear']!r}")
+        flag(p, "fast_forward", True)  # checked here too: a bad value fails before a core process starts
+        flag(p, "packed_linear", True)
         self.forward = ""  # the core's forward: "fast" (Llama family) or "transformers"
         self.max_model_len = 0
         self.counters = EngineStats()
